@@ -106,21 +106,36 @@ def _tail(log: Path | None, n: int = 15) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
 
 
-def _kill_group(pid: int, timeout: float = 15.0) -> None:
-    """SIGTERM a process group, then SIGKILL what is left after ``timeout``."""
+def _kill_group(pid: int, timeout: float = 20.0) -> None:
+    """Stop a process group: SIGTERM its leader (``ray start --block`` and ``weed`` tear their children down
+    themselves), then SIGTERM the group, then SIGKILL what is left."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        leader = True
+    except ProcessLookupError:
+        leader = False
+    if leader and _wait_group_gone(pid, timeout):
+        return
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _group_alive(pid):
-            return
-        time.sleep(0.2)
+    if _wait_group_gone(pid, 5.0):
+        return
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    _wait_group_gone(pid, 5.0)
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _group_alive(pgid: int) -> bool:
@@ -389,6 +404,8 @@ class EmbeddedStack:
             REFLADE_STORAGE_REGION=self.storage_cfg.region,
             REFLADE_HOME=str(self.state_dir),
             RAY_USAGE_STATS_ENABLED="0",
+            # Job entrypoints run `python` on the head: make it this interpreter, with the stack installed.
+            PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         )
         env.pop("RAY_ADDRESS", None)
         return env

@@ -1,0 +1,87 @@
+"""Session fixtures shared by the whole suite: one real SeaweedFS on free ports, one local Ray cluster.
+
+Each test that writes to the registry gets its own registry prefix, so tests never see each other's versions.
+Tests that start their own servers (``reflade up``, restarts) use their own state directories and ports.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from reflade.platform.config import StorageConfig  # noqa: E402
+from reflade.platform.registry import Registry  # noqa: E402
+from reflade.platform.stack import SeaweedServer, find_free_base_port, generate_credentials  # noqa: E402
+from reflade.platform.storage import Storage, write_credentials_file  # noqa: E402
+
+TEST_BUCKET = "reflade-test"
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """A real SeaweedFS (``weed mini``) with generated credentials, on free ports, for the whole session."""
+    root = tmp_path_factory.mktemp("seaweed")
+    server = SeaweedServer(root / "data", generate_credentials(), s3_port=find_free_base_port())
+    server.start(timeout=60)
+    server.create_bucket(TEST_BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def credentials_file(seaweed, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("creds") / "aws_credentials"
+    write_credentials_file(path, seaweed.credentials)
+    return path
+
+
+@pytest.fixture(scope="session")
+def storage_config(seaweed) -> StorageConfig:
+    return StorageConfig(
+        endpoint=seaweed.endpoint, bucket=TEST_BUCKET, access_key_id=seaweed.credentials.access_key_id,
+        secret_access_key=seaweed.credentials.secret_access_key,
+    )
+
+
+@pytest.fixture(scope="session")
+def storage(storage_config) -> Storage:
+    return Storage(storage_config)
+
+
+@pytest.fixture
+def registry(storage) -> Registry:
+    """A registry under a prefix of its own (isolation between tests sharing the bucket)."""
+    return Registry(storage, prefix=f"registry-{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(seaweed, credentials_file):
+    """A local Ray cluster started by this process (never one left by `ray start` or `reflade up`).
+
+    Workers inherit this process's environment: the endpoint and a 0600 credentials file, no key in a
+    runtime_env.
+    """
+    import ray
+
+    saved = {k: os.environ.get(k) for k in ("REFLADE_STORAGE_ENDPOINT", "REFLADE_STORAGE_BUCKET",
+                                            "AWS_SHARED_CREDENTIALS_FILE")}
+    os.environ["REFLADE_STORAGE_ENDPOINT"] = seaweed.endpoint
+    os.environ["REFLADE_STORAGE_BUCKET"] = TEST_BUCKET
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(credentials_file)
+    temp = tempfile.mkdtemp(prefix="rl-ray-", dir="/tmp")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp,
+             namespace="reflade-tests", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
