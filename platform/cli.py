@@ -470,11 +470,16 @@ app.add_typer(registry_app, name="registry")
 app.add_typer(jobs_app, name="jobs")
 
 
+_PLUGINS_ADDED: set[tuple[str, str]] = set()  # (name, value) already added: main() may run twice in a process
+
+
 def _load_plugins() -> list[str]:
     """Add every ``reflade.commands`` entry point as a top-level command; returns problems found."""
     problems = []
     taken = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
     for ep in entry_points(group="reflade.commands"):
+        if (ep.name, ep.value) in _PLUGINS_ADDED:
+            continue
         if ep.name in taken:
             problems.append(f"command {ep.name!r} from {ep.value} clashes with an existing command; skipped")
             continue
@@ -488,6 +493,7 @@ def _load_plugins() -> list[str]:
             continue
         app.add_typer(sub, name=ep.name)
         taken.add(ep.name)
+        _PLUGINS_ADDED.add((ep.name, ep.value))
     return problems
 
 

@@ -88,7 +88,11 @@ def connect(cfg: Config, *, runtime_env: dict[str, Any] | None = None, log_to_dr
     check_no_secrets(env)
     address = cfg.ray.address
     if not address and os.environ.get("RAY_ADDRESS"):
-        address = "auto"  # inside a Ray job or a worker: attach to the cluster it runs on
+        # Inside a Ray job: attach to its cluster. The job's runtime_env already carries the locations, and
+        # Ray refuses a driver runtime_env that repeats its keys.
+        ray.init(address="auto", namespace=cfg.ray.namespace, runtime_env=runtime_env,
+                 log_to_driver=log_to_driver)
+        return ray.get_runtime_context()
     if not address:
         state = embedded_head(cfg)
         if state:

@@ -289,11 +289,15 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
     if path:
         p = Path(path).expanduser()
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file {p} does not exist") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not UTF-8 text
+            raise ConfigError(f"config file {p} cannot be read: {e}") from None
+        if data is None:  # an empty file (a falsy non-mapping such as [] is still an error below)
+            data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p}: expected a mapping of sections at the top level")
         for name, values in data.items():

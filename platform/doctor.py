@@ -15,6 +15,7 @@ from typing import Any
 
 def report() -> dict[str, Any]:
     import reflade.platform as pkg
+    import reflade.platform.config as config_module
     from reflade.platform.config import load_config
     from reflade.platform.storage import Storage, StorageError
 
@@ -22,6 +23,7 @@ def report() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "reflade_version": _version("reflade"),
         "reflade_platform_path": list(pkg.__path__),
+        "reflade_module_file": config_module.__file__,
         "stdlib_platform": stdlib_platform.system(),
         "stdlib_platform_file": getattr(stdlib_platform, "__file__", None),
         "ray_version": _version("ray"),

@@ -358,13 +358,15 @@ class EmbeddedStack:
         if state:
             self._stop(state)  # stale: a previous run died; clear what is left
         creds = self._ensure_secrets()
-        check_ports_free(
-            self.cfg.host, self.ray_ports(), "set another port in the `stack` section or REFLADE_STACK_* variables"
-        )
         t0 = time.monotonic()
         weed = SeaweedServer(
             data_dir=self.state_dir / "seaweedfs", credentials=creds, host=self.cfg.host,
             s3_port=self.cfg.s3_port, log_path=self.state_dir / "seaweedfs.log",
+        )
+        # Every port before starting anything, so that a clash leaves nothing half-started.
+        check_ports_free(self.cfg.host, weed.ports(), "choose another S3 port (--s3-port or REFLADE_STACK_S3_PORT)")
+        check_ports_free(
+            self.cfg.host, self.ray_ports(), "set another port in the `stack` section or REFLADE_STACK_* variables"
         )
         weed.start(self.cfg.start_timeout_s)
         try:

@@ -262,12 +262,20 @@ class Storage:
             return StorageError(f"{op} {where} failed at {self.endpoint}: {code or status}")
         if isinstance(exc, botocore.exceptions.BotoCoreError):
             return StorageError(f"{op} {where} failed at {self.endpoint}: {type(exc).__name__}")
+        if isinstance(exc, boto3.exceptions.Boto3Error):
+            # The transfer manager wraps the client's error (S3UploadFailedError, RetriesExceededError).
+            cause = getattr(exc, "last_exception", None) or exc.__context__
+            if isinstance(cause, (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)):
+                return self._explain(cause, op, key)
+            return StorageError(f"{op} {where} failed at {self.endpoint}: {type(exc).__name__}")
         raise exc
 
     def _call(self, op: str, key: str | None, fn, **kw):
         try:
             return fn(**kw)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        except (
+            botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, boto3.exceptions.Boto3Error
+        ) as e:
             raise self._explain(e, op, key) from None
 
     # ------------------------------------------------------------------ bucket
@@ -416,7 +424,9 @@ class Storage:
                     Bucket=self.bucket, Key=key, Filename=str(path), Config=self._transfer_config(),
                     Callback=bar.update,
                 )
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            except (
+                botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, boto3.exceptions.Boto3Error
+            ) as e:
                 raise self._explain(e, "download", key) from None
 
     def open_read(self, key: str):
