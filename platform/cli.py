@@ -169,13 +169,20 @@ def config_show(as_json: JsonOpt = False) -> None:
     """Print the effective configuration (defaults < YAML < environment), secrets masked."""
     import yaml
 
+    from reflade.platform.storage import StorageError, resolve_credentials
+
     cfg = get_config()
     data = cfg.to_dict(mask_secrets=True)
+    try:
+        creds_from = resolve_credentials(cfg.storage, cfg.stack.resolved_state_dir()).source
+    except StorageError as e:
+        creds_from = f"none ({e})"
     if as_json:
-        _print_json({"source_file": cfg.source_file, "config": data})
+        _print_json({"source_file": cfg.source_file, "config": data, "storage_credentials_from": creds_from})
         return
     if cfg.source_file:
         print(f"# from {cfg.source_file} and the environment")
+    print(f"# storage credentials from: {creds_from}")
     print(yaml.safe_dump(data, sort_keys=False).rstrip())
 
 

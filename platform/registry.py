@@ -492,16 +492,20 @@ class Registry:
         v = self.resolve(ref)
         key = self._alias_key(v.kind, v.name, alias)
         by = creator or default_creator()
+        token = uuid.uuid4().hex
         for attempt in range(200):
             try:
                 doc, etag = self.storage.get_json(key)
             except ObjectNotFound:
                 doc, etag = None, None
+            history = (doc or {}).get("history", [])
+            if attempt and history and history[-1].get("token") == token:
+                # An earlier attempt landed but its answer was lost: it is done, don't record it twice.
+                last = history[-1]
+                return AliasMove(alias, last["from"], last["to"], last["by"], last["at"])
             prev = int(doc["version"]) if doc else None
             move = AliasMove(alias, prev, v.version, by, _now())
-            history = (doc or {}).get("history", []) + [
-                {"from": prev, "to": v.version, "by": by, "at": move.at}
-            ]
+            history = history + [{"from": prev, "to": v.version, "by": by, "at": move.at, "token": token}]
             new = {"alias": alias, "version": v.version, "history": history[-_ALIAS_HISTORY_KEEP:]}
             try:
                 if etag is None:

@@ -333,9 +333,17 @@ class Storage:
         return resp["ETag"]
 
     def get_bytes(self, key: str) -> tuple[bytes, str]:
-        """Read one object whole; returns (body, ETag)."""
-        resp = self._call("get", key, self.client.get_object, Bucket=self.bucket, Key=key)
-        return resp["Body"].read(), resp["ETag"]
+        """Read one object whole; returns (body, ETag). A connection dropped mid-body is retried."""
+        for attempt in range(self.config.max_attempts):
+            resp = self._call("get", key, self.client.get_object, Bucket=self.bucket, Key=key)
+            try:
+                return resp["Body"].read(), resp["ETag"]
+            except (botocore.exceptions.BotoCoreError, OSError) as e:
+                if attempt + 1 >= self.config.max_attempts:
+                    raise StorageError(
+                        f"reading {self.uri(key)} from {self.endpoint} failed mid-body: {type(e).__name__}"
+                    ) from None
+        raise AssertionError("unreachable")
 
     def put_json(self, key: str, obj: Any, *, if_none_match: bool = False, if_match: str | None = None) -> str:
         """Write a small JSON object in one PUT (atomic: readers see the old or the new body, never a mix)."""
@@ -393,9 +401,15 @@ class Storage:
     def delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
             chunk = [{"Key": k} for k in keys[i : i + 1000]]
-            self._call(
+            resp = self._call(
                 "delete", keys[i], self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": chunk}
             )
+            if resp.get("Errors"):
+                first = resp["Errors"][0]
+                raise StorageError(
+                    f"could not delete {len(resp['Errors'])} of {len(chunk)} objects at {self.endpoint}, e.g. "
+                    f"{self.uri(first.get('Key', '?'))}: {first.get('Code', '?')}"
+                )
 
     # ------------------------------------------------------------------ large files
     def _transfer_config(self) -> TransferConfig:

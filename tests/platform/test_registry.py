@@ -3,6 +3,7 @@ Ray tasks), alias compare-and-swap, integrity, names and references, lineage, gc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import threading
@@ -17,10 +18,12 @@ import pytest
 from reflade.platform.registry import (
     IntegrityError,
     Ref,
+    Registry,
     RegistryError,
     validate_alias,
     validate_name,
 )
+from reflade.platform.storage import Storage
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -54,6 +57,20 @@ def test_single_file_round_trip(registry, tmp_path):
     assert registry.read_bytes("weights/tiny@1", "weights.bin") == data
 
 
+def test_large_file_goes_up_in_parts(storage_config, registry, tmp_path):
+    """Files above the multipart threshold take Storage.upload_file; the version still verifies."""
+    st = Storage(dataclasses.replace(storage_config, multipart_threshold_mb=5, multipart_chunk_mb=5))
+    reg = Registry(st, prefix=registry.prefix)
+    data = os.urandom(11 * 1024 * 1024 + 7)
+    src = _write(tmp_path / "big" / "model.bin", data)
+    _write(tmp_path / "big" / "small.json", b"{}")
+    v = reg.create("weights", "big", tmp_path / "big", progress=False)
+    assert st.head(v.key("model.bin"))["ETag"].strip('"').endswith("-3")  # 3 parts of <= 5 MiB
+    out = reg.download(v.ref, tmp_path / "out", progress=False)
+    assert _sha((out / "model.bin").read_bytes()) == _sha(src.read_bytes())
+    assert (out / "small.json").read_bytes() == b"{}"
+
+
 def test_folder_round_trip_with_nested_folders(registry, tmp_path):
     src = tmp_path / "ds"
     files = {
@@ -78,8 +95,15 @@ def test_manifest_records_everything(registry, tmp_path):
     data = b"model weights " * 100
     src = _write(tmp_path / "m" / "model.safetensors", data)
     v = registry.create(
-        "weights", "sd-tiny", tmp_path / "m", license="apache-2.0", source="https://example.org/sd-tiny",
-        creator="tester@ci", metadata={"preset": "tiny"}, metrics={"loss": 0.5}, progress=False,
+        "weights",
+        "sd-tiny",
+        tmp_path / "m",
+        license="apache-2.0",
+        source="https://example.org/sd-tiny",
+        creator="tester@ci",
+        metadata={"preset": "tiny"},
+        metrics={"loss": 0.5},
+        progress=False,
     )
     m = registry.resolve("weights/sd-tiny@1").manifest
     assert m["kind"] == "weights" and m["name"] == "sd-tiny" and m["version"] == 1
@@ -180,6 +204,10 @@ def test_concurrent_writers_ray_tasks(ray_cluster, registry, storage):
     refs = [make_version.remote(prefix, i, gate) for i in range(n)]
     deadline = time.monotonic() + 90
     while len(list(storage.list(gate))) < n:
+        finished, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if finished:
+            ray.get(finished)  # a task that ends before the gate opens has failed: show why
+            pytest.fail("a Ray task finished before the gate opened")
         assert time.monotonic() < deadline, "Ray tasks did not start"
         time.sleep(0.05)
     storage.put_bytes(gate + "go", b"")
@@ -245,7 +273,9 @@ def test_corrupt_blob_is_detected(registry, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- names, refs
-@pytest.mark.parametrize("bad", ["..", "a..b", "a/b", "Upper", "x" * 65, "", "-lead", ".hidden", "sp ace", "a\\b"])
+@pytest.mark.parametrize(
+    "bad", ["..", "a..b", "a/b", "Upper", "x" * 65, "", "-lead", ".hidden", "sp ace", "a\\b"]
+)
 def test_bad_names_rejected(registry, tmp_path, bad):
     with pytest.raises(RegistryError):
         validate_name(bad)
@@ -304,8 +334,23 @@ def test_reference_str_round_trips():
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "model", "model/", "/reflayer", "Model/reflayer", "model/Reflayer", "model/a/b", "model/x@",
-     "model/x@0", "model/x@Prod", "model/x:", "model/..@1", "model/x@1:Test", "model/x@1@2", "model/" + "x" * 65],
+    [
+        "",
+        "model",
+        "model/",
+        "/reflayer",
+        "Model/reflayer",
+        "model/Reflayer",
+        "model/a/b",
+        "model/x@",
+        "model/x@0",
+        "model/x@Prod",
+        "model/x:",
+        "model/..@1",
+        "model/x@1:Test",
+        "model/x@1@2",
+        "model/" + "x" * 65,
+    ],
 )
 def test_invalid_references(bad):
     with pytest.raises(RegistryError):
@@ -352,7 +397,9 @@ def test_unknown_version_and_name_errors(registry, tmp_path):
 # ---------------------------------------------------------------------------------------------- lineage
 def test_lineage_both_ways(registry, tmp_path):
     ds = _one_file_version(registry, tmp_path, "dataset", "reflade-demo", b"data")
-    model = _one_file_version(registry, tmp_path, "model", "reflayer", b"model", parents=["dataset/reflade-demo"])
+    model = _one_file_version(
+        registry, tmp_path, "model", "reflayer", b"model", parents=["dataset/reflade-demo"]
+    )
     report = _one_file_version(
         registry, tmp_path, "eval-report", "hpa", b"report", parents=["model/reflayer@1"]
     )
@@ -392,7 +439,10 @@ def test_gc_removes_orphans_of_an_interrupted_import(registry, tmp_path):
     v = registry.create("dataset", "gcd", src, progress=False)
     # An import that died after uploading its files and before creating its manifest.
     base = f"{registry.prefix}dataset/gcd/"
-    orphan_keys = [f"{base}objects/20240101T000000-deadbeef0000/x", f"{base}objects/20240101T000000-deadbeef0000/y/z"]
+    orphan_keys = [
+        f"{base}objects/20240101T000000-deadbeef0000/x",
+        f"{base}objects/20240101T000000-deadbeef0000/y/z",
+    ]
     for k in orphan_keys:
         storage.put_bytes(k, b"orphan bytes")
 

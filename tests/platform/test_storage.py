@@ -140,6 +140,22 @@ def test_wrong_secret_is_auth_error_without_secrets(storage_config):
     assert wrong not in str(e2.value) and wrong not in repr(e2.value)
 
 
+def test_transfer_errors_are_storage_errors(storage_config, storage, key_prefix, tmp_path):
+    """upload_file/download_file go through boto3's transfer manager, which wraps the client's error."""
+    wrong = "WRONG" + uuid.uuid4().hex
+    st = Storage(dataclasses.replace(storage_config, secret_access_key=wrong, max_attempts=1))
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 1000)
+    with pytest.raises(StorageAuthError) as e:
+        st.upload_file(src, key_prefix + "f.bin", progress=False)
+    assert wrong not in str(e.value) and storage_config.secret_access_key not in str(e.value)
+    storage.upload_file(src, key_prefix + "f.bin", progress=False)
+    with pytest.raises(StorageAuthError):
+        st.download_file(key_prefix + "f.bin", tmp_path / "back.bin", progress=False)
+    with pytest.raises(ObjectNotFound):
+        storage.download_file(key_prefix + "absent.bin", tmp_path / "back.bin", progress=False)
+
+
 def test_unreachable_endpoint(storage_config):
     port = _closed_port()
     cfg = dataclasses.replace(storage_config, endpoint=f"http://127.0.0.1:{port}", max_attempts=1)
@@ -151,7 +167,9 @@ def test_unreachable_endpoint(storage_config):
     msg = str(e.value)
     assert f"cannot reach object store at http://127.0.0.1:{port}" in msg
     assert "reflade up" in msg
-    assert storage_config.secret_access_key not in msg and storage_config.secret_access_key not in repr(e.value)
+    assert storage_config.secret_access_key not in msg and storage_config.secret_access_key not in repr(
+        e.value
+    )
     with pytest.raises(StorageUnreachable):
         st.put_bytes("k", b"x")
 
@@ -184,7 +202,9 @@ def test_writes_survive_a_server_restart(tmp_path):
     try:
         server.create_bucket("restart-test")
         cfg = StorageConfig(
-            endpoint=server.endpoint, bucket="restart-test", access_key_id=server.credentials.access_key_id,
+            endpoint=server.endpoint,
+            bucket="restart-test",
+            access_key_id=server.credentials.access_key_id,
             secret_access_key=server.credentials.secret_access_key,
         )
         assert cfg.max_attempts == 10  # the default retries are what carries the writes over the restart
