@@ -31,8 +31,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-registry_app = typer.Typer(help="The artifact registry: datasets, models, weights, eval reports.", no_args_is_help=True)
-jobs_app = typer.Typer(help="Ray jobs: run a job kind on the cluster, follow it, stop it.", no_args_is_help=True)
+registry_app = typer.Typer(
+    help="The artifact registry: datasets, models, weights, eval reports.", no_args_is_help=True
+)
+jobs_app = typer.Typer(
+    help="Ray jobs: run a job kind on the cluster, follow it, stop it.", no_args_is_help=True
+)
 config_app = typer.Typer(help="The effective configuration.", no_args_is_help=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
@@ -60,7 +64,9 @@ def get_config() -> Config:
 def _root(
     config: Annotated[
         str | None,
-        typer.Option("--config", "-c", help="YAML configuration file (default: $REFLADE_CONFIG).", metavar="FILE"),
+        typer.Option(
+            "--config", "-c", help="YAML configuration file (default: $REFLADE_CONFIG).", metavar="FILE"
+        ),
     ] = None,
 ) -> None:
     STATE.config_path = config
@@ -84,7 +90,9 @@ def _human_size(n: int) -> str:
 @app.command()
 def up(
     state_dir: Annotated[str | None, typer.Option(help="State directory (default ~/.reflade).")] = None,
-    s3_port: Annotated[int | None, typer.Option(help="SeaweedFS S3 port (also uses +1..+5 and +10000..).")] = None,
+    s3_port: Annotated[
+        int | None, typer.Option(help="SeaweedFS S3 port (also uses +1..+5 and +10000..).")
+    ] = None,
     ray_port: Annotated[int | None, typer.Option(help="Ray GCS port.")] = None,
     dashboard_port: Annotated[int | None, typer.Option(help="Ray dashboard / job API port.")] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs the Ray head offers.")] = None,
@@ -103,8 +111,13 @@ def up(
 
 def _stack_overrides(state_dir, s3_port, ray_port, dashboard_port, num_cpus) -> Config:
     cfg = get_config()
-    for key, value in (("state_dir", state_dir), ("s3_port", s3_port), ("ray_port", ray_port),
-                       ("dashboard_port", dashboard_port), ("ray_num_cpus", num_cpus)):
+    for key, value in (
+        ("state_dir", state_dir),
+        ("s3_port", s3_port),
+        ("ray_port", ray_port),
+        ("dashboard_port", dashboard_port),
+        ("ray_num_cpus", num_cpus),
+    ):
         if value is not None:
             setattr(cfg.stack, key, value)
     if s3_port is not None:
@@ -137,14 +150,26 @@ def status(
         _print_json(st)
         return
     if not st["running"]:
-        console.print(f"embedded stack: not running (state dir {st['state_dir']}); start it with `reflade up`")
+        console.print(
+            f"embedded stack: not running (state dir {st['state_dir']}); start it with `reflade up`"
+        )
         raise typer.Exit(1)
     table = Table("component", "where", "process", "answering", "log")
     o, r = st["object_store"], st["ray"]
-    table.add_row("object store (SeaweedFS)", f"{o['endpoint']} bucket {st['bucket']}", f"{o['process']} (pid {o['pid']})",
-                  o["s3"], o["log"])
-    table.add_row("Ray head", f"{r['address']}  dashboard {r['dashboard_url']}  auth {r['auth']}",
-                  f"{r['process']} (pid {r['pid']})", r["dashboard"], r["log"])
+    table.add_row(
+        "object store (SeaweedFS)",
+        f"{o['endpoint']} bucket {st['bucket']}",
+        f"{o['process']} (pid {o['pid']})",
+        o["s3"],
+        o["log"],
+    )
+    table.add_row(
+        "Ray head",
+        f"{r['address']}  dashboard {r['dashboard_url']}  auth {r['auth']}",
+        f"{r['process']} (pid {r['pid']})",
+        r["dashboard"],
+        r["log"],
+    )
     console.print(table)
     if not st["healthy"]:
         raise typer.Exit(1)
@@ -195,7 +220,9 @@ def _registry():
 
 @registry_app.command("ls")
 def registry_ls(
-    kind: Annotated[str | None, typer.Argument(help="Only this kind (dataset, model, weights, eval-report, ...).")] = None,
+    kind: Annotated[
+        str | None, typer.Argument(help="Only this kind (dataset, model, weights, eval-report, ...).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List registered artifacts: one row per KIND/NAME with its latest version and aliases."""
@@ -206,7 +233,9 @@ def registry_ls(
     table = Table("ref", "latest", "versions", "aliases", "size", "created")
     for r in rows:
         aliases = ", ".join(f"{a}@{v}" for a, v in r["aliases"].items())
-        table.add_row(r["ref"], str(r["latest"]), str(r["versions"]), aliases, _human_size(r["size"]), r["created"])
+        table.add_row(
+            r["ref"], str(r["latest"]), str(r["versions"]), aliases, _human_size(r["size"]), r["created"]
+        )
     console.print(table if rows else "registry is empty")
 
 
@@ -220,7 +249,9 @@ def registry_show(
     aliases = {a: n for a, n in reg.aliases(v.kind, v.name).items()}
     pointing = sorted(a for a, n in aliases.items() if n == v.version)
     if as_json:
-        _print_json({**v.manifest, "ref": v.ref, "aliases": pointing, "uris": [v.uri(f["path"]) for f in v.files]})
+        _print_json(
+            {**v.manifest, "ref": v.ref, "aliases": pointing, "uris": [v.uri(f["path"]) for f in v.files]}
+        )
         return
     m = v.manifest
     console.print(f"[bold]{v.ref}[/]  aliases: {', '.join(pointing) or '-'}")
@@ -259,20 +290,32 @@ def registry_import(
     kind: Annotated[str, typer.Argument(help="dataset, model, weights, eval-report (or another kind).")],
     name: Annotated[str, typer.Argument(help="Name: [a-z0-9][a-z0-9._-]{0,63}.")],
     path: Annotated[Path, typer.Argument(help="A file or a folder (e.g. a diffusers checkpoint folder).")],
-    license: Annotated[str | None, typer.Option("--license", help="Licence of the content (recorded).")] = None,
-    source: Annotated[str | None, typer.Option("--source", help="Where it came from, e.g. a URL (recorded).")] = None,
-    parent: Annotated[list[str] | None, typer.Option("--parent", help="Lineage: a reference it was built from.")] = None,
+    license: Annotated[
+        str | None, typer.Option("--license", help="Licence of the content (recorded).")
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option("--source", help="Where it came from, e.g. a URL (recorded).")
+    ] = None,
+    parent: Annotated[
+        list[str] | None, typer.Option("--parent", help="Lineage: a reference it was built from.")
+    ] = None,
     meta: Annotated[list[str] | None, typer.Option("--meta", help="Metadata KEY=VALUE (repeatable).")] = None,
-    alias: Annotated[list[str] | None, typer.Option("--alias", help="Also point this alias at the version.")] = None,
+    alias: Annotated[
+        list[str] | None, typer.Option("--alias", help="Also point this alias at the version.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Register a new immutable version of KIND/NAME from a file or folder (identical content is reused)."""
     reg = _registry()
-    v = reg.create(kind, name, path, license=license, source=source, parents=parent or [], metadata=_parse_kv(meta))
+    v = reg.create(
+        kind, name, path, license=license, source=source, parents=parent or [], metadata=_parse_kv(meta)
+    )
     for a in alias or []:
         reg.set_alias(v.ref, a)
     if as_json:
-        _print_json({"ref": v.ref, "version": v.version, "reused": v.reused, "files": len(v.files), "size": v.size()})
+        _print_json(
+            {"ref": v.ref, "version": v.version, "reused": v.reused, "files": len(v.files), "size": v.size()}
+        )
         return
     if v.reused:
         console.print(f"identical content is already registered as {v.ref}; no new version created")
@@ -289,7 +332,9 @@ def registry_download(
     reg = _registry()
     v = reg.resolve(ref)
     reg.download(v.ref, dest)
-    console.print(f"downloaded {v.ref} ({len(v.files)} files, {_human_size(v.size())}) to {dest}; sha256 verified")
+    console.print(
+        f"downloaded {v.ref} ({len(v.files)} files, {_human_size(v.size())}) to {dest}; sha256 verified"
+    )
 
 
 @registry_app.command("alias")
@@ -360,12 +405,20 @@ def registry_gc(
     grace = cfg.registry.gc_grace_s if grace_s is None else grace_s
     report = _registry().gc(dry_run=not delete, grace_s=grace)
     if as_json:
-        _print_json({"orphans": report.orphans, "bytes": report.bytes, "deleted": report.deleted,
-                     "kept_young": report.kept_young})
+        _print_json(
+            {
+                "orphans": report.orphans,
+                "bytes": report.bytes,
+                "deleted": report.deleted,
+                "kept_young": report.kept_young,
+            }
+        )
         return
     verb = "deleted" if report.deleted else "would delete (dry run; --delete to remove)"
-    console.print(f"{len(report.orphans)} orphaned files, {_human_size(report.bytes)}: {verb}; "
-                  f"{report.kept_young} younger than {grace:.0f} s kept")
+    console.print(
+        f"{len(report.orphans)} orphaned files, {_human_size(report.bytes)}: {verb}; "
+        f"{report.kept_young} younger than {grace:.0f} s kept"
+    )
     for o in report.orphans[:50]:
         console.print(f"  {o['key']}")
 
@@ -379,9 +432,13 @@ def _jobs():
 
 @jobs_app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def jobs_submit(
-    kind: Annotated[str, typer.Argument(help="Job kind (entry-point group reflade.jobs), e.g. doctor, registry.")],
+    kind: Annotated[
+        str, typer.Argument(help="Job kind (entry-point group reflade.jobs), e.g. doctor, registry.")
+    ],
     args: Annotated[list[str] | None, typer.Argument(help="Arguments of the job, after `--`.")] = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the logs until the job ends.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Stream the logs until the job ends.")
+    ] = False,
     submission_id: Annotated[str | None, typer.Option(help="Job id to use (default: generated).")] = None,
 ) -> None:
     """Run job KIND on the Ray cluster with this package shipped as a wheel: `reflade jobs submit KIND -- ARGS`."""
@@ -425,7 +482,10 @@ def jobs_ls(as_json: JsonOpt = False) -> None:
 
 @jobs_app.command("logs")
 def jobs_logs(
-    job_id: str, follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")] = False
+    job_id: str,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")
+    ] = False,
 ) -> None:
     """Logs of one job."""
     jobs = _jobs()

@@ -90,8 +90,9 @@ def connect(cfg: Config, *, runtime_env: dict[str, Any] | None = None, log_to_dr
     if not address and os.environ.get("RAY_ADDRESS"):
         # Inside a Ray job: attach to its cluster. The job's runtime_env already carries the locations, and
         # Ray refuses a driver runtime_env that repeats its keys.
-        ray.init(address="auto", namespace=cfg.ray.namespace, runtime_env=runtime_env,
-                 log_to_driver=log_to_driver)
+        ray.init(
+            address="auto", namespace=cfg.ray.namespace, runtime_env=runtime_env, log_to_driver=log_to_driver
+        )
         return ray.get_runtime_context()
     if not address:
         state = embedded_head(cfg)
@@ -102,7 +103,10 @@ def connect(cfg: Config, *, runtime_env: dict[str, Any] | None = None, log_to_dr
         ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=env, log_to_driver=log_to_driver)
     else:
         ray.init(
-            address="local", namespace=cfg.ray.namespace, runtime_env=env, num_cpus=cfg.ray.num_cpus,
+            address="local",
+            namespace=cfg.ray.namespace,
+            runtime_env=env,
+            num_cpus=cfg.ray.num_cpus,
             log_to_driver=log_to_driver,
         )
     return ray.get_runtime_context()

@@ -84,7 +84,9 @@ class StorageConfig:
         if not (3 <= len(self.bucket) <= 63):
             raise ConfigError(f"storage.bucket {self.bucket!r}: S3 bucket names need 3 to 63 characters")
         if not self.endpoint.startswith(("http://", "https://")):
-            raise ConfigError(f"storage.endpoint {self.endpoint!r}: expected http://HOST:PORT or https://HOST")
+            raise ConfigError(
+                f"storage.endpoint {self.endpoint!r}: expected http://HOST:PORT or https://HOST"
+            )
         if self.max_attempts < 1:
             raise ConfigError("storage.max_attempts must be at least 1")
 
@@ -142,7 +144,6 @@ class StackConfig:
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir).expanduser() if self.state_dir else default_state_dir()
-
 
 
 PLATFORM_SECTIONS: dict[str, type] = {

@@ -65,8 +65,9 @@ class StepTimer:
         return table
 
 
-def run_demo(cfg: Config, *, keep: bool = False, output: Path = Path("demo-output"),
-             console: Console | None = None) -> dict[str, Any]:
+def run_demo(
+    cfg: Config, *, keep: bool = False, output: Path = Path("demo-output"), console: Console | None = None
+) -> dict[str, Any]:
     """Run the main job. Returns what it made (references, job id)."""
     from reflade.platform.cluster import use_embedded_auth
     from reflade.platform.jobs import Jobs
@@ -88,8 +89,12 @@ def run_demo(cfg: Config, *, keep: bool = False, output: Path = Path("demo-outpu
             photos = write_sample_photos(output / "photos")
             licences = "; ".join(f"{n}: {lic}" for n, lic in SAMPLE_PHOTOS.items())
             v = registry.create(
-                "raw-images", "skimage-samples", output / "photos", license=licences,
-                source="scikit-image data module (skimage.data)", metadata={"count": len(photos)},
+                "raw-images",
+                "skimage-samples",
+                output / "photos",
+                license=licences,
+                source="scikit-image data module (skimage.data)",
+                metadata={"count": len(photos)},
             )
             made["photos"] = v.ref
             console.print(f"{'reused' if v.reused else 'registered'} {v.ref}: {len(v.files)} files")
@@ -110,8 +115,10 @@ def run_demo(cfg: Config, *, keep: bool = False, output: Path = Path("demo-outpu
                 import json
 
                 doc = json.loads(line.split(" ", 1)[1])
-                console.print(f"  reflade {doc['reflade_version']} on Ray {doc['ray_version']}; storage "
-                              f"{doc['storage'].get('status')} ({doc['storage'].get('endpoint', '')})")
+                console.print(
+                    f"  reflade {doc['reflade_version']} on Ray {doc['ray_version']}; storage "
+                    f"{doc['storage'].get('status')} ({doc['storage'].get('endpoint', '')})"
+                )
             if final != "SUCCEEDED":
                 raise RuntimeError(f"doctor job {job_id} ended {final}; see `reflade jobs logs {job_id}`")
             made["doctor_job"] = job_id

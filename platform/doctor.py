@@ -32,8 +32,12 @@ def report() -> dict[str, Any]:
         cfg = load_config()
         storage = Storage.from_config(cfg)
         storage.check()
-        out["storage"] = {"endpoint": storage.endpoint, "bucket": storage.bucket, "status": "ok",
-                          "credentials_from": storage._creds.source}
+        out["storage"] = {
+            "endpoint": storage.endpoint,
+            "bucket": storage.bucket,
+            "status": "ok",
+            "credentials_from": storage._creds.source,
+        }
     except (StorageError, ValueError) as e:
         out["storage"] = {"status": "error", "error": str(e)}
     try:

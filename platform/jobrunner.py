@@ -12,7 +12,10 @@ def main(argv: list[str] | None = None) -> int:
     kinds = {ep.name: ep for ep in entry_points(group="reflade.jobs")}
     if not argv or argv[0] not in kinds:
         given = argv[0] if argv else "(none)"
-        print(f"error: unknown job kind {given!r} (known: {', '.join(sorted(kinds)) or 'none'})", file=sys.stderr)
+        print(
+            f"error: unknown job kind {given!r} (known: {', '.join(sorted(kinds)) or 'none'})",
+            file=sys.stderr,
+        )
         return 2
     fn = kinds[argv[0]].load()
     result = fn(argv[1:])

@@ -95,7 +95,9 @@ def build_wheel(out_dir: Path | None = None, *, strip_requirements: bool = True)
     """
     root = project_root()
     if root is None:
-        raise JobError("cannot find the RefLade source tree to build a wheel from; install it with `pip install -e`")
+        raise JobError(
+            "cannot find the RefLade source tree to build a wheel from; install it with `pip install -e`"
+        )
     out_dir = Path(out_dir or Path(tempfile.gettempdir()) / "reflade-wheels") / _source_digest(root)
     found = sorted(out_dir.glob("reflade-*.whl"))
     if found:
@@ -103,9 +105,20 @@ def build_wheel(out_dir: Path | None = None, *, strip_requirements: bool = True)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as build_dir:
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", build_dir,
-             str(root)],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "-q",
+                "-w",
+                build_dir,
+                str(root),
+            ],
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             raise JobError(f"building the wheel failed:\n{proc.stderr[-2000:]}")
@@ -132,8 +145,9 @@ class Jobs:
         except Exception as e:  # ray raises ConnectionError/RuntimeError/AuthenticationError variants
             raise JobError(f"cannot reach the Ray job API at {self.url}: {_first_line(e)}") from None
 
-    def submit(self, kind: str, args: list[str], *, submission_id: str | None = None,
-               wheel: Path | None = None) -> str:
+    def submit(
+        self, kind: str, args: list[str], *, submission_id: str | None = None, wheel: Path | None = None
+    ) -> str:
         """Submit job KIND with ARGS; returns the job id.
 
         Raises:
@@ -147,16 +161,22 @@ class Jobs:
         check_no_secrets(runtime_env)
         entrypoint = shlex.join(["python", "-m", "reflade.platform.jobrunner", kind, *args])
         return self.client.submit_job(
-            entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=submission_id,
             metadata={"reflade_kind": kind},
         )
 
     def status(self, job_id: str) -> dict[str, Any]:
         info = self._info(job_id)
         return {
-            "job_id": job_id, "status": str(info.status.value if hasattr(info.status, "value") else info.status),
-            "entrypoint": info.entrypoint, "message": info.message, "start_time": info.start_time,
-            "end_time": info.end_time, "metadata": info.metadata,
+            "job_id": job_id,
+            "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+            "entrypoint": info.entrypoint,
+            "message": info.message,
+            "start_time": info.start_time,
+            "end_time": info.end_time,
+            "metadata": info.metadata,
         }
 
     def _info(self, job_id: str):
@@ -168,10 +188,14 @@ class Jobs:
     def list(self) -> list[dict[str, Any]]:
         out = []
         for info in self.client.list_jobs():
-            out.append({
-                "job_id": info.submission_id or info.job_id, "status": str(info.status.value),
-                "entrypoint": info.entrypoint, "start_time": info.start_time,
-            })
+            out.append(
+                {
+                    "job_id": info.submission_id or info.job_id,
+                    "status": str(info.status.value),
+                    "entrypoint": info.entrypoint,
+                    "start_time": info.start_time,
+                }
+            )
         return out
 
     def logs(self, job_id: str) -> str:

@@ -22,8 +22,14 @@ def show_progress(progress: bool | None, size: int | None = None) -> bool:
 def byte_bar(total: int, desc: str, progress: bool | None = None):
     """A bar counting bytes; ``bar.update(n)`` fits boto3's transfer ``Callback``."""
     bar = tqdm(
-        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-        disable=not show_progress(progress, total), file=sys.stderr,
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        leave=False,
+        disable=not show_progress(progress, total),
+        file=sys.stderr,
     )
     try:
         yield bar

@@ -7,6 +7,7 @@ Layout under ``<registry.prefix>/``::
     <kind>/<name>/versions/<N:010d>.json          the manifest; created LAST with If-None-Match: *
     <kind>/<name>/aliases/<alias>.json            {version, history}; moved by compare-and-swap (If-Match)
     <kind>/<name>/content/<sha256>.json           content index for deduplication
+    <kind>/<name>/latest-hint.json                where listing for ``latest`` may start (a hint, not a pointer)
     _lineage/<kind>/<name>/<N>/<kind>/<name>/<N>  one empty object per edge parent -> child
 
 A version exists once its manifest exists. Two writers racing for number N both try to create the manifest
@@ -71,7 +72,9 @@ def validate_name(value: str, what: str = "name") -> str:
 def validate_alias(alias: str) -> str:
     validate_name(alias, "alias")
     if alias.isdigit():
-        raise RegistryError(f"invalid alias {alias!r}: an alias is never all digits (that reads as a version)")
+        raise RegistryError(
+            f"invalid alias {alias!r}: an alias is never all digits (that reads as a version)"
+        )
     return alias
 
 
@@ -96,7 +99,9 @@ class Ref:
     @classmethod
     def parse(cls, text: str) -> Ref:
         if not isinstance(text, str):
-            raise RegistryError(f"invalid reference {text!r}: expected a string KIND/NAME[@VERSION|@ALIAS][:SPLIT]")
+            raise RegistryError(
+                f"invalid reference {text!r}: expected a string KIND/NAME[@VERSION|@ALIAS][:SPLIT]"
+            )
         m = REF_RE.fullmatch(text.strip())
         if not m or ".." in text:
             raise RegistryError(
@@ -273,7 +278,9 @@ class Registry:
     # ------------------------------------------------------------------ reading
     def kinds(self) -> list[str]:
         return sorted(
-            p[len(self.prefix) : -1] for p in self.storage.list_prefixes(self.prefix) if not p.endswith("_lineage/")
+            p[len(self.prefix) : -1]
+            for p in self.storage.list_prefixes(self.prefix)
+            if not p.endswith("_lineage/")
         )
 
     def names(self, kind: str) -> list[str]:
@@ -290,6 +297,29 @@ class Registry:
                 out.append(int(stem))
         return sorted(out)
 
+    def latest_version(self, kind: str, name: str) -> int | None:
+        """The highest version number, from the listing.
+
+        A hint object (the last number a writer registered) only says where to start listing: keys are
+        zero-padded, so listing after the hint returns the few versions newer than it. A stale or lost hint
+        costs a longer listing, never a wrong answer.
+        """
+        base = self._base(kind, name) + "versions/"
+        start = None
+        try:
+            hint, _ = self.storage.get_json(self._base(kind, name) + "latest-hint.json")
+            start = f"{base}{int(hint['version']) - 1:010d}.json" if int(hint["version"]) > 1 else None
+        except (ObjectNotFound, KeyError, TypeError, ValueError, StorageError):
+            start = None
+        latest = None
+        for obj in self.storage.list(base, start_after=start):
+            stem = obj["Key"][len(base) :].removesuffix(".json")
+            if stem.isdigit():
+                latest = max(latest or 0, int(stem))
+        if latest is None and start is not None:
+            return self.versions(kind, name)[-1] if self.versions(kind, name) else None
+        return latest
+
     def aliases(self, kind: str, name: str) -> dict[str, int]:
         """Named aliases of KIND/NAME (``latest`` included) -> version."""
         base = self._base(kind, name) + "aliases/"
@@ -301,9 +331,9 @@ class Registry:
                 out[alias] = int(doc["version"])
             except ObjectNotFound:
                 continue
-        versions = self.versions(kind, name)
-        if versions:
-            out[LATEST] = versions[-1]
+        latest = self.latest_version(kind, name)
+        if latest is not None:
+            out[LATEST] = latest
         return out
 
     def _get_manifest(self, kind: str, name: str, version: int) -> dict[str, Any]:
@@ -320,10 +350,10 @@ class Registry:
         if r.version is not None:
             number = r.version
         elif r.alias == LATEST:
-            versions = self.versions(r.kind, r.name)
-            if not versions:
+            latest = self.latest_version(r.kind, r.name)
+            if latest is None:
                 raise RegistryError(f"{r.kind}/{r.name} has no versions{self._did_you_mean(r.kind, r.name)}")
-            number = versions[-1]
+            number = latest
         else:
             try:
                 doc, _ = self.storage.get_json(self._alias_key(r.kind, r.name, r.alias))
@@ -373,9 +403,14 @@ class Registry:
                 aliases = self.aliases(k, n)
                 rows.append(
                     {
-                        "ref": f"{k}/{n}", "kind": k, "name": n, "latest": versions[-1], "versions": len(versions),
+                        "ref": f"{k}/{n}",
+                        "kind": k,
+                        "name": n,
+                        "latest": versions[-1],
+                        "versions": len(versions),
                         "aliases": {a: v for a, v in sorted(aliases.items()) if a != LATEST},
-                        "created": latest["created"], "size": sum(f["size"] for f in latest["files"]),
+                        "created": latest["created"],
+                        "size": sum(f["size"] for f in latest["files"]),
                     }
                 )
         return rows
@@ -415,7 +450,11 @@ class Registry:
         validate_name(name)
         if (src is None) == (files is None):
             raise RegistryError("give either a source path or a mapping of files")
-        local = collect_files(src) if src is not None else {validate_relpath(k): Path(v) for k, v in files.items()}
+        local = (
+            collect_files(src)
+            if src is not None
+            else {validate_relpath(k): Path(v) for k, v in files.items()}
+        )
         for rel, p in local.items():
             if not Path(p).is_file():
                 raise RegistryError(f"{p} (for {rel}) is not a file")
@@ -451,14 +490,26 @@ class Registry:
 
         token = uuid.uuid4().hex
         manifest: dict[str, Any] = {
-            "schema": MANIFEST_SCHEMA, "kind": kind, "name": name, "version": None, "prefix": prefix,
-            "files": entries, "content_sha256": chash, "metadata": metadata or {}, "metrics": metrics or {},
-            "parents": parent_refs, "license": license, "source": source, "created": _now(),
-            "creator": creator or default_creator(), "write_token": token,
+            "schema": MANIFEST_SCHEMA,
+            "kind": kind,
+            "name": name,
+            "version": None,
+            "prefix": prefix,
+            "files": entries,
+            "content_sha256": chash,
+            "metadata": metadata or {},
+            "metrics": metrics or {},
+            "parents": parent_refs,
+            "license": license,
+            "source": source,
+            "created": _now(),
+            "creator": creator or default_creator(),
+            "write_token": token,
         }
         number = self._claim_version(kind, name, manifest)
         # Indexes after the manifest: if these writes are lost, the version is still whole and valid.
         self.storage.put_json(content_key, {"version": number})
+        self.storage.put_json(self._base(kind, name) + "latest-hint.json", {"version": number})
         for parent in parent_refs:
             pr = Ref.parse(parent)
             edge = self._lineage_prefix(pr.kind, pr.name, pr.version) + f"{kind}/{name}/{number:010d}"
@@ -466,8 +517,7 @@ class Registry:
         return Version(manifest, self.storage.bucket)
 
     def _claim_version(self, kind: str, name: str, manifest: dict[str, Any]) -> int:
-        existing = self.versions(kind, name)
-        number = (existing[-1] if existing else 0) + 1
+        number = (self.latest_version(kind, name) or 0) + 1
         for _ in range(1000):
             manifest["version"] = number
             try:
@@ -480,8 +530,7 @@ class Registry:
                         return number
                 except ObjectNotFound:
                     pass
-                existing = self.versions(kind, name)
-                number = max(number, existing[-1] if existing else 0) + 1
+                number = max(number, self.latest_version(kind, name) or 0) + 1
         raise RegistryError(f"could not claim a version number for {kind}/{name} after 1000 tries")
 
     def set_alias(self, ref: str | Ref, alias: str, *, creator: str | None = None) -> AliasMove:
@@ -641,6 +690,14 @@ def _ranges(nums: list[int]) -> str:
 
 
 __all__ = [
-    "AliasMove", "GcReport", "IntegrityError", "KNOWN_KINDS", "Ref", "Registry", "RegistryError", "Version",
-    "validate_alias", "validate_name",
+    "AliasMove",
+    "GcReport",
+    "IntegrityError",
+    "KNOWN_KINDS",
+    "Ref",
+    "Registry",
+    "RegistryError",
+    "Version",
+    "validate_alias",
+    "validate_name",
 ]

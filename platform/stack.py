@@ -197,7 +197,9 @@ class SeaweedServer:
         """Start and wait until S3 answers signed requests. Raises StackError (port taken, exit, timeout)."""
         if not self.credentials.access_key_id or not self.credentials.secret_access_key:
             raise StackError("refusing to start SeaweedFS without credentials: it would be open to anyone")
-        check_ports_free(self.host, self.ports(), "choose another S3 port (--s3-port or REFLADE_STACK_S3_PORT)")
+        check_ports_free(
+            self.host, self.ports(), "choose another S3 port (--s3-port or REFLADE_STACK_S3_PORT)"
+        )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         identities = {
             "identities": [
@@ -216,18 +218,35 @@ class SeaweedServer:
         _write_private(self._identities_file(), json.dumps(identities))
         p = self.s3_port
         cmd = [
-            weed_binary(), "mini", f"-dir={self.data_dir}", f"-ip={self.host}", f"-ip.bind={self.host}",
-            f"-s3.config={self._identities_file()}", "-master.telemetry=false", "-webdav=false",
-            "-admin.ui=false", f"-s3.port={p}", f"-master.port={p + 1}", f"-volume.port={p + 2}",
-            f"-filer.port={p + 3}", f"-admin.port={p + 4}", f"-metricsPort={p + 5}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            weed_binary(),
+            "mini",
+            f"-dir={self.data_dir}",
+            f"-ip={self.host}",
+            f"-ip.bind={self.host}",
+            f"-s3.config={self._identities_file()}",
+            "-master.telemetry=false",
+            "-webdav=false",
+            "-admin.ui=false",
+            f"-s3.port={p}",
+            f"-master.port={p + 1}",
+            f"-volume.port={p + 2}",
+            f"-filer.port={p + 3}",
+            f"-admin.port={p + 4}",
+            f"-metricsPort={p + 5}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
         ]
         self.log_path = self.log_path or self.data_dir.parent / "seaweedfs.log"
         log = open(self.log_path, "ab")
         # Its own session: `down` stops the whole group, and a Ctrl-C in the caller's terminal does not.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
         )
         log.close()
         self.pid = self.proc.pid
@@ -243,8 +262,12 @@ class SeaweedServer:
     def storage(self, bucket: str) -> Storage:
         """A Storage client for this server and bucket (few retries: used while starting)."""
         cfg = StorageConfig(
-            endpoint=self.endpoint, bucket=bucket, access_key_id=self.credentials.access_key_id,
-            secret_access_key=self.credentials.secret_access_key, max_attempts=2, connect_timeout_s=2,
+            endpoint=self.endpoint,
+            bucket=bucket,
+            access_key_id=self.credentials.access_key_id,
+            secret_access_key=self.credentials.secret_access_key,
+            max_attempts=2,
+            connect_timeout_s=2,
             read_timeout_s=10,
         )
         return Storage(cfg)
@@ -311,7 +334,9 @@ class EmbeddedStack:
         except FileNotFoundError:
             return None
         except json.JSONDecodeError:
-            raise StackError(f"{self.state_file} is corrupt; remove it after checking no server runs") from None
+            raise StackError(
+                f"{self.state_file} is corrupt; remove it after checking no server runs"
+            ) from None
 
     def token(self) -> str | None:
         try:
@@ -360,18 +385,27 @@ class EmbeddedStack:
         creds = self._ensure_secrets()
         t0 = time.monotonic()
         weed = SeaweedServer(
-            data_dir=self.state_dir / "seaweedfs", credentials=creds, host=self.cfg.host,
-            s3_port=self.cfg.s3_port, log_path=self.state_dir / "seaweedfs.log",
+            data_dir=self.state_dir / "seaweedfs",
+            credentials=creds,
+            host=self.cfg.host,
+            s3_port=self.cfg.s3_port,
+            log_path=self.state_dir / "seaweedfs.log",
         )
         # Every port before starting anything, so that a clash leaves nothing half-started.
-        check_ports_free(self.cfg.host, weed.ports(), "choose another S3 port (--s3-port or REFLADE_STACK_S3_PORT)")
         check_ports_free(
-            self.cfg.host, self.ray_ports(), "set another port in the `stack` section or REFLADE_STACK_* variables"
+            self.cfg.host, weed.ports(), "choose another S3 port (--s3-port or REFLADE_STACK_S3_PORT)"
+        )
+        check_ports_free(
+            self.cfg.host,
+            self.ray_ports(),
+            "set another port in the `stack` section or REFLADE_STACK_* variables",
         )
         weed.start(self.cfg.start_timeout_s)
         try:
             weed.create_bucket(self.storage_cfg.bucket, self.cfg.start_timeout_s)
-            log(f"object store  {weed.endpoint}  bucket {self.storage_cfg.bucket!r}  ({time.monotonic() - t0:.1f} s)")
+            log(
+                f"object store  {weed.endpoint}  bucket {self.storage_cfg.bucket!r}  ({time.monotonic() - t0:.1f} s)"
+            )
             t1 = time.monotonic()
             ray_pid = self._start_ray(weed.endpoint)
         except BaseException:
@@ -379,24 +413,37 @@ class EmbeddedStack:
             raise
         state = {
             "state_dir": str(self.state_dir),
-            "seaweedfs": {"pid": weed.pid, "endpoint": weed.endpoint, "ports": weed.ports(), "log": str(weed.log_path)},
+            "seaweedfs": {
+                "pid": weed.pid,
+                "endpoint": weed.endpoint,
+                "ports": weed.ports(),
+                "log": str(weed.log_path),
+            },
             "bucket": self.storage_cfg.bucket,
             "ray": {
-                "pid": ray_pid, "address": f"{self.cfg.host}:{self.cfg.ray_port}",
-                "dashboard_url": self.dashboard_url(), "temp_dir": str(ray_temp_dir(self.state_dir)),
-                "auth": "token", "token_file": str(self.token_file), "log": str(self.state_dir / "ray-head.log"),
+                "pid": ray_pid,
+                "address": f"{self.cfg.host}:{self.cfg.ray_port}",
+                "dashboard_url": self.dashboard_url(),
+                "temp_dir": str(ray_temp_dir(self.state_dir)),
+                "auth": "token",
+                "token_file": str(self.token_file),
+                "log": str(self.state_dir / "ray-head.log"),
             },
             "credentials_file": str(self.credentials_file),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         _write_private(self.state_file, json.dumps(state, indent=1))
-        log(f"Ray head      {state['ray']['address']}  dashboard {self.dashboard_url()}  token auth on  "
-            f"({time.monotonic() - t1:.1f} s)")
+        log(
+            f"Ray head      {state['ray']['address']}  dashboard {self.dashboard_url()}  token auth on  "
+            f"({time.monotonic() - t1:.1f} s)"
+        )
         return state
 
     def head_environment(self, endpoint: str) -> dict[str, str]:
         """The environment the Ray head (and so every worker) runs with."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_AUTH", "REFLADE_STORAGE_"))}
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_AUTH", "REFLADE_STORAGE_"))
+        }
         env.update(
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN_PATH=str(self.token_file),
@@ -416,19 +463,34 @@ class EmbeddedStack:
         c = self.cfg
         temp = ray_temp_dir(self.state_dir)
         cmd = [
-            ray_binary(), "start", "--head", "--block", f"--node-ip-address={c.host}", f"--port={c.ray_port}",
-            "--include-dashboard=true", f"--dashboard-host={c.host}", f"--dashboard-port={c.dashboard_port}",
-            f"--ray-client-server-port={c.ray_client_port}", f"--dashboard-agent-listen-port={c.dashboard_agent_port}",
-            f"--runtime-env-agent-port={c.runtime_env_agent_port}", f"--metrics-export-port={c.metrics_export_port}",
-            f"--temp-dir={temp}", "--disable-usage-stats",
+            ray_binary(),
+            "start",
+            "--head",
+            "--block",
+            f"--node-ip-address={c.host}",
+            f"--port={c.ray_port}",
+            "--include-dashboard=true",
+            f"--dashboard-host={c.host}",
+            f"--dashboard-port={c.dashboard_port}",
+            f"--ray-client-server-port={c.ray_client_port}",
+            f"--dashboard-agent-listen-port={c.dashboard_agent_port}",
+            f"--runtime-env-agent-port={c.runtime_env_agent_port}",
+            f"--metrics-export-port={c.metrics_export_port}",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
         ]
         if c.ray_num_cpus is not None:
             cmd.append(f"--num-cpus={c.ray_num_cpus}")
         log_path = self.state_dir / "ray-head.log"
         log = open(log_path, "ab")
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            env=self.head_environment(endpoint), cwd=self.state_dir,
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=self.head_environment(endpoint),
+            cwd=self.state_dir,
         )
         log.close()
         import requests
@@ -440,7 +502,9 @@ class EmbeddedStack:
             return r.status_code == 200
 
         try:
-            _wait_for(f"Ray head (dashboard {self.dashboard_url()})", ready, c.start_timeout_s, proc, log_path)
+            _wait_for(
+                f"Ray head (dashboard {self.dashboard_url()})", ready, c.start_timeout_s, proc, log_path
+            )
         except BaseException:
             _kill_group(proc.pid)
             _reap(proc)
@@ -480,17 +544,21 @@ class EmbeddedStack:
             try:
                 creds = read_credentials_file(self.credentials_file)
                 cfg = StorageConfig(
-                    endpoint=state["seaweedfs"]["endpoint"], bucket=state["bucket"],
+                    endpoint=state["seaweedfs"]["endpoint"],
+                    bucket=state["bucket"],
                     access_key_id=creds.access_key_id if creds else None,
-                    secret_access_key=creds.secret_access_key if creds else None, max_attempts=1,
+                    secret_access_key=creds.secret_access_key if creds else None,
+                    max_attempts=1,
                 )
                 Storage(cfg).check()
                 s3_ok = True
             except StorageError:
                 s3_ok = False
         out["object_store"] = {
-            "endpoint": state["seaweedfs"]["endpoint"], "pid": state["seaweedfs"]["pid"],
-            "process": "alive" if weed_alive else "dead", "s3": "answering" if s3_ok else "not answering",
+            "endpoint": state["seaweedfs"]["endpoint"],
+            "pid": state["seaweedfs"]["pid"],
+            "process": "alive" if weed_alive else "dead",
+            "s3": "answering" if s3_ok else "not answering",
             "log": state["seaweedfs"]["log"],
         }
         ray_alive = _group_alive(state["ray"]["pid"])
@@ -498,15 +566,20 @@ class EmbeddedStack:
         if ray_alive:
             try:
                 r = requests.get(
-                    f"{state['ray']['dashboard_url']}/api/jobs/", headers=ray_auth_headers(self.token()), timeout=3
+                    f"{state['ray']['dashboard_url']}/api/jobs/",
+                    headers=ray_auth_headers(self.token()),
+                    timeout=3,
                 )
                 dash_ok = r.status_code == 200
             except requests.RequestException:
                 dash_ok = False
         out["ray"] = {
-            "address": state["ray"]["address"], "dashboard_url": state["ray"]["dashboard_url"],
-            "pid": state["ray"]["pid"], "process": "alive" if ray_alive else "dead",
-            "dashboard": "answering" if dash_ok else "not answering", "auth": state["ray"]["auth"],
+            "address": state["ray"]["address"],
+            "dashboard_url": state["ray"]["dashboard_url"],
+            "pid": state["ray"]["pid"],
+            "process": "alive" if ray_alive else "dead",
+            "dashboard": "answering" if dash_ok else "not answering",
+            "auth": state["ray"]["auth"],
             "log": state["ray"]["log"],
         }
         out["healthy"] = s3_ok and dash_ok

@@ -228,9 +228,12 @@ class Storage:
                 botocore.exceptions.ConnectionClosedError,
             ),
         ):
-            reason = "connection refused" if "refused" in str(exc).lower() or isinstance(
-                exc, botocore.exceptions.EndpointConnectionError
-            ) else type(exc).__name__
+            reason = (
+                "connection refused"
+                if "refused" in str(exc).lower()
+                or isinstance(exc, botocore.exceptions.EndpointConnectionError)
+                else type(exc).__name__
+            )
             return StorageUnreachable(
                 f"cannot reach object store at {self.endpoint}: {reason}; is `reflade up` running?"
             )
@@ -274,7 +277,9 @@ class Storage:
         try:
             return fn(**kw)
         except (
-            botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, boto3.exceptions.Boto3Error
+            botocore.exceptions.BotoCoreError,
+            botocore.exceptions.ClientError,
+            boto3.exceptions.Boto3Error,
         ) as e:
             raise self._explain(e, op, key) from None
 
@@ -312,7 +317,12 @@ class Storage:
 
     # ------------------------------------------------------------------ small objects
     def put_bytes(
-        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None,
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
         content_type: str = "application/octet-stream",
     ) -> str:
         """Write one object; returns its ETag.
@@ -345,7 +355,9 @@ class Storage:
                     ) from None
         raise AssertionError("unreachable")
 
-    def put_json(self, key: str, obj: Any, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+    def put_json(
+        self, key: str, obj: Any, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
         """Write a small JSON object in one PUT (atomic: readers see the old or the new body, never a mix)."""
         data = json.dumps(obj, indent=1, sort_keys=True).encode()
         return self.put_bytes(
@@ -369,11 +381,16 @@ class Storage:
     def head(self, key: str) -> dict[str, Any]:
         return self._call("head", key, self.client.head_object, Bucket=self.bucket, Key=key)
 
-    def list(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
-        """Objects under a prefix (dicts with Key, Size, LastModified, ETag), all pages."""
+    def list(
+        self, prefix: str, delimiter: str | None = None, start_after: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Objects under a prefix (dicts with Key, Size, LastModified, ETag), all pages, in key order;
+        with ``start_after``, only keys after that one."""
         kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         if delimiter:
             kw["Delimiter"] = delimiter
+        if start_after:
+            kw["StartAfter"] = start_after
         token = None
         while True:
             if token:
@@ -425,8 +442,14 @@ class Storage:
         size = os.path.getsize(path)
         with byte_bar(size, f"upload {Path(path).name}", progress) as bar:
             self._call(
-                "upload", key, self.client.upload_file, Filename=str(path), Bucket=self.bucket, Key=key,
-                Config=self._transfer_config(), Callback=bar.update,
+                "upload",
+                key,
+                self.client.upload_file,
+                Filename=str(path),
+                Bucket=self.bucket,
+                Key=key,
+                Config=self._transfer_config(),
+                Callback=bar.update,
             )
 
     def download_file(self, key: str, path: str | os.PathLike, *, progress: bool | None = None) -> None:
@@ -435,11 +458,16 @@ class Storage:
         with byte_bar(size, f"download {Path(key).name}", progress) as bar:
             try:
                 self.client.download_file(
-                    Bucket=self.bucket, Key=key, Filename=str(path), Config=self._transfer_config(),
+                    Bucket=self.bucket,
+                    Key=key,
+                    Filename=str(path),
+                    Config=self._transfer_config(),
                     Callback=bar.update,
                 )
             except (
-                botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, boto3.exceptions.Boto3Error
+                botocore.exceptions.BotoCoreError,
+                botocore.exceptions.ClientError,
+                boto3.exceptions.Boto3Error,
             ) as e:
                 raise self._explain(e, "download", key) from None
 

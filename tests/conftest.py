@@ -45,7 +45,9 @@ def credentials_file(seaweed, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def storage_config(seaweed) -> StorageConfig:
     return StorageConfig(
-        endpoint=seaweed.endpoint, bucket=TEST_BUCKET, access_key_id=seaweed.credentials.access_key_id,
+        endpoint=seaweed.endpoint,
+        bucket=TEST_BUCKET,
+        access_key_id=seaweed.credentials.access_key_id,
         secret_access_key=seaweed.credentials.secret_access_key,
     )
 
@@ -70,14 +72,22 @@ def ray_cluster(seaweed, credentials_file):
     """
     import ray
 
-    saved = {k: os.environ.get(k) for k in ("REFLADE_STORAGE_ENDPOINT", "REFLADE_STORAGE_BUCKET",
-                                            "AWS_SHARED_CREDENTIALS_FILE")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("REFLADE_STORAGE_ENDPOINT", "REFLADE_STORAGE_BUCKET", "AWS_SHARED_CREDENTIALS_FILE")
+    }
     os.environ["REFLADE_STORAGE_ENDPOINT"] = seaweed.endpoint
     os.environ["REFLADE_STORAGE_BUCKET"] = TEST_BUCKET
     os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(credentials_file)
     temp = tempfile.mkdtemp(prefix="rl-ray-", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp,
-             namespace="reflade-tests", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp,
+        namespace="reflade-tests",
+        log_to_driver=False,
+    )
     yield ray
     ray.shutdown()
     for k, v in saved.items():

@@ -34,8 +34,12 @@ def _plugin_dir(root: Path) -> Path:
     """A distribution on PYTHONPATH that adds a `sleep` job kind (a job long enough to stop)."""
     d = root / "plugin"
     (d / "rltest_jobs-0.1.dist-info").mkdir(parents=True)
-    (d / "rltest_jobs-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: rltest-jobs\nVersion: 0.1\n")
-    (d / "rltest_jobs-0.1.dist-info" / "entry_points.txt").write_text("[reflade.jobs]\nsleep = rltest_jobs:sleep\n")
+    (d / "rltest_jobs-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: rltest-jobs\nVersion: 0.1\n"
+    )
+    (d / "rltest_jobs-0.1.dist-info" / "entry_points.txt").write_text(
+        "[reflade.jobs]\nsleep = rltest_jobs:sleep\n"
+    )
     (d / "rltest_jobs.py").write_text(
         textwrap.dedent(
             """
@@ -74,11 +78,17 @@ def stack(tmp_path_factory):
 
     def run(*args, check=True, extra_env=None, timeout=300):
         proc = subprocess.run(
-            [REFLADE, *args], env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=timeout,
+            [REFLADE, *args],
+            env={**env, **(extra_env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
             cwd=root,
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"reflade {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"reflade {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     up = run("up")
@@ -128,9 +138,17 @@ def test_second_up_is_idempotent(stack):
 
 
 def test_port_taken_is_named(stack, tmp_path):
-    fresh_ray = {f"REFLADE_STACK_{k}": str(_free_port()) for k in (
-        "RAY_PORT", "DASHBOARD_PORT", "RAY_CLIENT_PORT", "DASHBOARD_AGENT_PORT", "RUNTIME_ENV_AGENT_PORT",
-        "METRICS_EXPORT_PORT")}
+    fresh_ray = {
+        f"REFLADE_STACK_{k}": str(_free_port())
+        for k in (
+            "RAY_PORT",
+            "DASHBOARD_PORT",
+            "RAY_CLIENT_PORT",
+            "DASHBOARD_AGENT_PORT",
+            "RUNTIME_ENV_AGENT_PORT",
+            "METRICS_EXPORT_PORT",
+        )
+    }
     proc = stack["run"]("up", "--state-dir", str(tmp_path / "a"), check=False, extra_env=fresh_ray)
     assert proc.returncode == 1
     assert f"port {stack['s3_port']} (s3) on 127.0.0.1 is already in use" in proc.stderr
@@ -138,8 +156,15 @@ def test_port_taken_is_named(stack, tmp_path):
 
     taken_dashboard = stack["env"]["REFLADE_STACK_DASHBOARD_PORT"]
     fresh_ray["REFLADE_STACK_DASHBOARD_PORT"] = taken_dashboard
-    proc = stack["run"]("up", "--state-dir", str(tmp_path / "b"), "--s3-port", str(find_free_base_port()),
-                        check=False, extra_env=fresh_ray)
+    proc = stack["run"](
+        "up",
+        "--state-dir",
+        str(tmp_path / "b"),
+        "--s3-port",
+        str(find_free_base_port()),
+        check=False,
+        extra_env=fresh_ray,
+    )
     assert proc.returncode == 1
     assert f"port {taken_dashboard} (Ray dashboard) on 127.0.0.1 is already in use" in proc.stderr
     assert not (tmp_path / "b" / "stack.json").exists()
@@ -151,25 +176,49 @@ def test_registry_commands_as_a_user(stack, tmp_path):
     (model / "unet").mkdir(parents=True)
     (model / "model_index.json").write_text('{"_class_name": "Demo"}')
     (model / "unet" / "weights.bin").write_bytes(os.urandom(300_000))
-    out = run("registry", "import", "weights", "demo-ckpt", str(model), "--license", "Apache-2.0",
-              "--source", "https://example.org/ckpt", "--json").stdout
+    out = run(
+        "registry",
+        "import",
+        "weights",
+        "demo-ckpt",
+        str(model),
+        "--license",
+        "Apache-2.0",
+        "--source",
+        "https://example.org/ckpt",
+        "--json",
+    ).stdout
     made = json.loads(out)
     assert made["ref"] == "weights/demo-ckpt@1" and made["files"] == 2 and not made["reused"]
     again = json.loads(run("registry", "import", "weights", "demo-ckpt", str(model), "--json").stdout)
     assert again["reused"] and again["ref"] == "weights/demo-ckpt@1"
-    assert "already registered as weights/demo-ckpt@1" in run("registry", "import", "weights", "demo-ckpt", str(model)).stdout
+    assert (
+        "already registered as weights/demo-ckpt@1"
+        in run("registry", "import", "weights", "demo-ckpt", str(model)).stdout
+    )
 
     single = tmp_path / "note.txt"
     single.write_text("v2")
-    run("registry", "import", "model", "demo-model", str(single), "--parent", "weights/demo-ckpt", "--alias",
-        "candidate")
+    run(
+        "registry",
+        "import",
+        "model",
+        "demo-model",
+        str(single),
+        "--parent",
+        "weights/demo-ckpt",
+        "--alias",
+        "candidate",
+    )
 
     rows = json.loads(run("registry", "ls", "--json").stdout)
     refs = {r["ref"]: r for r in rows}
     assert refs["weights/demo-ckpt"]["latest"] == 1
     assert refs["model/demo-model"]["aliases"] == {"candidate": 1}
     assert "weights/demo-ckpt" in run("registry", "ls").stdout
-    assert [r["ref"] for r in json.loads(run("registry", "ls", "model", "--json").stdout)] == ["model/demo-model"]
+    assert [r["ref"] for r in json.loads(run("registry", "ls", "model", "--json").stdout)] == [
+        "model/demo-model"
+    ]
 
     shown = json.loads(run("registry", "show", "weights/demo-ckpt@1", "--json").stdout)
     assert shown["license"] == "Apache-2.0" and shown["source"] == "https://example.org/ckpt"
@@ -201,20 +250,32 @@ def test_registry_commands_as_a_user(stack, tmp_path):
 def test_wrong_credentials_and_unreachable_endpoint_are_clear(stack):
     run = stack["run"]
     secret = "WrongSecret-" + "x" * 20
-    proc = run("registry", "ls", check=False, extra_env={
-        "AWS_ACCESS_KEY_ID": read_credentials_file(stack["state"] / "aws_credentials").access_key_id,
-        "AWS_SECRET_ACCESS_KEY": secret,
-    })
+    proc = run(
+        "registry",
+        "ls",
+        check=False,
+        extra_env={
+            "AWS_ACCESS_KEY_ID": read_credentials_file(stack["state"] / "aws_credentials").access_key_id,
+            "AWS_SECRET_ACCESS_KEY": secret,
+        },
+    )
     assert proc.returncode == 1
     assert "rejected the credentials" in proc.stderr
     assert secret not in proc.stdout + proc.stderr
     closed = _free_port()
-    proc = run("registry", "ls", check=False, extra_env={
-        "REFLADE_STORAGE_ENDPOINT": f"http://127.0.0.1:{closed}", "REFLADE_STORAGE_MAX_ATTEMPTS": "1",
-    })
+    proc = run(
+        "registry",
+        "ls",
+        check=False,
+        extra_env={
+            "REFLADE_STORAGE_ENDPOINT": f"http://127.0.0.1:{closed}",
+            "REFLADE_STORAGE_MAX_ATTEMPTS": "1",
+        },
+    )
     assert proc.returncode == 1
-    assert f"cannot reach object store at http://127.0.0.1:{closed}: connection refused; is `reflade up` running?" in (
-        " ".join(proc.stderr.split())
+    assert (
+        f"cannot reach object store at http://127.0.0.1:{closed}: connection refused; is `reflade up` running?"
+        in (" ".join(proc.stderr.split()))
     )
     proc = run("registry", "ls", check=False, extra_env={"REFLADE_STORAGE_BUCKET": "no-such-bucket"})
     assert proc.returncode == 1 and "bucket 'no-such-bucket' does not exist" in " ".join(proc.stderr.split())
@@ -228,7 +289,9 @@ def test_job_runs_shipped_code_and_no_key_is_visible(stack):
 
     out = run("jobs", "submit", "doctor", "--follow").stdout
     assert "SUCCEEDED" in out
-    doc = json.loads(next(line for line in out.splitlines() if line.startswith("REFLADE_DOCTOR ")).split(" ", 1)[1])
+    doc = json.loads(
+        next(line for line in out.splitlines() if line.startswith("REFLADE_DOCTOR ")).split(" ", 1)[1]
+    )
     assert doc["storage"]["status"] == "ok" and doc["storage"]["bucket"] == "reflade"
     assert doc["stdlib_platform"] == "Linux"
     assert doc["ray"]["resources"]["CPU"] == 2.0
@@ -247,8 +310,14 @@ def test_job_runs_shipped_code_and_no_key_is_visible(stack):
     headers = {"Authorization": f"Bearer {token}"}
     url = state["ray"]["dashboard_url"]
     seen = ""
-    for path in ("/api/jobs/", f"/api/jobs/{job_id}", "/api/v0/tasks?limit=100", "/api/v0/actors?limit=100",
-                 "/nodes?view=summary", "/api/cluster_status"):
+    for path in (
+        "/api/jobs/",
+        f"/api/jobs/{job_id}",
+        "/api/v0/tasks?limit=100",
+        "/api/v0/actors?limit=100",
+        "/nodes?view=summary",
+        "/api/cluster_status",
+    ):
         r = requests.get(url + path, headers=headers, timeout=10)
         seen += r.text
     info = json.loads(requests.get(f"{url}/api/jobs/{job_id}", headers=headers, timeout=10).text)
@@ -267,7 +336,10 @@ def test_jobs_stop_and_follow(stack):
         assert time.monotonic() < deadline, "job never started"
         time.sleep(1)
     assert "stop requested" in run("jobs", "stop", job_id).stdout
-    while (st := json.loads(run("jobs", "status", job_id, "--json").stdout)["status"]) not in ("STOPPED", "FAILED"):
+    while (st := json.loads(run("jobs", "status", job_id, "--json").stdout)["status"]) not in (
+        "STOPPED",
+        "FAILED",
+    ):
         assert time.monotonic() < deadline, "job never stopped"
         time.sleep(1)
     assert st == "STOPPED"
@@ -277,7 +349,11 @@ def test_jobs_stop_and_follow(stack):
     assert "sleeping ['1']" in followed
 
     unknown = run("jobs", "submit", "no-such-kind", check=False)
-    assert unknown.returncode == 1 and "unknown job kind 'no-such-kind'" in unknown.stderr and "doctor" in unknown.stderr
+    assert (
+        unknown.returncode == 1
+        and "unknown job kind 'no-such-kind'" in unknown.stderr
+        and "doctor" in unknown.stderr
+    )
 
 
 def test_down_stops_everything(stack, tmp_path):

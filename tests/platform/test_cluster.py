@@ -11,10 +11,15 @@ from reflade.platform.storage import Credentials
 
 
 def test_worker_env_carries_locations_not_keys():
-    cfg = load_config(None, env={
-        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "very-secret-value",
-        "REFLADE_STORAGE_ENDPOINT": "http://10.0.0.5:9000", "REFLADE_STORAGE_BUCKET": "team-bucket",
-    })
+    cfg = load_config(
+        None,
+        env={
+            "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+            "AWS_SECRET_ACCESS_KEY": "very-secret-value",
+            "REFLADE_STORAGE_ENDPOINT": "http://10.0.0.5:9000",
+            "REFLADE_STORAGE_BUCKET": "team-bucket",
+        },
+    )
     env = worker_env_vars(cfg)
     assert env["REFLADE_STORAGE_ENDPOINT"] == "http://10.0.0.5:9000"
     assert env["REFLADE_STORAGE_BUCKET"] == "team-bucket"
@@ -24,7 +29,9 @@ def test_worker_env_carries_locations_not_keys():
     check_no_secrets({"env_vars": env})  # passes
 
 
-@pytest.mark.parametrize("var", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "RAY_AUTH_TOKEN", "MY_API_TOKEN"])
+@pytest.mark.parametrize(
+    "var", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "RAY_AUTH_TOKEN", "MY_API_TOKEN"]
+)
 def test_runtime_env_with_a_credential_is_refused(var):
     with pytest.raises(ValueError, match=var):
         check_no_secrets({"env_vars": {var: "x"}})

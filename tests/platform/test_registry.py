@@ -483,3 +483,25 @@ def test_uris_are_readable(registry, tmp_path):
         with storage.fs.open_input_stream(uri.removeprefix("s3://")) as f:
             assert f.read() == got[uri.rsplit("/", 2)[-2] + "/" + uri.rsplit("/", 1)[-1]]
     assert got == files
+
+
+def test_latest_is_right_whatever_the_hint_says(registry, tmp_path):
+    """The latest-hint only says where listing starts: stale, missing, garbage or too-high hints never give
+    a wrong `latest`."""
+    for i in range(5):
+        f = tmp_path / f"v{i}.txt"
+        f.write_text(f"content {i}")
+        registry.create("dataset", "hinted", f)
+    hint_key = registry._base("dataset", "hinted") + "latest-hint.json"
+    storage = registry.storage
+    for hint in ({"version": 2}, {"version": 1}, {"version": 99}, {"nonsense": True}, "garbage"):
+        storage.put_json(hint_key, hint)
+        assert registry.resolve("dataset/hinted").version == 5, hint
+        assert registry.aliases("dataset", "hinted")["latest"] == 5
+    storage.delete([hint_key])
+    assert registry.resolve("dataset/hinted").version == 5
+    f = tmp_path / "v5.txt"
+    f.write_text("content 5")
+    registry.create("dataset", "hinted", f)
+    assert registry.resolve("dataset/hinted").version == 6
+    assert storage.get_json(hint_key)[0] == {"version": 6}
