@@ -505,3 +505,33 @@ def test_latest_is_right_whatever_the_hint_says(registry, tmp_path):
     registry.create("dataset", "hinted", f)
     assert registry.resolve("dataset/hinted").version == 6
     assert storage.get_json(hint_key)[0] == {"version": 6}
+
+
+def test_interrupted_import_leaves_no_version(registry, tmp_path, monkeypatch):
+    """An import cut off mid-upload (Ctrl-C here) registers nothing; gc finds what it uploaded."""
+    src = tmp_path / "src"
+    for i in range(5):
+        _write(src / f"f{i}.bin", os.urandom(1000 + i))
+    real_put = registry.storage.put_bytes
+    calls = 0
+
+    def cut_after_two(key, data, **kw):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        return real_put(key, data, **kw)
+
+    monkeypatch.setattr(registry.storage, "put_bytes", cut_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        registry.create("dataset", "cut", src, progress=False)
+    monkeypatch.undo()
+
+    assert registry.versions("dataset", "cut") == []
+    with pytest.raises(RegistryError, match="has no versions"):
+        registry.resolve("dataset/cut")
+    assert len(registry.gc(grace_s=0).orphans) == 2
+    v = registry.create("dataset", "cut", src, progress=False)
+    assert v.version == 1 and not v.reused and len(v.files) == 5
+    registry.gc(dry_run=False, grace_s=0)
+    assert _tree(registry.download(v.ref, tmp_path / "out", progress=False)) == _tree(src)
