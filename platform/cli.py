@@ -519,10 +519,10 @@ def jobs_kinds(as_json: JsonOpt = False) -> None:
 
 def registry_job(argv: list[str]) -> int:
     """Job kind ``registry``: run ``reflade registry ARGS`` on the cluster (e.g. ``gc --delete``)."""
-    return _run_typer(registry_app, argv, "reflade registry")
+    return run_typer(registry_app, argv, "reflade registry")
 
 
-def _run_typer(typer_app: typer.Typer, argv: list[str], prog: str) -> int:
+def run_typer(typer_app: typer.Typer, argv: list[str], prog: str) -> int:
     cmd = typer.main.get_command(typer_app)
     try:
         cmd.main(args=argv, prog_name=prog, standalone_mode=False)

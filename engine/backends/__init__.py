@@ -1,0 +1,63 @@
+"""Backends of the model-holding stages, by family: ``classical`` (no weights, CPU) and ``neural``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from reflade.engine.config import EngineConfig
+
+FAMILIES = ("classical", "neural")
+
+
+@dataclass
+class Backends:
+    """The backend of each model stage, and the registry references of every weights version they use."""
+
+    scene: Any
+    completion: Any
+    matting: Any
+    weights: list[str] = field(default_factory=list)
+
+    def names(self) -> dict[str, str]:
+        return {"scene": self.scene.name, "completion": self.completion.name, "matting": self.matting.name}
+
+
+def make_scene_backend(family: str, cfg: EngineConfig):
+    if family == "classical":
+        from reflade.engine.backends.classical_scene import ClassicalSceneBackend
+
+        return ClassicalSceneBackend(cfg)
+    if family == "neural":
+        from reflade.engine.backends.neural import NeuralSceneBackend
+
+        return NeuralSceneBackend(cfg)
+    raise ValueError(f"unknown backend family {family!r} (known: {', '.join(FAMILIES)})")
+
+
+def make_completion_backend(family: str, cfg: EngineConfig):
+    if family == "classical":
+        from reflade.engine.backends.classical_completion import ClassicalCompletionBackend
+
+        return ClassicalCompletionBackend(cfg)
+    if family == "neural":
+        from reflade.engine.backends.neural import NeuralCompletionBackend
+
+        return NeuralCompletionBackend(cfg)
+    raise ValueError(f"unknown backend family {family!r} (known: {', '.join(FAMILIES)})")
+
+
+def make_matting_backend(family: str, cfg: EngineConfig):
+    # Matting stays classical in both families: it is CPU work that overlaps the GPU stages.
+    from reflade.engine.backends.classical_matting import ClassicalMattingBackend
+
+    return ClassicalMattingBackend(cfg)
+
+
+def weights_refs(family: str, cfg: EngineConfig) -> list[str]:
+    """Registry references of the weights the family loads (for lineage)."""
+    if family == "neural":
+        from reflade.engine.backends.neural import weights_refs as neural_refs
+
+        return neural_refs(cfg)
+    return []

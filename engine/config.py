@@ -1,0 +1,75 @@
+"""The ``engine`` configuration section (YAML key ``engine``, variables ``REFLADE_ENGINE_<FIELD>``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """Thresholds and resources of the data engine's six stages."""
+
+    # ---- 1. pre-filter
+    max_side: int = 1024
+    """Longest side of the stored image, pixels (larger images are downscaled)."""
+    min_side: int = 64
+    """Images whose shorter side is below this are rejected ("too small"), pixels."""
+    max_pixels: int = 80_000_000
+    """Images whose header declares more pixels are refused before decoding ("too large")."""
+    max_file_mb: float = 64.0
+    """Files larger than this are refused without reading them whole, MiB."""
+    max_aspect: float = 4.0
+    """Longest/shortest side above this is rejected ("extreme aspect ratio")."""
+    min_saturation: float = 0.04
+    """Mean HSV saturation (0-1) below this is rejected as grayscale."""
+    min_std: float = 8.0
+    """Grey-level standard deviation (0-255) below this is rejected as near-constant."""
+    min_sharpness: float = 15.0
+    """Variance of the Laplacian (at 512 px) below this is rejected as blurry."""
+    dup_hamming: int = 6
+    """Perceptual hashes (64-bit) within this Hamming distance are near-duplicates; the first is kept."""
+    # ---- 2. scene understanding
+    max_entities: int = 6
+    """Most entities kept per image (highest scores first)."""
+    min_entity_area: float = 0.01
+    """Smallest entity, as a fraction of the image area."""
+    max_entity_area: float = 0.6
+    """Largest entity, as a fraction of the image area."""
+    merge_iou: float = 0.5
+    """Candidates from different detectors with mask IoU above this are merged."""
+    # ---- 3/4. completion and matting
+    matting_band_px: int = 6
+    """Half-width of the unknown band of the trimap around a mask edge, pixels."""
+    # ---- 5. prompts
+    points_per_prompt: int = 3
+    """Positive points sampled in the visible region for a fine point prompt."""
+    # ---- 6. post-filter
+    min_alpha_fraction: float = 0.002
+    """A foreground layer whose alpha covers less than this fraction of the image is rejected."""
+    max_alpha_fraction: float = 0.9
+    """A foreground layer whose alpha covers more than this fraction is rejected."""
+    max_visible_change: float = 12.0
+    """Mean absolute RGB difference (0-255) allowed between a layer and the image on its visible pixels."""
+    # ---- splits and resources
+    test_fraction: float = 0.1
+    """Fraction of source images (by hash, deterministic) whose layers go to the test split."""
+    synthetic_split: str = "test"
+    """Split of rows made from synthetic scenes (exact ground truth)."""
+    batch_size: int = 4
+    """Images per Ray Data batch."""
+    cpu_actors: int = 2
+    """Actors in each CPU actor pool."""
+    gpu_actors: int = 1
+    """Actors in each GPU actor pool (neural backends)."""
+    num_gpus: float = 0.0
+    """GPUs per neural-stage actor (0 on a CPU machine)."""
+    num_cpus_per_task: float = 1.0
+    """CPUs reserved per stage task or actor."""
+
+    def fingerprint(self) -> str:
+        """Hash of every field that changes what the engine outputs (resources excluded)."""
+        data = {k: v for k, v in asdict(self).items()
+                if k not in ("batch_size", "cpu_actors", "gpu_actors", "num_gpus", "num_cpus_per_task")}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
