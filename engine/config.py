@@ -59,17 +59,20 @@ class EngineConfig:
     """Split of rows made from synthetic scenes (exact ground truth)."""
     batch_size: int = 4
     """Images per Ray Data batch."""
-    cpu_actors: int = 2
-    """Actors in each CPU actor pool."""
+    cpu_actors: int = 1
+    """Actors in each CPU actor pool (scene, completion and matting with classical backends)."""
     gpu_actors: int = 1
-    """Actors in each GPU actor pool (neural backends)."""
+    """Actors in each GPU actor pool (neural scene and completion when num_gpus > 0)."""
     num_gpus: float = 0.0
     """GPUs per neural-stage actor (0 on a CPU machine)."""
-    num_cpus_per_task: float = 1.0
-    """CPUs reserved per stage task or actor."""
+    num_cpus_per_actor: float = 0.5
+    """CPUs reserved per stage actor (three pools must fit beside the tasks on a 2-CPU node)."""
+    num_cpus_per_task: float = 0.5
+    """CPUs reserved per stage task (read, pre-filter, prompts, post-filter, write)."""
 
     def fingerprint(self) -> str:
         """Hash of every field that changes what the engine outputs (resources excluded)."""
         data = {k: v for k, v in asdict(self).items()
-                if k not in ("batch_size", "cpu_actors", "gpu_actors", "num_gpus", "num_cpus_per_task")}
+                if k not in ("batch_size", "cpu_actors", "gpu_actors", "num_gpus", "num_cpus_per_actor",
+                             "num_cpus_per_task")}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

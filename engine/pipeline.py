@@ -105,17 +105,33 @@ def _frame(rows: list[dict[str, Any]]):
 
 
 # ---------------------------------------------------------------------------------------------- stages
-class ReadRaw:
-    """Fetch each input's bytes from the bucket (credentials from the worker's own environment)."""
+_STORAGE_CACHE: dict[tuple, Any] = {}
 
-    def __init__(self, storage_fields: dict[str, Any]):
+
+def worker_storage(fields: dict[str, Any]):
+    """A Storage for the bucket described by ``fields`` (endpoint, bucket, region), built once per worker
+    process; credentials come from the worker's own environment, never from the task's arguments."""
+    key = tuple(sorted(fields.items()))
+    if key not in _STORAGE_CACHE:
         from reflade.platform.config import load_config
         from reflade.platform.storage import Storage
 
         cfg = load_config()
-        for k, v in storage_fields.items():
+        for k, v in fields.items():
             setattr(cfg.storage, k, v)
-        self.storage = Storage.from_config(cfg)
+        _STORAGE_CACHE[key] = Storage.from_config(cfg)
+    return _STORAGE_CACHE[key]
+
+
+class ReadRaw:
+    """Fetch each input's bytes from the bucket (credentials from the worker's own environment)."""
+
+    def __init__(self, storage_fields: dict[str, Any]):
+        self.fields = storage_fields
+
+    @property
+    def storage(self):
+        return worker_storage(self.fields)
 
     def __call__(self, batch):
         rows = _rows(batch)
@@ -353,18 +369,16 @@ class ShardWriter:
 
     def __init__(self, storage_fields: dict[str, Any], run_prefix: str, config_hash: str, backends: dict[str, str],
                  weights: list[str], test_fraction: float):
-        from reflade.platform.config import load_config
-        from reflade.platform.storage import Storage
-
-        cfg = load_config()
-        for k, v in storage_fields.items():
-            setattr(cfg.storage, k, v)
-        self.storage = Storage.from_config(cfg)
+        self.fields = storage_fields
         self.run_prefix = run_prefix
         self.config_hash = config_hash
         self.backends = backends
         self.weights = weights
         self.test_fraction = test_fraction
+
+    @property
+    def storage(self):
+        return worker_storage(self.fields)
 
     def __call__(self, batch):
         rows = _rows(batch)
@@ -611,35 +625,37 @@ def _run_stages(ray, todo, ecfg: EngineConfig, family, fields, run_prefix, confi
     items = [{"source_id": it.source_id, "sha256": it.sha256, "key": it.key, "name": it.name, "ok": True,
               "stage": "", "reason": ""} for it in todo]
     bs = ecfg.batch_size
-    cpu = {"num_cpus": ecfg.num_cpus_per_task}
+    # Cheap stages run as tasks (callable instances); stages that hold a backend run in actor pools. On a
+    # small node every pool's actors must fit beside the read tasks (design.md, Pitfalls).
+    task = {"num_cpus": ecfg.num_cpus_per_task, "batch_format": "pandas", "batch_size": bs}
     n_blocks = max(1, min(len(items), 64, (len(items) + bs - 1) // bs))
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
-    ds = ds.map_batches(ReadRaw, fn_constructor_kwargs={"storage_fields": fields}, batch_format="pandas",
-                        batch_size=bs, compute=ActorPoolStrategy(size=ecfg.cpu_actors), **cpu)
-    ds = ds.map_batches(PreFilterStage, fn_constructor_kwargs={"cfg": ecfg}, batch_format="pandas",
-                        batch_size=bs, compute=ActorPoolStrategy(size=ecfg.cpu_actors), **cpu)
-    # Near-duplicates need every hash: a barrier on the small pre-filtered images.
+    ds = ds.map_batches(ReadRaw(fields), **task)
+    ds = ds.map_batches(PreFilterStage(ecfg), **task)
+    # Near-duplicates need every hash: a barrier on the (small, capped) pre-filtered images.
     ds = ds.materialize()
     hashes = ds.filter(lambda r: bool(r["ok"])).select_columns(["source_id", "phash"]).take_all()
     order = {it.source_id: i for i, it in enumerate(todo)}
     pairs = sorted(((h["source_id"], int(h["phash"])) for h in hashes if int(h["phash"])),
                    key=lambda p: order[p[0]])
     dups = find_near_duplicates(pairs, ecfg.dup_hamming)
-    ds = ds.map_batches(MarkDuplicates, fn_constructor_kwargs={"duplicates": dups}, batch_format="pandas",
-                        batch_size=bs, compute=ActorPoolStrategy(size=1), **cpu)
-    model = dict(cpu, num_gpus=ecfg.num_gpus) if family == "neural" and ecfg.num_gpus else cpu
-    pool = ecfg.gpu_actors if family == "neural" and ecfg.num_gpus else ecfg.cpu_actors
-    for stage_cls, res, size in ((SceneStage, model, pool), (CompletionStage, model, pool),
-                                 (MattingStage, cpu, ecfg.cpu_actors)):
-        ds = ds.map_batches(stage_cls, fn_constructor_args=(family, ecfg), batch_format="pandas", batch_size=bs,
-                            compute=ActorPoolStrategy(size=size), **res)
-    for stage_cls in (PromptStage, PostFilterStage):
-        ds = ds.map_batches(stage_cls, fn_constructor_kwargs={"cfg": ecfg}, batch_format="pandas", batch_size=bs,
-                            compute=ActorPoolStrategy(size=ecfg.cpu_actors), **cpu)
+    ds = ds.map_batches(MarkDuplicates(dups), **task)
+    gpu = family == "neural" and ecfg.num_gpus > 0
+    model = {"num_cpus": ecfg.num_cpus_per_actor, "num_gpus": ecfg.num_gpus if gpu else 0,
+             "batch_format": "pandas", "batch_size": bs}
+    cpu_actor = {"num_cpus": ecfg.num_cpus_per_actor, "batch_format": "pandas", "batch_size": bs}
+    pool = ecfg.gpu_actors if gpu else ecfg.cpu_actors
+    ds = ds.map_batches(SceneStage, fn_constructor_args=(family, ecfg), compute=ActorPoolStrategy(size=pool),
+                        **model)
+    ds = ds.map_batches(CompletionStage, fn_constructor_args=(family, ecfg), compute=ActorPoolStrategy(size=pool),
+                        **model)
+    # Matting is CPU work: its own pool, so that it overlaps the GPU stages.
+    ds = ds.map_batches(MattingStage, fn_constructor_args=(family, ecfg),
+                        compute=ActorPoolStrategy(size=ecfg.cpu_actors), **cpu_actor)
+    ds = ds.map_batches(PromptStage(ecfg), **task)
+    ds = ds.map_batches(PostFilterStage(ecfg), **task)
     ds = ds.map_batches(
-        ShardWriter, fn_constructor_args=(fields, run_prefix, config_hash, backend_names, weights,
-                                          ecfg.test_fraction),
-        batch_format="pandas", batch_size=bs, compute=ActorPoolStrategy(size=ecfg.cpu_actors), **cpu,
+        ShardWriter(fields, run_prefix, config_hash, backend_names, weights, ecfg.test_fraction), **task
     )
     written = ds.take_all()
     log(f"staged {len(written)} shards")
@@ -662,7 +678,7 @@ def _write_synthetic(storage, run_prefix, n, size, config_hash, ecfg, log) -> No
         if all(i in done_ids for i in ids):
             continue
         rows = []
-        for (i, scene), sid in zip(scenes, ids, strict=True):
+        for (_, scene), sid in zip(scenes, ids, strict=True):
             for row in synthetic_rows(scene, sid, config_hash, ecfg.synthetic_split, ecfg):
                 row["source_id"] = sid
                 rows.append(row)

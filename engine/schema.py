@@ -311,13 +311,7 @@ def read_dataset(registry, ref: str, split: str | None = None):
     ds = ray.data.read_parquet(paths, filesystem=registry.storage.fs)
     split = split or v.split
     if split:
-        ds = ds.filter(expr=f"split == '{split}'") if _has_expr_filter() else ds.filter(lambda r: r["split"] == split)
+        from ray.data.expressions import col
+
+        ds = ds.filter(expr=col("split") == split)
     return ds
-
-
-def _has_expr_filter() -> bool:
-    import inspect
-
-    import ray.data
-
-    return "expr" in inspect.signature(ray.data.Dataset.filter).parameters
