@@ -673,7 +673,9 @@ def _write_synthetic(storage, run_prefix, n, size, config_hash, ecfg, log) -> No
     per_shard = 16
     made = 0
     for start in range(0, n, per_shard):
-        scenes = [(i, make_scene(seed=100_000 + i, size=(size, size))) for i in range(start, min(n, start + per_shard))]
+        # Texture backgrounds: the bundled photos are real-photo inputs, and test rows must not share them.
+        scenes = [(i, make_scene(seed=100_000 + i, size=(size, size), background="texture"))
+                  for i in range(start, min(n, start + per_shard))]
         ids = [f"synthetic-{i:06d}" for i, _ in scenes]
         if all(i in done_ids for i in ids):
             continue
@@ -771,7 +773,10 @@ def _commit(storage, registry, run_prefix, run_id, dataset, inp, exact_dups, con
             layers_rejected=len(layer_q), synthetic_rows=synthetic_rows_n, skipped_done=skipped,
             uploaded=inp.uploaded, wall_s=0.0, stages=stage_rows, quarantine_reasons=dict(reasons),
         )
-        stats = result.as_dict()
+        # Only what the committed data says: a re-run of a finished run then reproduces the same bytes and the
+        # registry returns the existing version.
+        stats = {k: v for k, v in result.as_dict().items()
+                 if k not in ("dataset", "wall_s", "skipped_done", "uploaded", "reused")}
         (out / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
         input_ref = registry.create(
             "raw-manifest", f"{dataset}-input", files={"manifest.json": manifest_path},

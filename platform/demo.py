@@ -41,6 +41,17 @@ def write_sample_photos(folder: Path) -> dict[str, Path]:
     return out
 
 
+def _extension_steps():
+    """Steps that later packages add to the main job (entry-point group ``reflade.demo``, in name order).
+
+    Each is ``step(cfg, registry, timer, made, console)``: it opens its own ``timer.step(...)`` blocks and
+    records what it made in ``made``.
+    """
+    from importlib.metadata import entry_points
+
+    return [ep.load() for ep in sorted(entry_points(group="reflade.demo"), key=lambda e: e.name)]
+
+
 class StepTimer:
     def __init__(self, console: Console):
         self.console = console
@@ -122,6 +133,8 @@ def run_demo(
             if final != "SUCCEEDED":
                 raise RuntimeError(f"doctor job {job_id} ended {final}; see `reflade jobs logs {job_id}`")
             made["doctor_job"] = job_id
+        for step in _extension_steps():
+            step(cfg, registry, timer, made, console)
     finally:
         if keep or was_running:
             st = stack.read_state()
