@@ -17,6 +17,12 @@ engine_app = typer.Typer(help="The data engine: raw photos -> six stages on Ray 
 data_app = typer.Typer(help="Datasets for people: export, import a curated folder, statistics.", no_args_is_help=True)
 
 
+@engine_app.callback()
+def _engine_group() -> None:
+    """The data engine: raw photos -> six stages on Ray Data -> a dataset version."""
+    # A callback keeps `engine` a group with a `run` sub-command, also when run as a job (`run_typer`).
+
+
 @engine_app.command("run")
 def run(
     input: Annotated[str, typer.Option("--input", "-i", help="Folder, s3:// prefix, manifest file or registry ref.")],
@@ -45,6 +51,16 @@ def run(
         top = sorted(result.quarantine_reasons.items(), key=lambda kv: -kv[1])[:10]
         console.print("quarantine reasons: " + ", ".join(f"{k} {v}" for k, v in top))
     console.print(f"{result.dataset} ({'reused' if result.reused else 'new'}) in {result.wall_s:.1f} s")
+
+
+@engine_app.command("tiny-weights")
+def tiny_weights() -> None:
+    """Build the tiny random-init SAM, OWLv2 and RePaint models and register them (weights/tiny-*), so that
+    `--backends neural` runs without external checkpoints (tests, CPU demos; not for quality)."""
+    from reflade.engine.backends.tiny_weights import register_tiny_weights
+
+    for name, ref in register_tiny_weights(_registry()).items():
+        console.print(f"{name}: {ref}")
 
 
 def job_main(argv: list[str]) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(kw_only=True)
@@ -52,6 +52,30 @@ class EngineConfig:
     """A foreground layer whose alpha covers more than this fraction is rejected."""
     max_visible_change: float = 12.0
     """Mean absolute RGB difference (0-255) allowed between a layer and the image on its visible pixels."""
+    max_amodal_ratio: float = 4.0
+    """A foreground layer whose alpha area exceeds this many times its visible area is rejected."""
+    # ---- neural backends (family "neural": stages 2 and 3)
+    sam_weights: str = "weights/tiny-sam@latest"
+    """Registry reference of the SAM weights (a folder: config.json + model.safetensors)."""
+    detector_weights: str = "weights/tiny-owlv2@latest"
+    """Registry reference of the open-vocabulary detector (an OWLv2 save_pretrained folder with its tokenizer)."""
+    completion_weights: str = "weights/tiny-repaint@latest"
+    """Registry reference of the inpainting diffusion model (a folder with unet/ and scheduler/)."""
+    vocabulary: list[str] = field(default_factory=lambda: [
+        "person", "cat", "dog", "car", "bicycle", "chair", "table", "bottle", "cup", "book", "plant", "ball"])
+    """Category words the detector is queried with ("a photo of a <word>"); neural labels come from here."""
+    detector_threshold: float = 0.1
+    """Detector boxes scoring below this (sigmoid, 0-1) are dropped (see detector_fallback)."""
+    detector_fallback: bool = True
+    """When no box passes detector_threshold, keep the best boxes anyway (tiny random weights score alike)."""
+    completion_steps: int = 4
+    """Denoising steps of the RePaint sampler (4 for CPU runs with tiny weights; about 50 with real weights)."""
+    completion_dilate_px: int = 4
+    """The background hole is the entity's mask dilated by this many pixels."""
+    completion_seed: int = 0
+    """Seed mixed into each hole's noise (with the image's sha256, the entity id and the hole kind)."""
+    weights_cache: str = ""
+    """Folder for downloaded weights; empty means $XDG_CACHE_HOME/reflade/weights (~/.cache/reflade/weights)."""
     # ---- splits and resources
     test_fraction: float = 0.1
     """Fraction of source images (by hash, deterministic) whose layers go to the test split."""
@@ -74,5 +98,5 @@ class EngineConfig:
         """Hash of every field that changes what the engine outputs (resources excluded)."""
         data = {k: v for k, v in asdict(self).items()
                 if k not in ("batch_size", "cpu_actors", "gpu_actors", "num_gpus", "num_cpus_per_actor",
-                             "num_cpus_per_task")}
+                             "num_cpus_per_task", "weights_cache")}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

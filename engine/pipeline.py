@@ -198,14 +198,26 @@ class MarkDuplicates:
         return _frame(rows)
 
 
+def worker_registry(fields: dict[str, Any] | None, prefix: str | None):
+    """The registry the driver uses, rebuilt in a worker from non-secret locations (None: the worker's config)."""
+    if fields is None:
+        return None
+    from reflade.platform.registry import Registry
+
+    return Registry(worker_storage(fields), prefix or "registry")
+
+
 class _ModelStage:
-    """A stage that holds a backend (an actor in a Ray Data actor pool)."""
+    """A stage that holds a backend (an actor in a Ray Data actor pool). Backends that load weights read them
+    from the driver's registry (``storage_fields`` and ``registry_prefix``, no credentials)."""
 
     stage = ""
 
-    def __init__(self, family: str, cfg: EngineConfig):
+    def __init__(self, family: str, cfg: EngineConfig, storage_fields: dict[str, Any] | None = None,
+                 registry_prefix: str | None = None):
         self.family = family
         self.cfg = cfg
+        self.registry = worker_registry(storage_fields, registry_prefix) if family == "neural" else None
         self.backend = self.make_backend()
 
     def make_backend(self):
@@ -238,7 +250,7 @@ class SceneStage(_ModelStage):
     def make_backend(self):
         from reflade.engine.backends import make_scene_backend
 
-        return make_scene_backend(self.family, self.cfg)
+        return make_scene_backend(self.family, self.cfg, self.registry)
 
     def process(self, r, work):
         work.image = decode_image(work.image_png, "RGB")
@@ -256,7 +268,7 @@ class CompletionStage(_ModelStage):
     def make_backend(self):
         from reflade.engine.backends import make_completion_backend
 
-        return make_completion_backend(self.family, self.cfg)
+        return make_completion_backend(self.family, self.cfg, self.registry)
 
     def process(self, r, work):
         work.completions = self.backend.complete(work.image, work.entities)
@@ -272,7 +284,7 @@ class MattingStage(_ModelStage):
     def make_backend(self):
         from reflade.engine.backends import make_matting_backend
 
-        return make_matting_backend(self.family, self.cfg)
+        return make_matting_backend(self.family, self.cfg, self.registry)
 
     def process(self, r, work):
         layers = []
@@ -600,7 +612,7 @@ def run_engine(
     fields = _storage_fields(cfg)
     if todo:
         _run_stages(ray, todo, ecfg, backends, fields, run_prefix, config_hash, backend_names, weights,
-                    find_near_duplicates, done_ids, storage, progress, log)
+                    find_near_duplicates, done_ids, storage, progress, log, cfg.registry.prefix)
     if synthetic:
         _write_synthetic(storage, run_prefix, synthetic, synthetic_size, config_hash, ecfg, log)
 
@@ -617,8 +629,7 @@ def _done_markers(storage, run_prefix: str) -> dict[str, dict[str, Any]]:
 
 
 def _run_stages(ray, todo, ecfg: EngineConfig, family, fields, run_prefix, config_hash, backend_names, weights,
-                find_near_duplicates, done_ids, storage, progress, log) -> None:
-    from ray.data import ActorPoolStrategy
+                find_near_duplicates, done_ids, storage, progress, log, registry_prefix) -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(progress) if progress is not None else ctx.enable_progress_bars
@@ -634,31 +645,67 @@ def _run_stages(ray, todo, ecfg: EngineConfig, family, fields, run_prefix, confi
     ds = ds.map_batches(PreFilterStage(ecfg), **task)
     # Near-duplicates need every hash: a barrier on the (small, capped) pre-filtered images.
     ds = ds.materialize()
-    hashes = ds.filter(lambda r: bool(r["ok"])).select_columns(["source_id", "phash"]).take_all()
+    hashes = [h for h in ds.select_columns(["source_id", "phash", "ok"]).take_all() if h["ok"]]
     order = {it.source_id: i for i, it in enumerate(todo)}
     pairs = sorted(((h["source_id"], int(h["phash"])) for h in hashes if int(h["phash"])),
                    key=lambda p: order[p[0]])
     dups = find_near_duplicates(pairs, ecfg.dup_hamming)
     ds = ds.map_batches(MarkDuplicates(dups), **task)
-    gpu = family == "neural" and ecfg.num_gpus > 0
-    model = {"num_cpus": ecfg.num_cpus_per_actor, "num_gpus": ecfg.num_gpus if gpu else 0,
-             "batch_format": "pandas", "batch_size": bs}
-    cpu_actor = {"num_cpus": ecfg.num_cpus_per_actor, "batch_format": "pandas", "batch_size": bs}
-    pool = ecfg.gpu_actors if gpu else ecfg.cpu_actors
-    ds = ds.map_batches(SceneStage, fn_constructor_args=(family, ecfg), compute=ActorPoolStrategy(size=pool),
-                        **model)
-    ds = ds.map_batches(CompletionStage, fn_constructor_args=(family, ecfg), compute=ActorPoolStrategy(size=pool),
-                        **model)
-    # Matting is CPU work: its own pool, so that it overlaps the GPU stages.
-    ds = ds.map_batches(MattingStage, fn_constructor_args=(family, ecfg),
-                        compute=ActorPoolStrategy(size=ecfg.cpu_actors), **cpu_actor)
-    ds = ds.map_batches(PromptStage(ecfg), **task)
-    ds = ds.map_batches(PostFilterStage(ecfg), **task)
+    ds = add_layer_stages(ds, ecfg, family, fields, registry_prefix)
     ds = ds.map_batches(
         ShardWriter(fields, run_prefix, config_hash, backend_names, weights, ecfg.test_fraction), **task
     )
     written = ds.take_all()
     log(f"staged {len(written)} shards")
+
+
+def add_layer_stages(ds, ecfg: EngineConfig, family: str, storage_fields: dict[str, Any] | None = None,
+                     registry_prefix: str | None = None):
+    """Append stages 2-6 (scene, completion, matting, prompts, post-filter) to a Ray dataset of pre-filtered
+    image records. Model stages run in actor pools (GPU pools for neural backends when ``num_gpus`` > 0)."""
+    from ray.data import ActorPoolStrategy
+
+    bs = ecfg.batch_size
+    task = {"num_cpus": ecfg.num_cpus_per_task, "batch_format": "pandas", "batch_size": bs}
+    gpu = family == "neural" and ecfg.num_gpus > 0
+    model = {"num_cpus": ecfg.num_cpus_per_actor, "num_gpus": ecfg.num_gpus if gpu else 0,
+             "batch_format": "pandas", "batch_size": bs}
+    cpu_actor = {"num_cpus": ecfg.num_cpus_per_actor, "batch_format": "pandas", "batch_size": bs}
+    pool = ecfg.gpu_actors if gpu else ecfg.cpu_actors
+    args = (family, ecfg, storage_fields, registry_prefix)
+    ds = ds.map_batches(SceneStage, fn_constructor_args=args, compute=ActorPoolStrategy(size=pool), **model)
+    ds = ds.map_batches(CompletionStage, fn_constructor_args=args, compute=ActorPoolStrategy(size=pool), **model)
+    # Matting is CPU work: its own pool, so that it overlaps the GPU stages.
+    ds = ds.map_batches(MattingStage, fn_constructor_args=args,
+                        compute=ActorPoolStrategy(size=ecfg.cpu_actors), **cpu_actor)
+    ds = ds.map_batches(PromptStage(ecfg), **task)
+    return ds.map_batches(PostFilterStage(ecfg), **task)
+
+
+def run_stages_plain(records: list[dict[str, Any]], ecfg: EngineConfig, family: str = "classical",
+                     batch_size: int | None = None, storage_fields: dict[str, Any] | None = None,
+                     registry_prefix: str | None = None) -> list[dict[str, Any]]:
+    """The same stage code in one process, no Ray: records with ``source_id``, ``sha256``, ``name`` and the raw
+    ``data`` bytes in, per-image records (with the pickled ``work``) out. The baseline of ``bench/engine.py``."""
+    from reflade.engine.stages.prefilter import find_near_duplicates
+
+    bs = batch_size or ecfg.batch_size
+    rows = [dict(r, ok=True, stage="", reason="") for r in records]
+    pre = PreFilterStage(ecfg)
+    frames = [pre(_frame(rows[i:i + bs])) for i in range(0, len(rows), bs)]
+    done = [r for f in frames for r in _rows(f)]
+    pairs = [(r["source_id"], int(r["phash"])) for r in done if r["ok"] and int(r["phash"])]
+    mark = MarkDuplicates(find_near_duplicates(pairs, ecfg.dup_hamming))
+    args = (family, ecfg, storage_fields, registry_prefix)
+    stages = [mark, SceneStage(*args), CompletionStage(*args), MattingStage(*args),
+              PromptStage(ecfg), PostFilterStage(ecfg)]
+    out = []
+    for i in range(0, len(done), bs):
+        frame = _frame(done[i:i + bs])
+        for stage in stages:
+            frame = stage(frame)
+        out += _rows(frame)
+    return out
 
 
 def _write_synthetic(storage, run_prefix, n, size, config_hash, ecfg, log) -> None:

@@ -131,11 +131,11 @@ class StackConfig:
     """Ray dashboard and job-submission port."""
     ray_client_port: int = 10001
     """Ray client server port (``ray://`` addresses)."""
-    dashboard_agent_port: int = 52365
-    """Ray dashboard agent HTTP port."""
-    runtime_env_agent_port: int = 52366
+    dashboard_agent_port: int = 52465
+    """Ray dashboard agent HTTP port (not Ray's default 52365, which any `ray.init()` on this machine takes)."""
+    runtime_env_agent_port: int = 52466
     """Ray runtime-env agent port."""
-    metrics_export_port: int = 52367
+    metrics_export_port: int = 52467
     """Ray metrics export port."""
     ray_num_cpus: int | None = None
     """CPUs the Ray head offers (None: all)."""

@@ -23,7 +23,7 @@ class Backends:
         return {"scene": self.scene.name, "completion": self.completion.name, "matting": self.matting.name}
 
 
-def make_scene_backend(family: str, cfg: EngineConfig):
+def make_scene_backend(family: str, cfg: EngineConfig, registry=None):
     if family == "classical":
         from reflade.engine.backends.classical_scene import ClassicalSceneBackend
 
@@ -31,11 +31,11 @@ def make_scene_backend(family: str, cfg: EngineConfig):
     if family == "neural":
         from reflade.engine.backends.neural import NeuralSceneBackend
 
-        return NeuralSceneBackend(cfg)
+        return NeuralSceneBackend(cfg, registry=registry)
     raise ValueError(f"unknown backend family {family!r} (known: {', '.join(FAMILIES)})")
 
 
-def make_completion_backend(family: str, cfg: EngineConfig):
+def make_completion_backend(family: str, cfg: EngineConfig, registry=None):
     if family == "classical":
         from reflade.engine.backends.classical_completion import ClassicalCompletionBackend
 
@@ -43,11 +43,11 @@ def make_completion_backend(family: str, cfg: EngineConfig):
     if family == "neural":
         from reflade.engine.backends.neural import NeuralCompletionBackend
 
-        return NeuralCompletionBackend(cfg)
+        return NeuralCompletionBackend(cfg, registry=registry)
     raise ValueError(f"unknown backend family {family!r} (known: {', '.join(FAMILIES)})")
 
 
-def make_matting_backend(family: str, cfg: EngineConfig):
+def make_matting_backend(family: str, cfg: EngineConfig, registry=None):
     # Matting stays classical in both families: it is CPU work that overlaps the GPU stages.
     from reflade.engine.backends.classical_matting import ClassicalMattingBackend
 

@@ -142,7 +142,7 @@ class ClassicalSceneBackend:
                     label=_shape_word(mask),
                     score=round(float(cand.score), 4),
                     source=cand.source,
-                    attributes=_attributes(image, mask),
+                    attributes=entity_attributes(image, mask),
                 )
             )
             small_masks.append(cand.mask)
@@ -562,7 +562,7 @@ def _color_word(image: np.ndarray, mask: np.ndarray) -> str:
     return words[int(np.bincount(idx, minlength=len(words)).argmax())]
 
 
-def _attributes(image: np.ndarray, mask: np.ndarray) -> dict[str, str]:
+def entity_attributes(image: np.ndarray, mask: np.ndarray) -> dict[str, str]:
     h, w = mask.shape
     ys, xs = np.nonzero(mask)
     cx, cy = xs.mean() / w, ys.mean() / h

@@ -145,11 +145,12 @@ def check_layer(
             f"pixels exceeds {cfg.max_visible_change}: the completion altered what was seen",
             scores,
         )
-    if scores["amodal_ratio"] > MAX_AMODAL_RATIO:
+    max_ratio = getattr(cfg, "max_amodal_ratio", MAX_AMODAL_RATIO)
+    if scores["amodal_ratio"] > max_ratio:
         return _reject(
             "implausible_size",
             f"layer area is {scores['amodal_ratio']:.1f}x the visible area "
-            f"({visible_area} px), above {MAX_AMODAL_RATIO}: the completion invented most of the object",
+            f"({visible_area} px), above {max_ratio}: the completion invented most of the object",
             scores,
         )
     return Verdict(ok=True, reason=None, scores=scores)

@@ -1,0 +1,314 @@
+"""Tiny, randomly initialised weights for the ``neural`` backends: built here, saved in each model's own
+self-describing format, registered like any imported checkpoint.
+
+They exercise loading, batching and data flow on a CPU, not quality. Each folder has the layout the loaders in
+:mod:`reflade.engine.backends.neural` read, which is also the layout of the real checkpoint imported once with
+``reflade registry import``:
+
+- ``weights/tiny-sam``: ``config.json`` (the SAM constructor arguments, see :func:`neural.build_sam`) and
+  ``model.safetensors`` (the state dict). A real SAM checkpoint is converted once to the same two files.
+- ``weights/tiny-owlv2``: an ``Owlv2ForObjectDetection`` saved with ``save_pretrained`` (``config.json``,
+  ``model.safetensors``), an ``Owlv2ImageProcessor`` config and a word-level tokenizer built offline with the
+  ``tokenizers`` package over :data:`TOKENIZER_WORDS` (``tokenizer.json`` and its configs).
+- ``weights/tiny-repaint``: a ``RePaintPipeline`` folder without text: ``unet/`` (``UNet2DModel``),
+  ``scheduler/`` (``RePaintScheduler``) and ``model_index.json``.
+
+Everything is deterministic for a seed (``torch.manual_seed`` before each model is built, sorted vocabularies),
+so building and registering again yields identical bytes and the registry returns the existing version.
+
+Register them into the configured registry with ``python -m reflade.engine.backends.tiny_weights``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from reflade.platform.registry import Registry
+
+__all__ = [
+    "LICENSE",
+    "SOURCE",
+    "TINY_NAMES",
+    "TINY_SAM_CONFIG",
+    "TOKENIZER_WORDS",
+    "build_tiny_owlv2",
+    "build_tiny_repaint",
+    "build_tiny_sam",
+    "build_tiny_weights",
+    "register_tiny_weights",
+]
+
+LICENSE = "Apache-2.0 (random init, built by RefLade)"
+SOURCE = "reflade.engine.backends.tiny_weights"
+SEED = 0
+"""Seed of every tiny model (``torch.manual_seed`` before it is built)."""
+
+TINY_SAM_CONFIG: dict = {
+    "architecture": "sam",
+    "image_size": 256,
+    "patch_size": 16,
+    "encoder_embed_dim": 32,
+    "encoder_depth": 2,
+    "encoder_num_heads": 2,
+    "encoder_mlp_ratio": 4.0,
+    "encoder_global_attn_indexes": [1],
+    "encoder_window_size": 8,
+    "prompt_embed_dim": 32,
+    "mask_in_chans": 4,
+    "decoder_depth": 2,
+    "decoder_mlp_dim": 64,
+    "decoder_num_heads": 2,
+    "num_multimask_outputs": 3,
+    "iou_head_depth": 3,
+    "iou_head_hidden_dim": 32,
+    "pixel_mean": [123.675, 116.28, 103.53],
+    "pixel_std": [58.395, 57.12, 57.375],
+}
+"""Constructor arguments of the tiny SAM (a ViT of 2 blocks of width 32 on 256-pixel inputs)."""
+
+# COCO's 80 category names split into words, the default engine vocabulary, and the query template's words:
+# any of these in ``engine.vocabulary`` gets its own token (others map to <unk> and still run).
+_COCO = (
+    "person bicycle car motorcycle airplane bus train truck boat traffic light fire hydrant stop sign parking "
+    "meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie "
+    "suitcase frisbee skis snowboard sports ball kite baseball bat glove skateboard surfboard tennis racket "
+    "bottle wine glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot hot dog pizza "
+    "donut cake chair couch potted plant bed dining table toilet tv laptop mouse remote keyboard cell phone "
+    "microwave oven toaster sink refrigerator book clock vase scissors teddy hair drier toothbrush"
+)
+_EXTRA = "a an the photo of object thing lamp flower plant table box toy mug shoe hat bag window door tree"
+TOKENIZER_WORDS: tuple[str, ...] = tuple(sorted(set(_COCO.split()) | set(_EXTRA.split())))
+"""Words of the tiny detector's tokenizer (besides the special tokens)."""
+_SPECIAL_FIRST = ("<pad>", "<unk>")
+"""Ids 0 and 1: OWL treats a query whose first id is 0 as padding."""
+_SPECIAL_LAST = ("<bos>", "<eos>")
+"""The two highest ids: OWL's text model pools at the argmax id, which must be end-of-text."""
+_MAX_TEXT_LEN = 16
+_BOX_HEAD_GAIN = 0.3
+"""Gain of the tiny detector's random last box layer (see build_tiny_owlv2)."""
+_BOX_SIZE_SHIFT = 1.2
+"""Added to the width/height logits: sigmoid(logit(1/8) + 1.2) = 0.32 of the padded image's side."""
+
+
+def build_tiny_sam(dest: Path, seed: int = SEED) -> Path:
+    """Build the tiny SAM and write ``config.json`` + ``model.safetensors`` into ``dest``.
+
+    Returns:
+        ``dest``.
+    """
+    from safetensors.torch import save_file
+
+    from reflade.engine.backends.neural import build_sam
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    sam = build_sam(TINY_SAM_CONFIG)
+    (dest / "config.json").write_text(json.dumps(TINY_SAM_CONFIG, indent=2, sort_keys=True) + "\n")
+    # safetensors refuses shared or non-contiguous storage; a state dict of a fresh model has neither.
+    state = {k: v.detach().contiguous() for k, v in sam.state_dict().items()}
+    # One metadata key only: safetensors writes its metadata map in hash order, which varies between runs, and
+    # identical bytes are what lets the registry deduplicate a rebuild.
+    save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+def _build_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = list(_SPECIAL_FIRST) + list(TOKENIZER_WORDS) + list(_SPECIAL_LAST)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>",
+        special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=_MAX_TEXT_LEN,
+    )
+    return fast, vocab
+
+
+def build_tiny_owlv2(dest: Path, seed: int = SEED) -> Path:
+    """Build the tiny OWLv2 detector, its image-processor config and its word-level tokenizer into ``dest``.
+
+    Vision: ViT of 1 block, width 32, 128-pixel inputs, 16-pixel patches (64 candidate boxes). Text: 1 block,
+    width 32, at most 16 tokens.
+
+    Returns:
+        ``dest``.
+    """
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer, vocab = _build_tokenizer()
+    config = Owlv2Config(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": _MAX_TEXT_LEN,
+            "pad_token_id": vocab["<pad>"],
+            "bos_token_id": vocab["<bos>"],
+            "eos_token_id": vocab["<eos>"],
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 128,
+            "patch_size": 16,
+        },
+        # The class head compares text embeddings of projection_dim with image features of text width.
+        projection_dim=32,
+    )
+    torch.manual_seed(seed)
+    model = Owlv2ForObjectDetection(config).eval()
+    # The default init of the box head (std 1) swamps OWL's per-patch box prior: every box comes out huge or
+    # off the image. Re-initialised at unit gain with a small last layer, each patch proposes a box around
+    # itself, about a third of the image wide, so random weights still give distinct, partly overlapping
+    # candidates (NMS, SAM prompts and occlusion all get exercised).
+    head = model.box_head
+    with torch.no_grad():
+        for layer, gain in ((head.dense0, 1.0), (head.dense1, 1.0), (head.dense2, _BOX_HEAD_GAIN)):
+            layer.weight.normal_(0.0, gain * layer.in_features**-0.5)
+            layer.bias.zero_()
+        head.dense2.bias.copy_(torch.tensor([0.0, 0.0, _BOX_SIZE_SHIFT, _BOX_SIZE_SHIFT]))
+        # Likewise the class head's logit shift and scale: unscaled they saturate most scores at 1.0.
+        for layer in (model.class_head.logit_shift, model.class_head.logit_scale):
+            layer.weight.normal_(0.0, _BOX_HEAD_GAIN * layer.in_features**-0.5)
+            layer.bias.zero_()
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    Owlv2ImageProcessor(size={"height": 128, "width": 128}).save_pretrained(dest)
+    return dest
+
+
+def build_tiny_repaint(dest: Path, seed: int = SEED) -> Path:
+    """Build the tiny unconditional UNet (64 px, 3 levels of 16/32/32 channels) and a RePaint scheduler.
+
+    Returns:
+        ``dest``, holding ``unet/``, ``scheduler/`` and ``model_index.json``.
+    """
+    from diffusers import RePaintPipeline, RePaintScheduler, UNet2DModel
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        # attention only at 16x16, as in DDPM's UNets: at 32x32 it would triple the sampling time
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ).eval()
+    scheduler = RePaintScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    RePaintPipeline(unet=unet, scheduler=scheduler).save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+TINY_BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "tiny-sam": build_tiny_sam,
+    "tiny-owlv2": build_tiny_owlv2,
+    "tiny-repaint": build_tiny_repaint,
+}
+TINY_NAMES = tuple(TINY_BUILDERS)
+"""Registry names (kind ``weights``) of the tiny models."""
+
+
+def _check_names(names: Iterable[str] | None) -> list[str]:
+    names = list(TINY_NAMES if names is None else names)
+    unknown = [n for n in names if n not in TINY_BUILDERS]
+    if unknown:
+        raise ValueError(f"unknown tiny weights {', '.join(unknown)} (known: {', '.join(TINY_NAMES)})")
+    return names
+
+
+def build_tiny_weights(dest: Path, names: Iterable[str] | None = None) -> dict[str, Path]:
+    """Build the tiny models into ``dest/<name>/``.
+
+    Args:
+        dest: parent folder (created).
+        names: subset of :data:`TINY_NAMES`; None builds all three.
+
+    Returns:
+        {name: folder}.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    dest = Path(dest)
+    return {name: TINY_BUILDERS[name](dest / name) for name in _check_names(names)}
+
+
+def register_tiny_weights(
+    registry: Registry, names: Iterable[str] | None = None, *, progress: bool | None = False
+) -> dict[str, str]:
+    """Build the tiny models in a temporary folder and register each as ``weights/<name>``.
+
+    Identical content (same seed, same library versions) returns the existing version.
+
+    Args:
+        registry: where to register.
+        names: subset of :data:`TINY_NAMES`; None registers all three.
+
+    Returns:
+        {name: exact reference}, e.g. ``{"tiny-sam": "weights/tiny-sam@1", ...}``.
+    """
+    names = _check_names(names)
+    out: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="reflade-tiny-weights-") as tmp:
+        for name, folder in build_tiny_weights(Path(tmp), names).items():
+            version = registry.create(
+                "weights",
+                name,
+                folder,
+                license=LICENSE,
+                source=SOURCE,
+                metadata={"tiny": True, "seed": SEED, "random_init": True},
+                progress=progress,
+            )
+            out[name] = version.ref
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Register the tiny weights into the configured registry and print their references."""
+    import argparse
+
+    from reflade.platform.config import load_config
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--config", default=None, help="YAML configuration file")
+    parser.add_argument("names", nargs="*", help=f"subset of {', '.join(TINY_NAMES)}")
+    args = parser.parse_args(argv)
+    registry = Registry.from_config(load_config(args.config))
+    for ref in register_tiny_weights(registry, args.names or None, progress=None).values():
+        print(ref)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
