@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 
 import numpy as np
@@ -43,7 +44,7 @@ def make_row(i: int = 0, kind: str = "foreground", split: str = "train") -> dict
         layer[..., :3] = image
         layer[..., 3] = 255
         visible = ~mask
-    sha = f"{i:064x}"
+    sha = hashlib.sha256(str(i).encode()).hexdigest()
     return {
         "schema_version": SCHEMA_VERSION, "sample_id": make_sample_id(sha, 0, kind, "cfg"), "source_id": sha[:16],
         "source_sha256": sha, "image": encode_png(image), "width": w, "height": h, "layer": encode_png(layer),
