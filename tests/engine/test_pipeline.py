@@ -23,7 +23,7 @@ from reflade.engine.pipeline import run_engine
 from reflade.engine.schema import decode_mask, load_rows, validate_row
 from reflade.engine.synth import make_scene, scene_to_png_bytes
 from reflade.platform.config import load_config
-from reflade.platform.registry import Registry
+from reflade.platform.registry import Registry, RegistryError
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -160,7 +160,7 @@ def test_killed_run_resumes_without_duplicates(engine_cfg, registry, ray_cluster
     proc.wait()
     staged_before = len([m for m in storage.list("runs/engine/killed/") if "/done/" in m["Key"]])
     assert 2 <= staged_before < 13
-    with pytest.raises(Exception):  # nothing registered by the killed run
+    with pytest.raises(RegistryError, match="has no versions"):  # nothing registered by the killed run
         registry.resolve("dataset/killed")
 
     resumed = run_engine(engine_cfg, str(tmp_path / "in"), "killed", progress=False, log=lambda *_: None)
