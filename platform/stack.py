@@ -106,7 +106,7 @@ def _tail(log: Path | None, n: int = 15) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
 
 
-def _kill_group(pid: int, timeout: float = 20.0) -> None:
+def _kill_group(pid: int, timeout: float = 10.0) -> None:
     """Stop a process group: SIGTERM its leader (``ray start --block`` and ``weed`` tear their children down
     themselves), then SIGTERM the group, then SIGKILL what is left."""
     try:

@@ -328,6 +328,27 @@ def test_job_runs_shipped_code_and_no_key_is_visible(stack):
         assert secret not in out
 
 
+def test_engine_runs_as_a_job(stack, tmp_path):
+    """`reflade jobs submit engine -- run ...`: the data engine as a Ray job on the token-auth head."""
+    import skimage.data
+    from PIL import Image
+
+    run = stack["run"]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("coffee", "chelsea"):
+        Image.fromarray(getattr(skimage.data, name)()).save(photos / f"{name}.png")
+    run("registry", "import", "raw-images", "two-photos", str(photos))
+    out = run("jobs", "submit", "engine", "--follow", "--", "run", "--input", "raw-images/two-photos",
+              "--dataset", "jobbed", "--synthetic", "2").stdout
+    assert "SUCCEEDED" in out and "data engine stages" in out
+    shown = json.loads(run("registry", "show", "dataset/jobbed", "--json").stdout)
+    assert shown["metrics"]["images_in"] == 4
+    assert any(p.startswith("raw-manifest/jobbed-input@") for p in shown["parents"])
+    stats = json.loads(run("data", "stats", "dataset/jobbed", "--json").stdout)
+    assert stats["rows"] == shown["metadata"]["rows"] > 0
+
+
 def test_jobs_stop_and_follow(stack):
     run = stack["run"]
     job_id = run("jobs", "submit", "sleep", "--", "120").stdout.strip().splitlines()[-1]
