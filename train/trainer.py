@@ -1,0 +1,772 @@
+"""Training RefLayer: the Ray Train loop (DDP over workers, data streamed by Ray Data) and a plain loop.
+
+Both loops call the same step function (:func:`train_step` over a :class:`PhaseLoss`), so the plain loop is the
+honest baseline of the benchmark (Ray's overhead is everything else).
+
+Data: the dataset's ``train`` split is read in place from the object store (:func:`reflade.engine.schema.
+read_dataset`) and decoded by a Ray Data ``map`` before the trainer (:func:`preprocess_row`): the source image as
+(3, R, R) in [-1, 1], the layer as straight RGBA (4, R, R) in [0, 1], one of the row's prompts (drawn by a seed
+from the row's ``sample_id``) as its canvas (3, R, R) in [-1, 1] and its text. The frozen VAE and text encoder
+run inside the worker (:func:`reflade.train.losses.encode_batch`).
+
+Checkpoints (rank 0 writes, every rank reports; uploaded asynchronously so training does not wait for the object
+store): ``state.pt`` with the trainable model's weights, the optimiser, the step, the EMA weights and the
+settings. A run resumes from :func:`ray.train.get_checkpoint` (a restarted worker group after a failure, or a
+rerun of the same run name with ``resume=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "PHASES",
+    "PhaseLoss",
+    "TrainSettings",
+    "batch_to_tensors",
+    "param_checksum",
+    "preprocess_row",
+    "run_training",
+    "train_loop_per_worker",
+    "train_plain",
+    "train_step",
+]
+
+PHASES = ("transformer", "alpha", "both")
+_STATE = "state.pt"
+_CKPT_PREFIX = "checkpoint-"
+
+
+@dataclass(kw_only=True)
+class TrainSettings:
+    """Settings of one RefLayer training run."""
+
+    preset: str = "tiny"
+    """Model preset (``tiny`` or ``sd3-medium``)."""
+    phase: str = "transformer"
+    """What trains: ``transformer`` (flow matching), ``alpha`` (alpha decoder) or ``both`` (sum of the losses)."""
+    steps: int = 100
+    """Optimiser steps in all (a resumed run counts the steps done before)."""
+    batch_size: int = 4
+    """Samples per micro-batch per worker."""
+    lr: float = 1e-4
+    """Peak learning rate (after warmup; constant afterwards)."""
+    warmup_steps: int = 10
+    """Linear warmup from lr / warmup_steps to lr over this many steps (0: none)."""
+    optimizer: str = "adamw"
+    """``adamw`` (weight decay 0.01) or ``sgd`` (momentum 0.9)."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step (gradients are synchronised on the last one only)."""
+    ema_decay: float = 0.0
+    """Decay of the exponential moving average of the weights (0: off); the EMA weights are the registered ones."""
+    bf16: bool | None = None
+    """bf16 autocast; None: on for CUDA, off on the CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more compute)."""
+    drop_text: float = 0.1
+    """Per-sample probability of replacing the text by the empty one (classifier-free guidance)."""
+    drop_canvas: float = 0.1
+    """Per-sample probability of replacing the canvas by the empty one (classifier-free guidance)."""
+    resolution: int | None = None
+    """Training resolution in pixels; None: the preset's (64 for tiny)."""
+    workers: int = 1
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); otherwise CPU workers (gloo)."""
+    cpus_per_worker: float = 0.5
+    """CPUs each worker reserves; leave room for Ray Data's read tasks (a full CPU each hangs a 2-CPU node)."""
+    checkpoint_every: int = 50
+    """Checkpoint every this many steps (and always at the last step)."""
+    report_every: int = 5
+    """Report metrics every this many steps (and at checkpoints and the last step)."""
+    seed: int = 0
+    """Seed of the initial weights, the noise, the dropout and the prompt choice."""
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+        for name in ("steps", "batch_size", "grad_accum", "workers", "checkpoint_every", "report_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _plain(value: Any) -> Any:
+    """NumPy containers (as Ray Data hands nested columns over) -> plain Python."""
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            return [_plain(v) for v in value]
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _layer_rgba(layer: np.ndarray, size: int) -> np.ndarray:
+    """HxWx4 uint8 straight RGBA -> (4, size, size) float32 straight RGBA in [0, 1] (resized premultiplied)."""
+    from reflade.train.vae import layer_to_vae_input
+
+    rgb = (layer_to_vae_input(layer, size).numpy() + 1.0) / 2.0
+    alpha = layer[..., 3].astype(np.float32) / 255.0
+    if alpha.shape != (size, size):
+        import cv2
+
+        shrink = size * size < alpha.size
+        alpha = cv2.resize(alpha, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return np.concatenate([rgb, alpha[None]], axis=0).astype(np.float32)
+
+
+def preprocess_row(row: dict[str, Any], resolution: int, seed: int = 0) -> dict[str, Any]:
+    """One dataset row -> the trainer's input: ``image`` (3,R,R), ``layer`` (4,R,R), ``canvas`` (3,R,R), ``text``.
+
+    One prompt of the row is chosen by a seed from ``(seed, sample_id)`` (the same one every epoch).
+    """
+    from reflade.engine.schema import decode_image
+    from reflade.train.canvas import canvas_batch
+    from reflade.train.vae import image_to_vae_input
+
+    image = decode_image(bytes(row["image"]), "RGB")
+    layer = decode_image(bytes(row["layer"]), "RGBA")
+    h, w = image.shape[:2]
+    prompts = _plain(row.get("prompts")) or []
+    if prompts:
+        digest = hashlib.sha256(f"{seed}:{row.get('sample_id', '')}".encode()).digest()
+        prompt = dict(prompts[int.from_bytes(digest[:4], "little") % len(prompts)])
+    else:
+        prompt = {"type": "text", "text": ""}
+    known = ("type", "granularity", "points", "box", "mask", "text")
+    prompt = {k: prompt.get(k) for k in known if k in prompt}
+    if prompt.get("points") is None:
+        prompt.pop("points", None)
+    canvas = canvas_batch([prompt], h, w, size=(resolution, resolution))[0]
+    return {
+        "image": image_to_vae_input(image, resolution).numpy(),
+        "layer": _layer_rgba(layer, resolution),
+        "canvas": canvas.numpy(),
+        "text": str(prompt.get("text") or ""),
+    }
+
+
+def batch_to_tensors(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """A numpy batch (``image``, ``layer``, ``canvas``, ``text``) -> tensors and a list of texts."""
+
+    def t(x):
+        return torch.as_tensor(np.stack(list(x)) if isinstance(x, np.ndarray) and x.dtype == object else x)
+
+    texts = [str(s) for s in batch["text"]]
+    return t(batch["image"]).float(), t(batch["layer"]).float(), t(batch["canvas"]).float(), texts
+
+
+# ---------------------------------------------------------------------------------------------- the step
+class PhaseLoss(nn.Module):
+    """The loss of a phase as a module, so DDP can wrap it: ``forward(latents, generator) -> loss``.
+
+    Only the phase's parameters require gradients (DDP synchronises those); the frozen bundle parts are not
+    submodules.
+    """
+
+    def __init__(self, bundle, settings: TrainSettings):
+        super().__init__()
+        self.model = bundle.model
+        self._bundle = bundle  # a dataclass, not a Module: not registered
+        self.phase = settings.phase
+        self.drop_text = float(settings.drop_text)
+        self.drop_canvas = float(settings.drop_canvas)
+        self.bf16 = settings.bf16
+        want = {id(p) for p in trainable_parameters(bundle.model, settings.phase)}
+        for p in bundle.model.parameters():
+            p.requires_grad_(id(p) in want)
+
+    def forward(
+        self, latents: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        from reflade.train.losses import alpha_decoder_loss, flow_matching_loss
+
+        loss = torch.zeros((), device=self._bundle.device)
+        if self.phase in ("transformer", "both"):
+            loss = loss + flow_matching_loss(
+                self._bundle,
+                latents,
+                generator,
+                self.drop_text,
+                self.drop_canvas,
+                mixed_precision=self.bf16,
+            )
+        if self.phase in ("alpha", "both"):
+            loss = loss + alpha_decoder_loss(self._bundle, latents, mixed_precision=self.bf16)
+        return loss
+
+
+def trainable_parameters(model: nn.Module, phase: str) -> list[nn.Parameter]:
+    """The parameters a phase trains (``both``: transformer and alpha decoder)."""
+    if phase == "both":
+        return model.phase_parameters("transformer") + model.phase_parameters("alpha")
+    return model.phase_parameters(phase)
+
+
+def make_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=0.9)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
+
+
+def lr_at(step: int, settings: TrainSettings) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warmup, then constant."""
+    if settings.warmup_steps > 0 and step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    return settings.lr
+
+
+def step_generator(settings: TrainSettings, rank: int, step: int, micro: int = 0) -> torch.Generator:
+    """The CPU generator of one micro-batch: a function of (seed, rank, step), so a resumed run draws the same."""
+    return torch.Generator().manual_seed(
+        (settings.seed * 1_000_003 + rank * 10_007 + step * 131 + micro) % (2**63 - 1)
+    )
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * weights`` for the tracked parameters."""
+    named = dict(model.named_parameters())
+    keys = list(ema)
+    torch._foreach_lerp_([ema[k] for k in keys], [named[k].detach() for k in keys], 1.0 - decay)
+
+
+def ema_init(model: nn.Module, phase: str) -> dict[str, torch.Tensor]:
+    want = {id(p) for p in trainable_parameters(model, phase)}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in want}
+
+
+def train_step(
+    loss_module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict[str, torch.Tensor]],
+    settings: TrainSettings,
+    step: int,
+    *,
+    rank: int = 0,
+    ema: dict[str, torch.Tensor] | None = None,
+    model: nn.Module | None = None,
+) -> float:
+    """One optimiser step over ``micro_batches`` (encoded latents; ``grad_accum`` of them).
+
+    Args:
+        loss_module: a :class:`PhaseLoss`, or the same wrapped in DDP (``prepare_model``): gradients are
+            synchronised on the last micro-batch only.
+        step: 0-based index of this optimiser step (learning rate, noise seed).
+        ema, model: EMA weights to update from ``model`` (the unwrapped RefLayer) after the step.
+
+    Returns:
+        The mean loss over the micro-batches.
+    """
+    lr = lr_at(step, settings)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    n = len(micro_batches)
+    total = 0.0
+    for i, latents in enumerate(micro_batches):
+        sync = i == n - 1
+        ctx = loss_module.no_sync() if (not sync and hasattr(loss_module, "no_sync")) else _null()
+        with ctx:
+            loss = loss_module(latents, step_generator(settings, rank, step, i)) / n
+            loss.backward()
+        total += float(loss.detach())
+    optimizer.step()
+    if ema is not None and model is not None:
+        ema_update(ema, model, settings.ema_decay)
+    return total
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def param_checksum(model: nn.Module) -> float:
+    """A float64 fingerprint of every parameter (position-weighted, so permutations differ)."""
+    total = 0.0
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            total += float(p.detach().double().sum()) * (1.0 + 1e-3 * i)
+    return total
+
+
+def _encode(bundle, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from reflade.train.losses import encode_batch
+
+    images, layers, canvases, texts = batch_to_tensors(batch)
+    return encode_batch(bundle, images, layers, canvases, texts)
+
+
+# ---------------------------------------------------------------------------------------------- plain loop
+def train_plain(
+    bundle,
+    batches: Iterable[dict[str, Any]],
+    settings: TrainSettings,
+    *,
+    log: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
+    """A single-process loop with the same step function as the Ray loop (the benchmark's baseline).
+
+    Args:
+        bundle: a :class:`~reflade.train.model.RefLayerBundle` (trained in place).
+        batches: numpy batches as :func:`preprocess_row` makes them (``image``, ``layer``, ``canvas``, ``text``),
+            cycled until ``settings.steps`` optimiser steps are done.
+
+    Returns:
+        ``loss`` (last step), ``losses``, ``steps``, ``samples``, ``wall_s``, ``steps_per_s``, ``samples_per_s``.
+    """
+    torch.manual_seed(settings.seed)
+    bundle.set_gradient_checkpointing(settings.gradient_checkpointing)
+    bundle.model.train()
+    loss_module = PhaseLoss(bundle, settings)
+    params = trainable_parameters(bundle.model, settings.phase)
+    optimizer = make_optimizer(params, settings)
+    ema = ema_init(bundle.model, settings.phase) if settings.ema_decay > 0 else None
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no batches to train on")
+    losses, samples = [], 0
+    it = _cycle(batches)
+    t0 = time.perf_counter()
+    for step in range(settings.steps):
+        micro = []
+        for _ in range(settings.grad_accum):
+            b = next(it)
+            micro.append(_encode(bundle, b))
+            samples += len(b["text"])
+        losses.append(train_step(loss_module, optimizer, micro, settings, step, ema=ema, model=bundle.model))
+        if log and (step + 1) % settings.report_every == 0:
+            log(f"step {step + 1}/{settings.steps} loss {losses[-1]:.4f}")
+    wall = time.perf_counter() - t0
+    if ema is not None:
+        _load_ema(bundle.model, ema)
+    return {
+        "loss": losses[-1],
+        "losses": losses,
+        "steps": settings.steps,
+        "samples": samples,
+        "wall_s": wall,
+        "steps_per_s": settings.steps / wall,
+        "samples_per_s": samples / wall,
+    }
+
+
+def _cycle(items: list) -> Iterator:
+    while True:
+        yield from items
+
+
+@torch.no_grad()
+def _load_ema(model: nn.Module, ema: dict[str, torch.Tensor]) -> None:
+    named = dict(model.named_parameters())
+    for k, v in ema.items():
+        named[k].copy_(v)
+
+
+# ---------------------------------------------------------------------------------------------- Ray loop
+def _worker_registry(config: dict[str, Any]):
+    """The registry inside a worker: endpoint, bucket and prefix from the driver, credentials from this
+    process's environment (never shipped in the train config)."""
+    from reflade.platform.config import load_config
+    from reflade.platform.registry import Registry
+    from reflade.platform.storage import Storage
+
+    cfg = load_config()
+    cfg.storage.endpoint = config["storage"]["endpoint"]
+    cfg.storage.bucket = config["storage"]["bucket"]
+    cfg.storage.region = config["storage"]["region"]
+    return Registry(Storage(cfg.storage), config["registry_prefix"])
+
+
+def _build_bundle(settings: TrainSettings, vae_ref: str | None, registry, cache_dir: str | None, device=None):
+    from reflade.train.model import build_reflayer
+
+    kw: dict[str, Any] = {"registry": registry, "cache_dir": cache_dir, "seed": settings.seed}
+    if settings.resolution:
+        kw["resolution"] = settings.resolution
+    if settings.preset == "tiny":
+        kw["vae"] = vae_ref
+    return build_reflayer(settings.preset, device=device, **kw)
+
+
+def _save_state(
+    folder: str, model: nn.Module, optimizer, step: int, ema, settings: TrainSettings, extra=None
+):
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "ema": ema,
+            "settings": settings.to_dict(),
+            **(extra or {}),
+        },
+        os.path.join(folder, _STATE),
+    )
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function (see the module docstring).
+
+    ``config``: ``settings`` (dict of :class:`TrainSettings`), ``vae_ref``, ``storage`` (endpoint, bucket,
+    region: no credentials), ``registry_prefix``, ``cache_dir``; test hooks ``probe_dir`` (each rank writes
+    its parameter checksum there at the end) and ``crash_at_step`` + ``crash_marker`` (rank 0 exits at that step
+    once, while the marker file does not exist, to exercise ``FailureConfig``).
+    """
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    settings = TrainSettings(**config["settings"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("torch_threads") or torch.get_num_threads())))
+    device = ray.train.torch.get_device()
+
+    registry = _worker_registry(config)
+    bundle = _build_bundle(settings, config.get("vae_ref"), registry, config.get("cache_dir"))
+    bundle.to(device)
+    bundle.set_gradient_checkpointing(settings.gradient_checkpointing)
+    bundle.model.train()
+    if settings.bf16 is None:
+        settings.bf16 = device.type == "cuda"
+
+    loss_module = PhaseLoss(bundle, settings)
+    params = trainable_parameters(bundle.model, settings.phase)
+    optimizer = make_optimizer(params, settings)
+    ema = ema_init(bundle.model, settings.phase) if settings.ema_decay > 0 else None
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("resume_checkpoint"):
+        ckpt = Checkpoint(path=config["resume_checkpoint"], filesystem=registry.storage.fs)
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, _STATE), map_location=device, weights_only=False)
+        bundle.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        if ema is not None and state.get("ema"):
+            ema = {k: v.to(device) for k, v in state["ema"].items()}
+    resumed_from = start
+    # DDP after loading: prepare_model broadcasts rank 0's weights, the optimizer holds the same tensors.
+    ddp_kwargs = {"find_unused_parameters": False}
+    wrapped = (
+        ray.train.torch.prepare_model(loss_module, move_to_device=False, parallel_strategy_kwargs=ddp_kwargs)
+        if world > 1
+        else loss_module
+    )
+
+    shard = ray.train.get_dataset_shard("train")
+    step = start
+    samples = 0
+    window: list[float] = []
+    t0 = time.perf_counter()
+    last_report_t, last_report_step, last_report_samples = t0, step, 0
+
+    def batches():
+        while True:
+            n = 0
+            for b in shard.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
+                n += 1
+                yield b
+            if n == 0:
+                raise RuntimeError(f"rank {rank}: the train split gave no rows")
+
+    it = batches()
+    while step < settings.steps:
+        micro, count = [], 0
+        for _ in range(settings.grad_accum):
+            b = next(it)
+            micro.append(_encode(bundle, b))
+            count += len(b["text"])
+        loss = train_step(wrapped, optimizer, micro, settings, step, rank=rank, ema=ema, model=bundle.model)
+        step += 1
+        samples += count
+        window.append(loss)
+        if (
+            config.get("crash_at_step") is not None
+            and rank == 0
+            and step == int(config["crash_at_step"])
+            and not os.path.exists(config["crash_marker"])
+        ):
+            Path(config["crash_marker"]).write_text(str(step))
+            os._exit(1)
+        do_ckpt = step % settings.checkpoint_every == 0 or step == settings.steps
+        if not (do_ckpt or step % settings.report_every == 0):
+            continue
+        now = time.perf_counter()
+        dt = max(now - last_report_t, 1e-9)
+        steps_per_s = (step - last_report_step) / dt
+        metrics = {
+            "step": step,
+            "loss": float(np.mean(window)),
+            "steps_per_s": steps_per_s,
+            "samples_per_s": (samples - last_report_samples) * world / dt,
+            "lr": lr_at(step - 1, settings),
+            "rank": rank,
+            "world_size": world,
+            "resumed_from": resumed_from,
+            "param_checksum": param_checksum(bundle.model),
+            "eta_s": (settings.steps - step) / steps_per_s if steps_per_s > 0 else None,
+            "wall_s": now - t0,
+        }
+        window.clear()
+        last_report_t, last_report_step, last_report_samples = now, step, samples
+        if rank == 0:
+            print(
+                f"[reflade train] step {step}/{settings.steps} loss {metrics['loss']:.4f} "
+                f"{steps_per_s:.2f} steps/s {metrics['samples_per_s']:.1f} samples/s"
+                + (f" ETA {metrics['eta_s']:.0f}s" if metrics["eta_s"] is not None else ""),
+                flush=True,
+            )
+        if do_ckpt:
+            tmp = tempfile.mkdtemp(prefix="reflade-ckpt-")
+            checkpoint = None
+            if rank == 0:
+                _save_state(tmp, bundle.model, optimizer, step, ema, settings)
+                checkpoint = Checkpoint.from_directory(tmp)
+            ray.train.report(
+                metrics,
+                checkpoint=checkpoint,
+                checkpoint_dir_name=f"{_CKPT_PREFIX}{step:08d}-{uuid.uuid4().hex[:6]}",
+                checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+            )
+        else:
+            ray.train.report(metrics)
+
+    if config.get("probe_dir"):
+        Path(config["probe_dir"]).mkdir(parents=True, exist_ok=True)
+        (Path(config["probe_dir"]) / f"rank-{rank}.json").write_text(
+            json.dumps({"rank": rank, "step": step, "param_checksum": param_checksum(bundle.model)})
+        )
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def _latest_checkpoint(storage, run_path: str):
+    """The newest ``checkpoint-<step>-*`` folder of a run in the object store, as a Ray Checkpoint (or None)."""
+    from pyarrow import fs as pafs
+    from ray.train import Checkpoint
+
+    try:
+        infos = storage.fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+    except OSError:
+        return None
+    dirs = [
+        i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(_CKPT_PREFIX)
+    ]
+    if not dirs:
+        return None
+
+    def step_of(p: str) -> int:
+        try:
+            return int(p.rsplit("/", 1)[-1][len(_CKPT_PREFIX) :].split("-")[0])
+        except ValueError:
+            return -1
+
+    best = max(dirs, key=step_of)
+    return Checkpoint(path=best, filesystem=storage.fs)
+
+
+def run_training(
+    cfg,
+    dataset_ref: str,
+    settings: TrainSettings,
+    *,
+    vae_ref: str | None = None,
+    resume: bool = False,
+    run_name: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    log: Callable[[str], Any] | None = print,
+    _test_hooks: dict[str, Any] | None = None,
+):
+    """Train RefLayer with Ray Train on a dataset version and register ``model/reflayer`` (alias ``candidate``).
+
+    Args:
+        cfg: the platform configuration (object store, registry prefix).
+        dataset_ref: dataset version; its ``train`` split is streamed.
+        settings: :class:`TrainSettings`.
+        vae_ref: tiny preset: the VAE (default ``weights/tiny-vae@latest``).
+        resume: continue run ``run_name`` from its last checkpoint (Ray Train v2 restores a run of the same name
+            and storage path; the latest ``checkpoint-*`` folder found there is the fallback).
+        run_name: name of the run under ``runs/train/`` in the bucket (default: a new unique one).
+        cache_dir: local weights cache of the workers and of this process.
+
+    Returns:
+        The registered ``Version`` (its ``metrics``: final loss, steps, samples/s, wall time).
+
+    Raises:
+        ValueError: ``resume`` without ``run_name``; RuntimeError: training failed or left no checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from reflade.engine.schema import read_dataset
+    from reflade.platform.registry import Registry
+
+    log = log or (lambda *_: None)
+    registry = Registry.from_config(cfg)
+    storage = registry.storage
+    dataset = registry.resolve(dataset_ref)
+    if settings.preset == "tiny":
+        vae_ref = registry.resolve(vae_ref or "weights/tiny-vae@latest").ref
+    else:
+        vae_ref = None
+    if resume and not run_name:
+        raise ValueError("resume=True needs the run_name of the run to continue")
+    run_name = run_name or f"reflayer-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    storage_path = storage.path("runs/train")
+    run_path = f"{storage_path}/{run_name}"
+    previous = _latest_checkpoint(storage, run_path)
+    if previous is not None and not resume:
+        raise ValueError(f"run {run_name} already has checkpoints: pass resume=True to continue it")
+
+    from reflade.train.model import PRESETS
+
+    resolution = int(settings.resolution or PRESETS[settings.preset].resolution)
+    seed = settings.seed
+    ds = read_dataset(registry, dataset.ref, "train").map(
+        preprocess_row, fn_kwargs={"resolution": resolution, "seed": seed}
+    )
+    config = {
+        "settings": settings.to_dict(),
+        "vae_ref": vae_ref,
+        "storage": {
+            "endpoint": storage.config.endpoint,
+            "bucket": storage.config.bucket,
+            "region": storage.config.region,
+        },
+        "registry_prefix": registry.prefix.rstrip("/"),
+        "cache_dir": str(cache_dir) if cache_dir else None,
+        # Ray Train v2 restores a run of the same name and storage path by itself (its checkpoint-manager
+        # snapshot); this path is the fallback when no snapshot is there (resume_from_checkpoint is gone in v2).
+        "resume_checkpoint": previous.path if (resume and previous is not None) else None,
+        **(_test_hooks or {}),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=settings.workers,
+            use_gpu=settings.use_gpu,
+            resources_per_worker={
+                "CPU": settings.cpus_per_worker,
+                **({"GPU": 1} if settings.use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage.fs,
+            failure_config=FailureConfig(max_failures=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": ds},
+    )
+    log(
+        f"training {settings.preset} ({settings.phase}) on {dataset.ref}: {settings.steps} steps, "
+        f"{settings.workers} worker(s), run {run_name}"
+        + (f", resuming from {previous.path}" if previous else "")
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    if result.error is not None:
+        raise RuntimeError(f"training run {run_name} failed: {result.error}") from result.error
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        raise RuntimeError(f"training run {run_name} reported no checkpoint")
+    final = dict(result.metrics or {})
+
+    log(f"fit done in {wall:.1f}s; loading the final checkpoint and registering")
+    bundle = _build_bundle(settings, vae_ref, registry, str(cache_dir) if cache_dir else None)
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, _STATE), map_location="cpu", weights_only=False)
+    bundle.model.load_state_dict(state["model"])
+    if state.get("ema"):
+        _load_ema(bundle.model, state["ema"])
+
+    parents = [dataset.ref] + ([vae_ref] if vae_ref else [])
+    text_source = bundle.config.get("sources", {}).get("text_encoder")
+    if text_source and _resolvable(registry, text_source):
+        parents.append(registry.resolve(text_source).ref)
+    metrics = {
+        "loss": final.get("loss"),
+        "steps": int(state["step"]),
+        "samples_per_s": final.get("samples_per_s"),
+        "steps_per_s": final.get("steps_per_s"),
+        "wall_s": wall,
+    }
+    metadata = {
+        "settings": settings.to_dict(),
+        "preset": settings.preset,
+        "resolution": resolution,
+        "bundle": json.loads(json.dumps(bundle.config, default=str)),
+        "run": {"name": run_name, "path": run_path, "checkpoint": checkpoint.path},
+        "weights": "ema" if state.get("ema") else "raw",
+    }
+    with tempfile.TemporaryDirectory(prefix="reflade-model-") as tmp:
+        bundle.save(tmp)
+        version = registry.create(
+            "model",
+            "reflayer",
+            tmp,
+            parents=parents,
+            metadata=metadata,
+            metrics={k: v for k, v in metrics.items() if v is not None},
+            source=f"reflade train ({run_name})",
+            progress=False,
+        )
+    registry.set_alias(version.ref, "candidate")
+    log(
+        f"registered {version.ref} (alias candidate): loss {metrics['loss']}, {metrics['steps']} steps, "
+        f"fit {wall:.1f}s, total {time.perf_counter() - t0:.1f}s"
+    )
+    version.run_name = run_name
+    version.result = result
+    return version
+
+
+def _resolvable(registry, text: str) -> bool:
+    from reflade.platform.registry import Ref, RegistryError
+
+    try:
+        Ref.parse(text)
+        registry.resolve(text)
+        return True
+    except (RegistryError, ValueError):
+        return False
+
+
+__all__ += ["lr_at", "make_optimizer", "trainable_parameters", "ema_update", "ema_init", "step_generator"]
