@@ -754,37 +754,59 @@ def _commit(storage, registry, run_prefix, run_id, dataset, inp, exact_dups, con
     fs = storage.fs
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     timings: dict[str, float] = defaultdict(float)
-    for m in done.values():
-        for stage, (a, b) in m["counts"].items():
-            counts[stage][0] += a
-            counts[stage][1] += b
-        for stage, secs in m["timings"].items():
-            timings[stage] += secs
 
     with tempfile.TemporaryDirectory(prefix="reflade-commit-") as tmp:
         out = Path(tmp) / "dataset"
         (out / "shards").mkdir(parents=True)
         manifest_path = Path(tmp) / "manifest.json"
         manifest_path.write_text(json.dumps(inp.manifest(), indent=1, sort_keys=True))
+        # A source staged by two shards (a worker of a killed attempt finishing its batch after the restart
+        # listed the markers) is taken from the first shard only: the stages are deterministic per image.
+        covered: set[str] = set()
         seen_samples: set[str] = set()
         layer_sources: set[str] = set()
         layers_kept = 0
         synthetic_rows_n = 0
+        q_tables = []
+        repeated = 0
+        layers_out = 0
         for name in sorted(done):
+            marker = done[name]
+            new = set(marker["source_ids"]) - covered
+            repeated += len(marker["source_ids"]) - len(new)
+            covered |= new
+            if not new:
+                continue
+            if len(new) == len(marker["source_ids"]):
+                for stage, (a, b) in marker["counts"].items():
+                    counts[stage][0] += a
+                    counts[stage][1] += b
+                for stage, secs in marker["timings"].items():
+                    timings[stage] += secs
             table = pq.read_table(storage.path(f"{run_prefix}staged/{name}.parquet"), filesystem=fs)
+            qt = pq.read_table(storage.path(f"{run_prefix}quarantine/{name}.parquet"), filesystem=fs)
+            if len(new) < len(marker["source_ids"]):
+                keep = pa.array(sorted(new))
+                table = table.filter(pa.compute.is_in(table.column("source_id"), value_set=keep))
+                qt = qt.filter(pa.compute.is_in(qt.column("source_id"), value_set=keep))
+            if len(new) == len(marker["source_ids"]):
+                # What the stages reported: checked against what the shards hold below.
+                layers_out += marker.get("layers_kept", 0) + marker.get("layers_rejected", 0)
+            else:
+                layers_out += table.num_rows + sum(e is not None for e in qt.column("entity_id").to_pylist())
             ids = table.column("sample_id").to_pylist()
-            dup = seen_samples.intersection(ids)
-            if dup:
-                raise EngineError(f"shard {name} repeats {len(dup)} samples staged by another shard")
+            if seen_samples.intersection(ids) or len(set(ids)) != len(ids):
+                raise EngineError(f"shard {name} repeats samples of another source: the staged data is corrupt")
             seen_samples.update(ids)
             layer_sources.update(table.column("source_id").to_pylist())
             layers_kept += table.num_rows
-            if done[name].get("synthetic"):
+            if marker.get("synthetic"):
                 synthetic_rows_n += table.num_rows
             if table.num_rows:
                 pq.write_table(table, out / "shards" / f"{name}.parquet", compression="zstd")
-        q_tables = [pq.read_table(storage.path(f"{run_prefix}quarantine/{name}.parquet"), filesystem=fs)
-                    for name in sorted(done)]
+            q_tables.append(qt)
+        if repeated:
+            log(f"{repeated} images were staged twice (a killed attempt's worker finished late); kept one copy each")
         extra = [{"source_id": it.source_id, "source_sha256": it.sha256, "name": it.name, "stage": "ingest",
                   "reason_code": "duplicate_of", "reason": f"duplicate_of: same bytes as {orig.name}",
                   "entity_id": None, "kind": None, "sample_id": None} for it, orig in exact_dups]
@@ -800,7 +822,6 @@ def _commit(storage, registry, run_prefix, run_id, dataset, inp, exact_dups, con
             raise EngineError(
                 f"counts do not balance: images in {images_in} != kept {images_kept} + quarantined {images_q}"
             )
-        layers_out = sum(m.get("layers_kept", 0) + m.get("layers_rejected", 0) for m in done.values())
         if layers_kept + len(layer_q) != layers_out:
             raise EngineError(
                 f"counts do not balance: layers out {layers_out} != kept {layers_kept} + rejected {len(layer_q)}"

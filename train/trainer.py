@@ -521,6 +521,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             and step == int(config["crash_at_step"])
             and not os.path.exists(config["crash_marker"])
         ):
+            # Checkpoints upload asynchronously: fail only once the last one is durable, so that the test
+            # exercises recovery from it rather than a race with its upload.
+            deadline = time.monotonic() + 180
+            while _latest_checkpoint(registry.storage, config["run_path"]) is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(3.0)  # and let Ray Train record it
             Path(config["crash_marker"]).write_text(str(step))
             os._exit(1)
         do_ckpt = step % settings.checkpoint_every == 0 or step == settings.steps
@@ -672,6 +678,7 @@ def run_training(
         # Ray Train v2 restores a run of the same name and storage path by itself (its checkpoint-manager
         # snapshot); this path is the fallback when no snapshot is there (resume_from_checkpoint is gone in v2).
         "resume_checkpoint": previous.path if (resume and previous is not None) else None,
+        "run_path": run_path,
         **(_test_hooks or {}),
     }
     trainer = TorchTrainer(
