@@ -1,0 +1,1062 @@
+"""Benchmark: the data engine's six stages (classical backends) on Ray Data against the same code in one loop.
+
+Inputs: ``--scenes`` synthetic scenes (``engine/synth.py``: 256x256, seeds 0..N-1, background ``auto``) plus
+scikit-image's bundled colour photos (astronaut, coffee, chelsea, rocket), PNG-encoded in memory. Compared in ONE
+run, on the same inputs, after an untimed warm-up of both arms (imports, pymatting's numba kernels, Ray workers):
+
+(b) plain: ``run_stages_plain(records, ecfg, "classical")``: every stage, one process, one thread (first in each
+    round of ``--repeat``, with no Ray cluster up);
+(a) Ray Data on a local cluster this script starts (``num_cpus = --cores``, its own short temp dir):
+    ``from_items`` (PNG bytes inline) -> ``PreFilterStage`` (task) -> ``MarkDuplicates`` (task) ->
+    ``add_layer_stages(ds, ecfg, "classical")`` (scene / completion / matting actor pools, prompts and post-filter
+    tasks), consumed with ``iter_batches``. Run once per setting:
+      - ``defaults``: the EngineConfig resources (1 actor per pool, 0.5 CPU per actor and per task) on stock Ray;
+      - one per ``--cpu-actors`` x ``--batch-size`` (CPUs per actor/task sized so the pools fit on --cores), with
+        idle Ray workers kept alive (``--keep-workers``, see below);
+(a') ``--fused`` (for comparison, not ``add_layer_stages``): pre-filter and stages 2-6 in ONE actor class
+    (--cores actors of 1 CPU) calling the same stage objects in sequence, as ``run_stages_plain`` does per batch:
+    what ``add_layer_stages`` would measure with no hand-off between stages.
+
+Thread counts are pinned to 1 in both arms (design.md, Pitfalls): ``OMP/MKL/OPENBLAS/NUMEXPR/NUMBA/OPENCV_FOR``
+variables are set before anything imports numpy, ``cv2.setNumThreads(1)`` and ``torch.set_num_threads(1)`` in the
+driver, and the same in every Ray worker (``runtime_env`` env_vars + a ``worker_process_setup_hook``); the counts
+seen in the driver, a Ray task and a Ray actor are printed and stored.
+
+Near-duplicates: found once, from the pre-filter hashes of arm (b), and the same map is given to both arms'
+``MarkDuplicates``; arm (a) has no ``materialize()`` barrier unless ``--barrier`` (the production pipeline's shape).
+
+``--keep-workers``: Ray keeps about ``num_cpus`` idle workers and kills the others after 1 s idle
+(``idle_worker_killing_time_threshold_ms``). On 2 CPUs the pipeline holds 3 stage actors and 3 Ray Data service
+actors, so the workers that run the stage tasks are killed between batches and restarted (a Python start and the
+stage imports each time). With the flag, that threshold is raised for the cluster this script starts.
+
+The machine may be shared: each timed run records the CPU seconds of this process tree ("own": the driver, Ray's
+daemons and workers), of other processes ("others") and idle, and waits first (``--wait-quiet``) for the others to
+go quiet. Definitions (also written into the JSON, "definitions"):
+  stage time    = sum over images of ``Work.timings`` (the stage code only: prefilter, scene, completion, matting,
+                  prompts, postfilter; wall clock inside each stage), per arm;
+  overhead %    = 100 * (wall * cores - stage time) / stage time, cores = 1 for (b) and --cores for (a): every
+                  core-second not spent in stage code (idle cores, actor start-up, (de)serialisation, pandas <->
+                  Arrow, scheduling, the driver; in (b) the pickling between stages and the frames). Stage times
+                  are wall clock: where processes outnumber cores they include waiting for a core, and the
+                  overhead then reads low (even negative); the CPU figures below do not have that flaw;
+  cpu ms/img    = CPU seconds of this process tree per image; cpu overhead % = (a) against (b);
+  contention    = stage time (a) / stage time (b);
+  speed-up      = images/s (a) / images/s (b); targets: >= 1.6 on 2 cores, Ray overhead < 5 %.
+
+    .venv/bin/python bench/engine.py [--scenes 256] [--no-photos] [--cpu-actors 1,2] [--batch-size 4] [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+
+# Pinned before numpy, OpenCV, numba or torch load (they read these once, at import).
+THREAD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+    "NUMBA_NUM_THREADS": "1",
+    "OPENCV_FOR_THREADS_NUM": "1",
+}
+os.environ.update(THREAD_ENV)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import pickle  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections import Counter, defaultdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from reflade.engine.config import EngineConfig  # noqa: E402
+from reflade.engine.pipeline import (  # noqa: E402
+    CompletionStage,
+    MarkDuplicates,
+    MattingStage,
+    PostFilterStage,
+    PreFilterStage,
+    PromptStage,
+    SceneStage,
+    add_layer_stages,
+    run_stages_plain,
+)
+from reflade.engine.stages.prefilter import find_near_duplicates  # noqa: E402
+from reflade.engine.synth import make_scene, scene_to_png_bytes  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "engine.json"
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+TIMED_STAGES = ("prefilter", "scene", "completion", "matting", "prompts", "postfilter")
+WARMUP_SEED0 = 100_000  # warm-up scenes use seeds from here: never among the timed seeds
+TARGET_SPEEDUP = 1.6
+TARGET_OVERHEAD_PCT = 5.0
+KEEP_WORKERS_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
+DEFINITIONS = {
+    "stage_time_s": "sum over images of Work.timings (stage code only, wall clock: "
+    + ", ".join(TIMED_STAGES)
+    + ")",
+    "overhead_pct": "100 * (wall_s * cores - stage_time_s) / stage_time_s; cores = 1 for plain, --cores for ray. "
+    "Reads low (even negative) when processes outnumber cores: stage times then include waiting",
+    "overhead_per_image_ms": "1000 * (wall_s * cores - stage_time_s) / images",
+    "own_cpu_per_image_ms": "1000 * CPU seconds of this process tree (driver, Ray's daemons and workers, reaped "
+    "ones included) during the run / images",
+    "cpu_overhead_pct": "100 * (own_cpu_per_image_ms(ray) - mean own_cpu_per_image_ms(plain)) / the latter: the "
+    "extra CPU the Ray arm burns per image (worker start-up, serialisation, Arrow/pandas, "
+    "daemons, driver)",
+    "idle_pct": "100 * idle CPU seconds of the machine / (machine CPUs * wall_s): cores nobody used",
+    "foreign_pct": "100 * CPU seconds of other processes / (machine CPUs * wall_s): the machine may be shared",
+    "contention": "stage_time_s(ray) / stage_time_s(plain)",
+    "speedup": "images_per_s(ray) / images_per_s(plain)",
+    "parallel_efficiency": "speedup / cores",
+    "wall_s": "ray: from from_items() to the last output batch (actor start-up included); plain: the whole call",
+    "first_batch_s": "ray: from from_items() to the first output batch",
+    "steady_images_per_s": "ray: images after the first output batch / time from the first to the last batch",
+    "cpu_by_process": "ray: CPU seconds per process title (sampled every 0.25 s; a worker is named by its last "
+    "title, ray::IDLE for a task worker between tasks)",
+    "cpu_bound_speedup": "cores * mean own_cpu_per_image_ms(plain) / own_cpu_per_image_ms(ray): the speed-up on "
+    "a quiet machine if no core idled (an upper bound; unbiased by other processes, which "
+    "take a larger share of the CPU from one plain process than from several Ray workers)",
+    "best": "the fastest add_layer_stages run (fused runs excluded); plain: the fastest plain run",
+}
+
+
+# ---------------------------------------------------------------------------------------------- threads
+def pin_threads() -> None:
+    """Pin every thread pool this process may use to one thread (also the Ray workers' setup hook)."""
+    os.environ.update(THREAD_ENV)
+    import cv2 as _cv2
+
+    _cv2.setNumThreads(1)
+    if "torch" in sys.modules:  # torch reads OMP_NUM_THREADS when it loads; set it too if it is already in
+        sys.modules["torch"].set_num_threads(1)
+
+
+def thread_report() -> dict[str, Any]:
+    """Thread counts as this process sees them (torch is imported here only to ask it)."""
+    import numba
+    import torch
+
+    return {
+        "pid": os.getpid(),
+        "env": {k: os.environ.get(k) for k in THREAD_ENV},
+        "cv2_threads": cv2.getNumThreads(),
+        "torch_threads": torch.get_num_threads(),
+        "numba_threads": int(numba.config.NUMBA_NUM_THREADS),
+    }
+
+
+class _ThreadProbe:
+    """A Ray Data UDF that reports the thread counts of the worker it runs in (task or actor)."""
+
+    def __call__(self, batch):
+        import pandas as pd
+
+        return pd.DataFrame([{"report": json.dumps(thread_report())}])
+
+
+def _fmt_threads(t: dict[str, Any]) -> str:
+    env = " ".join(f"{k.split('_NUM')[0]}={v}" for k, v in t["env"].items())
+    return f"cv2={t['cv2_threads']} torch={t['torch_threads']} numba={t['numba_threads']} | {env}"
+
+
+# ---------------------------------------------------------------------------------------------- CPU accounting
+class CpuMeter:
+    """CPU seconds of this process tree (the driver, Ray's raylet/GCS and its workers) and of the whole machine:
+    the machine may be shared, so every timed section also says how busy the others kept it."""
+
+    def __init__(self):
+        import psutil
+
+        self.psutil = psutil
+        self.root = psutil.Process()
+        self.cpus = psutil.cpu_count() or 1
+        self._seen: dict[int, tuple[str, float]] = {}
+        self._base: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _tree(self) -> dict[int, tuple[str, float]]:
+        """pid -> (title, CPU seconds) of this process and its descendants."""
+        out = {}
+        for p in [self.root, *self.root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                title = "driver" if p.pid == self.root.pid else (p.cmdline() or [p.name()])[0]
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
+                continue
+            out[p.pid] = (os.path.basename(title) if "/" in title else title, t.user + t.system)
+        return out
+
+    def snapshot(self) -> tuple[float, Any, float]:
+        """(time, machine CPU times, CPU seconds of this tree: live processes plus the tree's reaped ones)."""
+        tree = self._tree()
+        with self._lock:
+            self._seen.update(tree)
+            own = sum(c for _, c in self._seen.values())
+        return time.perf_counter(), self.psutil.cpu_times(), own
+
+    def start(self) -> None:
+        """Remember every process of the tree from now on (workers that exit mid-run keep their last reading)."""
+        self._seen = {}
+        self._base = {pid: c for pid, (_, c) in self._tree().items()}
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.25):
+            tree = self._tree()
+            with self._lock:
+                self._seen.update(tree)
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds per process title since start()."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+            self._thread = None
+        self._seen.update(self._tree())
+        by_title: dict[str, float] = defaultdict(float)
+        for pid, (title, c) in self._seen.items():
+            by_title[title] += c - self._base.get(pid, 0.0)
+        return {k: round(v, 2) for k, v in sorted(by_title.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
+    def delta(self, a, b) -> dict[str, float]:
+        (t0, c0, o0), (t1, c1, o1) = a, b
+
+        def d(name: str) -> float:
+            return getattr(c1, name, 0.0) - getattr(c0, name, 0.0)
+
+        busy = d("user") + d("nice") + d("system") + d("irq") + d("softirq")
+        own = o1 - o0
+        wall = t1 - t0
+        return {
+            "wall_s": wall,
+            "machine_cpus": self.cpus,
+            "own_cpu_s": own,
+            "foreign_cpu_s": max(0.0, busy - own),
+            "idle_cpu_s": d("idle") + d("iowait"),
+            "steal_cpu_s": d("steal"),
+            "foreign_load": max(0.0, busy - own) / (self.cpus * wall) if wall else 0.0,
+        }
+
+    def measure(self, fn):
+        """Run ``fn()``; return its result, the CPU accounting and the CPU seconds per process title."""
+        self.start()
+        a = self.snapshot()
+        try:
+            out = fn()
+        finally:
+            by_title = self.stop()
+        b = self.snapshot()
+        return out, self.delta(a, b), by_title
+
+    def wait_quiet(self, max_wait: float, below: float, window: float = 2.0) -> dict[str, Any]:
+        """Wait (at most ``max_wait`` s) until other processes use less than ``below`` of the machine."""
+        t0 = time.perf_counter()
+        while True:
+            self._seen = {}
+            a = self.snapshot()
+            time.sleep(window)
+            load = self.delta(a, self.snapshot())["foreign_load"]
+            waited = time.perf_counter() - t0
+            if load < below or waited >= max_wait:
+                return {
+                    "waited_s": round(waited, 1),
+                    "foreign_load_before": round(load, 3),
+                    "quiet": load < below,
+                }
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def make_records(n_scenes: int, photos: bool, seeds: range | None = None) -> list[dict[str, Any]]:
+    """Records for both arms: source_id, sha256, name and the PNG bytes inline."""
+    out = []
+
+    def add(source_id: str, png: bytes) -> None:
+        out.append(
+            {
+                "source_id": source_id,
+                "sha256": hashlib.sha256(png).hexdigest(),
+                "name": f"{source_id}.png",
+                "data": png,
+            }
+        )
+
+    for seed in seeds if seeds is not None else range(n_scenes):
+        add(
+            f"scene-{seed:06d}", scene_to_png_bytes(make_scene(seed=seed, size=(256, 256), background="auto"))
+        )
+    if photos:
+        import skimage.data
+
+        for name in PHOTOS:
+            rgb = getattr(skimage.data, name)()
+            ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
+            if not ok:
+                raise RuntimeError(f"PNG encoding of {name} failed")
+            add(f"photo-{name}", buf.tobytes())
+    return out
+
+
+def near_duplicates(rows: list[dict[str, Any]], ecfg: EngineConfig) -> dict[str, str]:
+    """The map ``run_stages_plain`` computed (from the pre-filter hashes of the images that passed it)."""
+    pairs = [
+        (r["source_id"], int(r["phash"]))
+        for r in rows
+        if not (not r["ok"] and r["stage"] == "prefilter") and int(r["phash"])
+    ]
+    return find_near_duplicates(pairs, ecfg.dup_hamming)
+
+
+# ---------------------------------------------------------------------------------------------- results
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-image outcome and per-stage time sums from the pickled ``Work`` each output row carries."""
+    stage_s: dict[str, float] = defaultdict(float)
+    per_image: dict[str, list] = {}
+    quarantined: Counter[str] = Counter()
+    layers_kept = 0
+    for r in rows:
+        work = pickle.loads(r["work"])
+        for stage, secs in work.timings.items():
+            stage_s[stage] += secs
+        kept_layers = sum(bool(lay.ok) for lay in work.layers) if r["ok"] else 0
+        layers_kept += kept_layers
+        code = (r["reason"] or "").split(":", 1)[0]
+        per_image[r["source_id"]] = [bool(r["ok"]), r["stage"] or "", code, kept_layers]
+        if not r["ok"]:
+            quarantined[f"{r['stage']}:{code}"] += 1
+    total = sum(stage_s.values())
+    return {
+        "images": len(rows),
+        "images_kept": sum(v[0] for v in per_image.values()),
+        "images_quarantined": sum(not v[0] for v in per_image.values()),
+        "quarantine_reasons": dict(sorted(quarantined.items())),
+        "layers_kept": layers_kept,
+        "stage_time_s": total,
+        "stage_s": {s: stage_s.get(s, 0.0) for s in TIMED_STAGES},
+        "stage_share": {s: (stage_s.get(s, 0.0) / total if total else 0.0) for s in TIMED_STAGES},
+        "per_image": per_image,
+    }
+
+
+def arm_figures(summary: dict[str, Any], wall: float, cores: float, cpu: dict[str, float]) -> dict[str, Any]:
+    """Throughput and overheads of one timed run (see DEFINITIONS)."""
+    n = summary["images"]
+    stage = summary["stage_time_s"]
+    capacity = cpu["machine_cpus"] * cpu["wall_s"]
+    return {
+        "wall_s": wall,
+        "cores": cores,
+        "images_per_s": n / wall if wall else 0.0,
+        "overhead_per_image_ms": 1000 * (wall * cores - stage) / n if n else 0.0,
+        "overhead_pct": 100 * (wall * cores - stage) / stage if stage else 0.0,
+        "own_cpu_per_image_ms": 1000 * cpu["own_cpu_s"] / n if n else 0.0,
+        "idle_pct": 100 * cpu["idle_cpu_s"] / capacity if capacity else 0.0,
+        "foreign_pct": 100 * cpu["foreign_load"],
+        "cpu": cpu,
+    }
+
+
+def compare(plain: dict[str, Any], ray_run: dict[str, Any]) -> list[str]:
+    """Per-image differences between the arms (same code, same inputs: any difference is a bug)."""
+    a, b = ray_run["per_image"], plain["per_image"]
+    diffs = [f"{sid}: only in {'ray' if sid in a else 'plain'}" for sid in sorted(set(a) ^ set(b))]
+    diffs += [
+        f"{sid}: ray {a[sid]} != plain {b[sid]} (ok, stage, reason code, layers kept)"
+        for sid in sorted(set(a) & set(b))
+        if a[sid] != b[sid]
+    ]
+    return diffs
+
+
+# ---------------------------------------------------------------------------------------------- arms
+def run_plain(records: list[dict[str, Any]], ecfg: EngineConfig) -> tuple[list[dict[str, Any]], float]:
+    t0 = time.perf_counter()
+    rows = run_stages_plain(records, ecfg, "classical", batch_size=ecfg.batch_size)
+    return rows, time.perf_counter() - t0
+
+
+def resources(cpu_actors: int, cores: float) -> tuple[float, float]:
+    """CPUs per stage actor and per stage task: the engine's defaults (0.5, 0.5) when they fit, else the
+    three actor pools (cpu_actors each) plus one task slot share the cores, in steps of 0.05."""
+    if 3 * cpu_actors * 0.5 + 0.5 <= cores:
+        return 0.5, 0.5
+    per = math.floor(cores / (3 * cpu_actors + 1) * 20) / 20
+    if per <= 0:
+        raise ValueError(f"{cpu_actors} actors per pool do not fit on {cores} CPUs")
+    return per, per
+
+
+class FusedLayerStages:
+    """Stages 2-6 in one actor, the same stage objects called in sequence on each batch (as run_stages_plain
+    does); Ray Data fuses the pre-filter and MarkDuplicates tasks in front of it into the same actor."""
+
+    def __init__(self, family: str, cfg: EngineConfig):
+        args = (family, cfg, None, None)
+        self.stages = [
+            SceneStage(*args),
+            CompletionStage(*args),
+            MattingStage(*args),
+            PromptStage(cfg),
+            PostFilterStage(cfg),
+        ]
+
+    def __call__(self, batch):
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
+
+
+def build_dataset(
+    ray, records, setting: dict[str, Any], ecfg: EngineConfig, dups: dict[str, str] | None, n_blocks: int
+):
+    """from_items -> pre-filter (task) -> [barrier + dedup] -> MarkDuplicates (task) -> stages 2-6."""
+    from ray.data import ActorPoolStrategy
+
+    task = {"num_cpus": ecfg.num_cpus_per_task, "batch_format": "pandas", "batch_size": ecfg.batch_size}
+    items = [dict(r, ok=True, stage="", reason="") for r in records]
+    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+    ds = ds.map_batches(PreFilterStage(ecfg), **task)
+    if dups is None:  # the production shape: near-duplicates need every hash, a barrier
+        ds = ds.materialize()
+        hashes = ds.select_columns(["source_id", "phash", "ok", "stage"]).take_all()
+        order = {r["source_id"]: i for i, r in enumerate(records)}
+        hashes.sort(key=lambda h: order[h["source_id"]])
+        dups = near_duplicates(hashes, ecfg)
+    ds = ds.map_batches(MarkDuplicates(dups), **task)
+    if setting["layout"] == "fused":
+        return ds.map_batches(
+            FusedLayerStages,
+            fn_constructor_args=("classical", ecfg),
+            compute=ActorPoolStrategy(size=ecfg.cpu_actors),
+            num_cpus=ecfg.num_cpus_per_actor,
+            batch_format="pandas",
+            batch_size=ecfg.batch_size,
+        )
+    return add_layer_stages(ds, ecfg, "classical")
+
+
+def run_ray(
+    ray, records, setting: dict[str, Any], ecfg: EngineConfig, dups: dict[str, str] | None
+) -> dict[str, Any]:
+    """One execution: the output rows, wall time, time to the first batch, steady throughput, Ray Data's stats."""
+    n_blocks = max(1, min(len(records), 64, -(-len(records) // ecfg.batch_size)))
+    keep = ["source_id", "ok", "stage", "reason", "work"]
+    tables, arrivals = [], []
+    t0 = time.perf_counter()
+    ds = build_dataset(ray, records, setting, ecfg, dups, n_blocks)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        arrivals.append((time.perf_counter() - t0, batch.num_rows))
+        tables.append(batch.select(keep))
+    wall = time.perf_counter() - t0
+    try:
+        stats = ds.stats()
+    except Exception as e:  # stats are a diagnosis aid, never a reason to lose the figures
+        stats = f"unavailable: {type(e).__name__}: {e}"
+    first = arrivals[0][0] if arrivals else wall
+    steady = None
+    if len(arrivals) > 1 and arrivals[-1][0] > first:
+        steady = sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - first)
+    return {
+        "rows": [r for t in tables for r in t.to_pylist()],
+        "wall": wall,
+        "first": first,
+        "steady": steady,
+        "stats": stats,
+    }
+
+
+def probe_ray_threads(ray, cpus_per_actor: float, cpus_per_task: float) -> dict[str, Any]:
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.from_items([{"x": 0}])
+    task = ds.map_batches(_ThreadProbe(), num_cpus=cpus_per_task, batch_format="pandas").take_all()
+    actor = ds.map_batches(
+        _ThreadProbe, compute=ActorPoolStrategy(size=1), num_cpus=cpus_per_actor, batch_format="pandas"
+    ).take_all()
+    return {"ray_task": json.loads(task[0]["report"]), "ray_actor": json.loads(actor[0]["report"])}
+
+
+def start_ray(ray, cores: int, keep_workers: bool) -> str:
+    """A local cluster of our own (never one from RAY_ADDRESS or `ray start`); returns its temp dir."""
+    # The setup hook and the probe are pickled by value, so workers need not import this file (bench/ is no
+    # package); needed only when this module is imported rather than run as __main__.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    tmp = tempfile.mkdtemp(prefix="rlb-", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+    kw = {"_system_config": dict(KEEP_WORKERS_CONFIG)} if keep_workers else {}
+    ray.init(
+        address="local",
+        num_cpus=cores,
+        include_dashboard=False,
+        _temp_dir=tmp,
+        runtime_env={"env_vars": dict(THREAD_ENV), "worker_process_setup_hook": pin_threads},
+        log_to_driver=True,
+        logging_level="warning",
+        **kw,
+    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    return tmp
+
+
+# ---------------------------------------------------------------------------------------------- report
+def machine_info() -> dict[str, Any]:
+    import numba
+    import pymatting
+    import ray
+    import torch
+
+    try:
+        cpus_usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus_usable = os.cpu_count()
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": cpus_usable,
+        "cpu_model": _cpu_model(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "ray": ray.__version__,
+        "numpy": np.__version__,
+        "opencv": cv2.__version__,
+        "numba": numba.__version__,
+        "pymatting": getattr(pymatting, "__version__", "unknown"),
+        "torch": torch.__version__,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _setting_label(s: dict[str, Any]) -> str:
+    if s["layout"] == "fused":
+        label = (
+            f"fused stages, {s['cpu_actors']} actors x {s['num_cpus_per_actor']:g} CPU bs={s['batch_size']}"
+        )
+    else:
+        label = (
+            f"actors={s['cpu_actors']} cpu/actor={s['num_cpus_per_actor']:g} "
+            f"cpu/task={s['num_cpus_per_task']:g} bs={s['batch_size']}"
+        )
+    label += "" if s["keep_workers"] else " stock"
+    return label + (" +barrier" if s.get("barrier") else "")
+
+
+def _arm(s: dict[str, Any]) -> str:
+    return "(a') ray" if s["layout"] == "fused" else "(a) ray"
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    plain_runs = result.get("plain_runs", [])
+    runs = result.get("ray", [])
+    best, plain = result.get("best"), result.get("plain")
+    head = (
+        f"{'arm':<9} {'setting':<50} {'imgs':>4} {'wall s':>6} {'img/s':>5} {'steady':>6} {'speedup':>7} "
+        f"{'stage s':>7} {'ovh ms/img':>10} {'ovh %':>6} {'cpu ms/img':>10} {'cpu x':>5} {'idle %':>6} {'others %':>8} "
+        f"{'kept':>4} {'quar':>4} {'layers':>6}"
+    )
+    print(head)
+    print("-" * len(head))
+    rows = [
+        ("(b) plain", f"1 process, bs={r['batch_size']}" + (" *" if r is plain else ""), r)
+        for r in plain_runs
+    ]
+    rows += [
+        (_arm(r["setting"]), _setting_label(r["setting"]) + (" *" if r is best else ""), r) for r in runs
+    ]
+    for arm, label, r in rows:
+        speed = f"{r['speedup']:.2f}x" if r.get("speedup") is not None else ""
+        steady = f"{r['steady_images_per_s']:.2f}" if r.get("steady_images_per_s") else ""
+        cpu_x = f"{r['cpu_bound_speedup']:.2f}" if r.get("cpu_bound_speedup") is not None else ""
+        print(
+            f"{arm:<9} {label:<50} {r['images']:>4} {r['wall_s']:>6.1f} {r['images_per_s']:>5.2f} {steady:>6} "
+            f"{speed:>7} {r['stage_time_s']:>7.1f} {r['overhead_per_image_ms']:>10.1f} {r['overhead_pct']:>6.1f} "
+            f"{r['own_cpu_per_image_ms']:>10.1f} {cpu_x:>5} {r['idle_pct']:>6.1f} {r['foreign_pct']:>8.1f} "
+            f"{r['images_kept']:>4} {r['images_quarantined']:>4} {r['layers_kept']:>6}"
+        )
+    print("* the runs compared: the fastest plain run and the fastest add_layer_stages run")
+    if plain and best:
+        print(
+            f"\nper-stage time (sum over images), plain vs the best Ray setting ({_setting_label(best['setting'])})"
+        )
+        h2 = f"{'stage':<11} {'plain s':>8} {'share':>6} {'ray s':>8} {'share':>6} {'ray/plain':>9}"
+        print(h2)
+        print("-" * len(h2))
+        for st in TIMED_STAGES:
+            p, a = plain["stage_s"][st], best["stage_s"][st]
+            print(
+                f"{st:<11} {p:>8.2f} {plain['stage_share'][st]:>6.1%} {a:>8.2f} {best['stage_share'][st]:>6.1%} "
+                f"{(a / p if p else 0):>9.2f}"
+            )
+        print(
+            f"{'total':<11} {plain['stage_time_s']:>8.2f} {1:>6.0%} {best['stage_time_s']:>8.2f} {1:>6.0%} "
+            f"{best['contention']:>9.2f}"
+        )
+        print(
+            "\nCPU seconds per process, best Ray run: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in list(best.get("cpu_by_process", {}).items())[:8])
+        )
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)
+
+
+def _public(figures: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in figures.items() if k != "per_image"}
+
+
+def _pick(runs: list[dict[str, Any]], **match) -> dict[str, Any] | None:
+    same = [r for r in runs if all(r["setting"].get(k) == v for k, v in match.items())]
+    if not same:
+        return None
+    r = max(same, key=lambda r: r["images_per_s"])
+    return {
+        k: r.get(k)
+        for k in (
+            "setting",
+            "images_per_s",
+            "steady_images_per_s",
+            "speedup",
+            "overhead_pct",
+            "cpu_overhead_pct",
+            "cpu_bound_speedup",
+            "foreign_pct",
+        )
+    }
+
+
+def make_settings(args) -> list[dict[str, Any]]:
+    """The Ray runs, grouped by cluster configuration (stock Ray first)."""
+    d = EngineConfig()
+    out = []
+    if args.stock:
+        out.append(
+            {
+                "layout": "stages",
+                "cpu_actors": d.cpu_actors,
+                "num_cpus_per_actor": d.num_cpus_per_actor,
+                "num_cpus_per_task": d.num_cpus_per_task,
+                "batch_size": d.batch_size,
+                "keep_workers": False,
+                "barrier": args.barrier,
+            }
+        )
+    for bs in args.batch_size:
+        for actors in args.cpu_actors:
+            cpa, cpt = resources(actors, args.cores)
+            out.append(
+                {
+                    "layout": "stages",
+                    "cpu_actors": actors,
+                    "num_cpus_per_actor": args.cpus_per_actor or cpa,
+                    "num_cpus_per_task": args.cpus_per_task or cpt,
+                    "batch_size": bs,
+                    "keep_workers": args.keep_workers,
+                    "barrier": args.barrier,
+                }
+            )
+    if args.fused:
+        out.append(
+            {
+                "layout": "fused",
+                "cpu_actors": args.cores,
+                "num_cpus_per_actor": 1.0,
+                "num_cpus_per_task": 1.0,
+                "batch_size": args.batch_size[0],
+                "keep_workers": args.keep_workers,
+                "barrier": args.barrier,
+            }
+        )
+    return sorted(out, key=lambda s: s["keep_workers"])  # stable: one cluster per configuration
+
+
+def summarize_result(result: dict[str, Any]) -> None:
+    """The comparison: the fastest plain run against the fastest add_layer_stages run."""
+    plain = result["plain"]
+    stages = [r for r in result["ray"] if r["setting"]["layout"] == "stages"]
+    if not stages:
+        return
+    best = max(stages, key=lambda r: r["images_per_s"])
+    # Speed-ups of every Ray run against the fastest plain run so far (a later plain round may be faster).
+    for r in result["ray"]:
+        r["speedup"] = r["images_per_s"] / plain["images_per_s"]
+        r["parallel_efficiency"] = r["speedup"] / r["cores"]
+        r["contention"] = r["stage_time_s"] / plain["stage_time_s"]
+    d = EngineConfig()
+    result["best"] = best
+    result["summary"] = {
+        "plain_images_per_s": plain["images_per_s"],
+        "ray_images_per_s": best["images_per_s"],
+        "speedup": best["speedup"],
+        "ray_overhead_pct": best["overhead_pct"],
+        "ray_cpu_overhead_pct": best["cpu_overhead_pct"],
+        "cpu_bound_speedup": best["cpu_bound_speedup"],
+        "best_setting": best["setting"],
+        "default_setting": _pick(
+            result["ray"],
+            layout="stages",
+            keep_workers=False,
+            cpu_actors=d.cpu_actors,
+            batch_size=d.batch_size,
+        ),
+        "fused": _pick(result["ray"], layout="fused"),
+        "speedup_target_met": best["speedup"] >= TARGET_SPEEDUP,
+        "overhead_target_met": best["overhead_pct"] < TARGET_OVERHEAD_PCT,
+        "cpu_bound_speedup_reaches_target": best["cpu_bound_speedup"] >= TARGET_SPEEDUP,
+        "kept_counts_match": not result["mismatches"],
+        "others_load_pct": {"plain": plain["foreign_pct"], "ray": best["foreign_pct"]},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- main
+def run(args) -> int:
+    pin_threads()
+    import torch
+
+    torch.set_num_threads(1)
+    meter = CpuMeter()
+    records = make_records(args.scenes, args.photos)
+    warm = make_records(0, False, seeds=range(WARMUP_SEED0, WARMUP_SEED0 + args.warmup))
+    settings = make_settings(args)
+    result: dict[str, Any] = {
+        "benchmark": "engine",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["python", *sys.argv]),
+        "params": {
+            "scenes": args.scenes,
+            "scene_size": [256, 256],
+            "scene_background": "auto",
+            "scene_seeds": f"0..{args.scenes - 1}",
+            "photos": list(PHOTOS) if args.photos else [],
+            "images": len(records),
+            "cores": args.cores,
+            "backends": "classical",
+            "repeat": args.repeat,
+            "warmup_images": len(warm),
+            "barrier": args.barrier,
+            "wait_quiet_s": args.wait_quiet,
+            "quiet_below": args.quiet_below,
+            "keep_workers_system_config": KEEP_WORKERS_CONFIG,
+        },
+        "definitions": DEFINITIONS,
+        "targets": {"speedup": TARGET_SPEEDUP, "ray_overhead_pct": TARGET_OVERHEAD_PCT},
+        "machine": machine_info(),
+        "threads": {"driver": thread_report()},
+        "plain": None,
+        "plain_runs": [],
+        "ray": [],
+        "best": None,
+        "summary": None,
+        "mismatches": [],
+    }
+    m = result["machine"]
+    print(
+        f"data engine, classical backends | {m['cpu_count']} CPUs ({m['cpu_model']}) | Python {m['python']} | "
+        f"ray {m['ray']}"
+    )
+    print(
+        f"{len(records)} images ({args.scenes} scenes 256x256"
+        + (f" + {len(PHOTOS)} photos" if args.photos else "")
+        + f"), warm-up on {len(warm)} other scenes, {args.repeat} run(s) per arm and setting"
+    )
+    print(f"threads, driver (plain arm):  {_fmt_threads(result['threads']['driver'])}")
+
+    def timed(fn):
+        quiet = meter.wait_quiet(args.wait_quiet, args.quiet_below) if args.wait_quiet > 0 else None
+        out, cpu, by_title = meter.measure(fn)
+        return out, cpu, by_title, quiet
+
+    base = EngineConfig(batch_size=args.batch_size[0])
+    state: dict[str, Any] = {"dups": {}, "per_image": None, "plain_cpu": None}
+
+    def plain_round(rep: int) -> None:
+        """(b): one timed plain run (Ray is not running)."""
+        (rows, wall), cpu, _, quiet = timed(lambda: run_plain(records, base))
+        fig = summarize(rows)
+        if state["per_image"] is None:
+            state["dups"] = near_duplicates(rows, base)
+            state["per_image"] = fig["per_image"]
+        elif fig["per_image"] != state["per_image"]:
+            raise SystemExit("the plain arm is not deterministic: two runs disagree")
+        del rows
+        fig.update(arm_figures(fig, wall, 1, cpu), batch_size=base.batch_size, repeat=rep, quiet=quiet)
+        result["plain_runs"].append(_public(fig))
+        result["plain"] = max(result["plain_runs"], key=lambda r: r["images_per_s"])
+        state["plain_cpu"] = sum(r["own_cpu_per_image_ms"] for r in result["plain_runs"]) / len(
+            result["plain_runs"]
+        )
+        result["params"]["near_duplicates"] = len(state["dups"])
+        write(result, args.out)
+        print(
+            f"(b) plain: {fig['images_per_s']:.2f} images/s ({wall:.1f} s, {fig['own_cpu_per_image_ms']:.0f} CPU "
+            f"ms/image, others used {fig['foreign_pct']:.0f} % of the machine); wrote {args.out}"
+        )
+
+    def ray_round(ray, s: dict[str, Any], rep: int) -> bool:
+        """(a) or (a'): one timed Ray run after an untimed one on the warm-up images; False on a mismatch."""
+        plain = result["plain"]
+        ecfg = EngineConfig(
+            batch_size=s["batch_size"],
+            cpu_actors=s["cpu_actors"],
+            num_cpus_per_actor=s["num_cpus_per_actor"],
+            num_cpus_per_task=s["num_cpus_per_task"],
+        )
+        with warnings.catch_warnings():  # the warm-up's 2 blocks cannot feed 2 actors: Ray Data says so
+            warnings.filterwarnings("ignore", message=".*only received.*input", category=UserWarning)
+            run_ray(ray, warm, s, ecfg, {})
+        out, cpu, by_title, quiet = timed(
+            lambda: run_ray(ray, records, s, ecfg, None if s["barrier"] else state["dups"])
+        )
+        fig = summarize(out.pop("rows"))
+        wall = out["wall"]
+        fig.update(
+            arm_figures(fig, wall, args.cores, cpu),
+            setting=s,
+            repeat=rep,
+            quiet=quiet,
+            first_batch_s=out["first"],
+            steady_images_per_s=out["steady"],
+            speedup=fig["images"] / wall / plain["images_per_s"],
+            contention=fig["stage_time_s"] / plain["stage_time_s"],
+            cpu_by_process=by_title,
+            ray_data_stats=out["stats"],
+        )
+        fig["parallel_efficiency"] = fig["speedup"] / args.cores
+        fig["cpu_overhead_pct"] = (
+            100 * (fig["own_cpu_per_image_ms"] - state["plain_cpu"]) / state["plain_cpu"]
+        )
+        fig["cpu_bound_speedup"] = args.cores * state["plain_cpu"] / fig["own_cpu_per_image_ms"]
+        diffs = compare({"per_image": state["per_image"]}, fig)
+        fig["matches_plain"] = not diffs
+        if diffs:
+            result["mismatches"].append({"setting": s, "differences": diffs[:50], "count": len(diffs)})
+        result["ray"].append(_public(fig))
+        summarize_result(result)
+        write(result, args.out)
+        steady = f", steady {out['steady']:.2f}/s" if out["steady"] else ""
+        print(
+            f"{_arm(s)} {_setting_label(s)}: {fig['images_per_s']:.2f} images/s ({wall:.1f} s, first batch "
+            f"{out['first']:.1f} s{steady}, {fig['own_cpu_per_image_ms']:.0f} CPU ms/image, others used "
+            f"{fig['foreign_pct']:.0f} % of the machine), {fig['speedup']:.2f}x plain"
+            + ("" if not diffs else f", {len(diffs)} MISMATCHES")
+        )
+        time.sleep(1.0)  # let the finished run's actors exit before the next one starts
+        return not diffs
+
+    # Warm-up of the plain arm (imports, numba kernels, first-call caches); Ray's is per run (its workers).
+    run_plain(warm, base)
+    import ray
+
+    status = 0
+    groups = [
+        [s for s in settings if s["keep_workers"] == keep]
+        for keep in sorted({s["keep_workers"] for s in settings})
+    ]
+    for rep in range(args.repeat):  # rounds: plain, then every Ray setting (one cluster per configuration)
+        plain_round(rep)
+        for group in groups:
+            tmp = start_ray(ray, args.cores, group[0]["keep_workers"])
+            try:
+                if rep == 0:
+                    probe = probe_ray_threads(
+                        ray, group[0]["num_cpus_per_actor"], group[0]["num_cpus_per_task"]
+                    )
+                    result["threads"].setdefault("ray_task", probe["ray_task"])
+                    result["threads"].setdefault("ray_actor", probe["ray_actor"])
+                    print(f"threads, Ray task:            {_fmt_threads(probe['ray_task'])}")
+                    print(f"threads, Ray actor:           {_fmt_threads(probe['ray_actor'])}")
+                for s in group:
+                    if not ray_round(ray, s, rep):
+                        status = 1
+            finally:
+                ray.shutdown()
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    print()
+    print_tables(result)
+    sm = result.get("summary")
+    if sm:
+        print(
+            f"\nspeed-up {sm['speedup']:.3f}x (target >= {TARGET_SPEEDUP}: "
+            f"{'met' if sm['speedup_target_met'] else 'NOT met'}); Ray overhead {sm['ray_overhead_pct']:.1f} % of "
+            f"stage time (target < {TARGET_OVERHEAD_PCT:g} %: {'met' if sm['overhead_target_met'] else 'NOT met'}); "
+            f"Ray CPU overhead {sm['ray_cpu_overhead_pct']:.1f} %, CPU-bound speed-up {sm['cpu_bound_speedup']:.3f}x"
+        )
+        if max(sm["others_load_pct"].values()) > 100 * args.quiet_below:
+            print(
+                f"WARNING: other processes used {sm['others_load_pct']['plain']:.0f} % (plain) and "
+                f"{sm['others_load_pct']['ray']:.0f} % (ray) of the machine during the compared runs"
+            )
+    print(
+        "ovh % = 100 * (wall * cores - stage time) / stage time; cpu ms/img = CPU of this process tree per image;"
+        " cpu x = cores * plain cpu ms/img / this run's (the speed-up on a quiet machine if no core idled);"
+        " steady = img/s after the first batch; idle/others % = share of the machine idle / used by other "
+        "processes"
+    )
+    for mm in result["mismatches"]:
+        print(
+            f"MISMATCH ray vs plain ({_setting_label(mm['setting'])}): {mm['count']} images, e.g. "
+            + "; ".join(mm["differences"][:3])
+        )
+    print(f"\nwrote {args.out}")
+    return status
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=(
+            "Images per second through the data engine's six stages (classical backends): (a) Ray Data on a local "
+            "cluster this script starts (--cores CPUs, its own temp dir): add_layer_stages with the engine's "
+            "default resources on stock Ray, then once per --cpu-actors x --batch-size with idle workers kept, "
+            "(a') all stages fused in one actor class for comparison; against (b) the same stage code in one "
+            "plain process (run_stages_plain). Thread counts are pinned to 1 in both arms and printed. Prints a "
+            "table (images/s, speed-up, per-stage shares, Ray overhead, CPU used by this run and by other "
+            "processes) and writes JSON with machine info to --out after each run."
+        ),
+    )
+    ap.add_argument(
+        "--scenes", type=int, default=256, help="synthetic scenes, seeds 0..N-1, 256x256 (default 256)"
+    )
+    ap.add_argument(
+        "--photos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add scikit-image's colour photos: " + ", ".join(PHOTOS) + " (default on)",
+    )
+    ap.add_argument(
+        "--batch-size",
+        type=_int_list,
+        default=[EngineConfig().batch_size],
+        help="images per Ray Data batch, comma-separated to compare several (default "
+        f"{EngineConfig().batch_size}); the plain arm uses the first",
+    )
+    ap.add_argument(
+        "--cpu-actors",
+        type=_int_list,
+        default=[1, 2],
+        help="actors per stage pool, comma-separated to compare several (default 1,2)",
+    )
+    ap.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=None,
+        help="CPUs reserved per stage actor (default: 0.5 when the pools fit, else cores/(3*actors+1))",
+    )
+    ap.add_argument(
+        "--cpus-per-task",
+        type=float,
+        default=None,
+        help="CPUs reserved per stage task (default: as --cpus-per-actor)",
+    )
+    ap.add_argument("--cores", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
+    ap.add_argument(
+        "--stock",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the EngineConfig defaults on stock Ray (default on)",
+    )
+    ap.add_argument(
+        "--keep-workers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="for the --cpu-actors runs, keep idle Ray workers alive ("
+        + ", ".join(f"{k}={v}" for k, v in KEEP_WORKERS_CONFIG.items())
+        + "; default on)",
+    )
+    ap.add_argument(
+        "--fused",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run all stages fused in one actor class, --cores actors of 1 CPU (default on)",
+    )
+    ap.add_argument(
+        "--barrier",
+        action="store_true",
+        help="arm (a) as in production: materialize() after the pre-filter, then near-duplicates",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="timed runs per arm and setting; the fastest of each is compared (default 1)",
+    )
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60.0,
+        help="before each timed run, wait up to this many seconds for other processes to use less "
+        "than --quiet-below of the machine (0: never wait; default 60)",
+    )
+    ap.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.1,
+        help="share of the machine's CPUs others may use for it to count as quiet (default 0.1)",
+    )
+    ap.add_argument(
+        "--warmup", type=int, default=6, help="untimed warm-up scenes before each arm's runs (default 6)"
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run for tests: 16 scenes, no photos, one Ray setting (--cpu-actors' first, idle "
+        "workers kept), no stock or fused runs, 2 warm-up scenes, no waiting",
+    )
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result file (default {DEFAULT_OUT})")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.scenes = min(args.scenes, 16)
+        args.photos = False
+        args.cpu_actors = args.cpu_actors[:1]
+        args.batch_size = args.batch_size[:1]
+        args.repeat = 1
+        args.wait_quiet = 0.0
+        args.stock = False
+        args.fused = False
+        args.warmup = min(args.warmup, 2)
+    if args.scenes < 0 or (args.scenes == 0 and not args.photos):
+        ap.error("need at least one image: --scenes >= 1 or --photos")
+    if args.cores < 1 or args.repeat < 1 or args.warmup < 1:
+        ap.error("--cores, --repeat and --warmup must be >= 1")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
