@@ -1,0 +1,72 @@
+"""bench/engine.py --quick end to end, in a subprocess with its own local Ray cluster and temp dir (never the
+suite's cluster): both arms report positive throughput, the same images kept and quarantined, per-stage shares
+that sum to one, and thread counts pinned to one in the driver and in the Ray workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+def _shares_sum_to_one(run: dict) -> None:
+    assert set(run["stage_share"]) == {"prefilter", "scene", "completion", "matting", "prompts", "postfilter"}
+    assert sum(run["stage_share"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert all(v > 0 for v in run["stage_s"].values()), run["stage_s"]
+
+
+def test_bench_engine_quick(tmp_path):
+    out = tmp_path / "e.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "engine.py"), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "(b) plain" in proc.stdout and "(a) ray" in proc.stdout and "speed-up" in proc.stdout
+
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "engine"
+    assert result["params"]["images"] == 16
+    assert result["machine"]["cpu_count"] >= 1 and result["machine"]["ray"]
+
+    plain, ray_runs = result["plain"], result["ray"]
+    assert plain["images"] == 16 and plain["images_per_s"] > 0 and plain["wall_s"] > 0
+    assert len(ray_runs) == 1
+    best = result["best"]
+    assert best is ray_runs[0] or best == ray_runs[0]
+    assert best["images"] == 16 and best["images_per_s"] > 0
+
+    # Same code, same inputs: the same images kept and quarantined, the same layers kept.
+    for key in ("images_kept", "images_quarantined", "layers_kept", "quarantine_reasons"):
+        assert best[key] == plain[key], key
+    assert plain["images_kept"] + plain["images_quarantined"] == 16
+    assert plain["images_kept"] > 0 and plain["layers_kept"] > 0
+    assert best["matches_plain"] and result["mismatches"] == []
+    assert result["summary"]["kept_counts_match"]
+
+    _shares_sum_to_one(plain)
+    _shares_sum_to_one(best)
+    assert best["speedup"] == pytest.approx(best["images_per_s"] / plain["images_per_s"])
+    assert best["overhead_pct"] == pytest.approx(
+        100 * (best["wall_s"] * best["cores"] - best["stage_time_s"]) / best["stage_time_s"]
+    )
+    assert "overhead_pct" in result["definitions"] and result["summary"]["speedup"] > 0
+
+    # Threads pinned in the driver (plain arm) and in the Ray workers.
+    for where in ("driver", "ray_task", "ray_actor"):
+        t = result["threads"][where]
+        assert t["cv2_threads"] == 1 and t["torch_threads"] == 1 and t["numba_threads"] == 1, (where, t)
+        assert t["env"]["OMP_NUM_THREADS"] == "1", (where, t)
