@@ -13,6 +13,7 @@ Exactly-once (design.md, "Data"):
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import pickle
@@ -207,7 +208,7 @@ def worker_registry(fields: dict[str, Any] | None, prefix: str | None):
     return Registry(worker_storage(fields), prefix or "registry")
 
 
-class _ModelStage:
+class _ModelStage(abc.ABC):
     """A stage that holds a backend (an actor in a Ray Data actor pool). Backends that load weights read them
     from the driver's registry (``storage_fields`` and ``registry_prefix``, no credentials)."""
 
@@ -220,11 +221,13 @@ class _ModelStage:
         self.registry = worker_registry(storage_fields, registry_prefix) if family == "neural" else None
         self.backend = self.make_backend()
 
+    @abc.abstractmethod
     def make_backend(self):
-        raise NotImplementedError
+        """The stage's backend, built once per actor."""
 
+    @abc.abstractmethod
     def process(self, r: dict[str, Any], work: Work) -> None:
-        raise NotImplementedError
+        """Run the stage on one image record (mutates ``r`` and ``work``)."""
 
     def __call__(self, batch):
         rows = _rows(batch)

@@ -18,6 +18,7 @@ batch the same shape, so conditional and unconditional rows stack into one batch
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import shutil
@@ -54,7 +55,7 @@ _MINILM_FILES = (
 )
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(nn.Module, abc.ABC):
     """Base of the text encoders: frozen, ``encode`` gives fixed-length hidden states and a pooled vector."""
 
     hidden_dim: int
@@ -76,21 +77,21 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(iter(self.parameters()), torch.empty(0)).device
 
+    @abc.abstractmethod
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode B texts.
 
         Returns:
             hidden (B, L, D) and pooled (B, P), float, on the encoder's device.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def spec(self) -> dict[str, Any]:
         """What :func:`load_text_encoder` needs besides the files (JSON-able)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def save(self, folder: str | Path) -> Path:
         """Write the encoder's files and its spec into ``folder``."""
-        raise NotImplementedError
 
 
 def _check_texts(texts: list[str]) -> list[str]:
