@@ -4,11 +4,11 @@ No pretrained VAE is available offline, and a frozen random VAE decodes noise (d
 configuration first trains its own, registers it as ``weights/tiny-vae@N`` and every later tiny phase loads it
 frozen, exactly as the sd3-medium configuration loads SD3's VAE from the registry.
 
-The model (:func:`build_tiny_vae`): diffusers' ``AutoencoderKL`` with 3 levels (block_out_channels
-:data:`BLOCK_OUT_CHANNELS`, one resnet per encoder level), so a 4x downscale: 64x64 RGB -> 16x16x16 latents. 16 latent
-channels and no quant convs, as in SD3's VAE, so the tiny RefLayer has SD3's latent layout. After training,
-``scaling_factor`` and ``shift_factor`` are set from the training latents (``(z - shift) * scale`` has mean 0 and
-variance 1, SD3's 1.5305 / 0.0609 convention) and saved in the model's config.
+The model (:func:`build_tiny_vae`, 0.98 M parameters): diffusers' ``AutoencoderKL`` with 3 levels of 32, 64 and 64
+channels (:data:`BLOCK_OUT_CHANNELS`, one resnet per encoder level), so a 4x downscale: 64x64 RGB -> 16x16x16
+latents. 16 latent channels and no quant convs, as in SD3's VAE, so the tiny RefLayer has SD3's latent layout.
+After training, ``scaling_factor`` and ``shift_factor`` are set from the training latents (``(z - shift) * scale``
+has mean 0 and variance 1, SD3's 1.5305 / 0.0609 convention) and saved in the model's config.
 
 Pixel convention, shared by this VAE's training and every later encoding (RefLayer's images and targets, eval):
 RGB in [-1, 1] (uint8 / 127.5 - 1), channels first. The VAE sees a layer (RGBA, straight alpha) composited over
@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 
 __all__ = [
     "BLOCK_OUT_CHANNELS",
@@ -77,9 +79,11 @@ LICENSE = "Apache-2.0 (trained by RefLade)"
 SOURCE = "reflade train vae"
 
 DEFAULT_STEPS = 1500
-"""Optimiser steps of a VAE phase (batch 8: 12 000 samples; measured PSNR versus steps in the README)."""
+"""Optimiser steps of a VAE phase (batch 8: 12 000 samples). Measured on synthetic 64 px scenes (2 idle cores,
+about 3.2 steps/s): held-out PSNR 20.4 dB after 150 steps, 22.0 after 300, 23.3 after 600."""
 DEFAULT_BATCH_SIZE = 8
-"""Samples per step: small batches learned more per sample than 32 in the measured range."""
+"""Samples per step. Measured at equal samples and time (1600, about 60 s): batch 8 reached 21.0 dB held-out,
+batch 32 18.1 dB, batch 4 20.1 dB."""
 DEFAULT_LR = 2e-3
 """Peak learning rate (AdamW; warmup, then cosine decay to a tenth)."""
 
@@ -123,10 +127,20 @@ def build_tiny_vae(sample_size: int = 64, seed: int | None = 0) -> AutoencoderKL
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    # At the default init the posterior's noise (std about 1) is three times the spread of its means: the decoder
-    # sees mostly noise and the reconstruction plateaus until the encoder learns to shrink it. Starting the
-    # log-variance half of the encoder's output at a constant small value removes that plateau.
+    # Two init choices that make the short training runs of the tiny configuration learn (measured: +2.7 dB
+    # held-out PSNR after 200 steps). Every resnet block's last convolution and every attention's output start at
+    # zero, so each block starts as the identity and the whole model as a shallow, nearly linear path that
+    # learns fast. And the log-variance half of the encoder's output starts at a small constant: at the default
+    # init the posterior's noise (std about 1) is three times the spread of its means, so the decoder would
+    # first see mostly noise.
     with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, ResnetBlock2D):
+                module.conv2.weight.zero_()
+                module.conv2.bias.zero_()
+            elif isinstance(module, Attention):
+                module.to_out[0].weight.zero_()
+                module.to_out[0].bias.zero_()
         conv_out = vae.encoder.conv_out
         conv_out.weight[LATENT_CHANNELS:].zero_()
         conv_out.bias[LATENT_CHANNELS:].fill_(_INIT_LOGVAR)
@@ -351,7 +365,8 @@ def train_vae(
     say(
         f"tiny VAE: {n_params / 1e6:.2f} M parameters, latents {LATENT_CHANNELS}x"
         f"{tensors.shape[2] // DOWNSCALE}x{tensors.shape[3] // DOWNSCALE}; {len(tensors)} training images, "
-        f"{len(holdout)} held out; {steps} steps of {batch_size}"
+        f"{len(holdout)} held out; {steps} steps of {batch_size} on {dev}"
+        + (f" ({torch.get_num_threads()} threads)" if dev.type == "cpu" else "")
     )
 
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=1e-4)
@@ -395,7 +410,9 @@ def train_vae(
         "loss": float(np.mean(losses[-_LOSS_WINDOW:])),
         "psnr_holdout": psnr(vae, holdout),
         "psnr_holdout_init": psnr_init,
-        "psnr_train": psnr(vae, tensors[: max(len(holdout), 64)]),
+        "psnr_train": psnr(
+            vae, tensors[: max(len(holdout), 64)]
+        ),  # on as many training tensors (at least 64)
         "steps": steps,
         "batch_size": batch_size,
         "samples": steps * batch_size,
@@ -568,7 +585,8 @@ def load_vae(
     from reflade.engine.backends.neural import fetch_weights
 
     local = fetch_weights(registry, ref, cache_dir)
-    vae = AutoencoderKL.from_pretrained(local.path, local_files_only=True)
+    # low_cpu_mem_usage needs `accelerate`, which this project does not install.
+    vae = AutoencoderKL.from_pretrained(local.path, local_files_only=True, low_cpu_mem_usage=False)
     vae.eval()
     vae.requires_grad_(False)
     return vae
