@@ -125,27 +125,8 @@ SAM_CONFIGS: dict[str, dict[str, Any]] = {
         "pixel_mean": [123.675, 116.28, 103.53],
         "pixel_std": [58.395, 57.12, 57.375],
     },
-    # reflade.engine.backends.tiny_weights.TINY_SAM_CONFIG (copied: that module imports the registry, i.e. boto3)
-    "tiny": {
-        "image_size": 256,
-        "patch_size": 16,
-        "encoder_embed_dim": 32,
-        "encoder_depth": 2,
-        "encoder_num_heads": 2,
-        "encoder_mlp_ratio": 4.0,
-        "encoder_global_attn_indexes": [1],
-        "encoder_window_size": 8,
-        "prompt_embed_dim": 32,
-        "mask_in_chans": 4,
-        "decoder_depth": 2,
-        "decoder_mlp_dim": 64,
-        "decoder_num_heads": 2,
-        "num_multimask_outputs": 3,
-        "iou_head_depth": 3,
-        "iou_head_hidden_dim": 32,
-        "pixel_mean": [123.675, 116.28, 103.53],
-        "pixel_std": [58.395, 57.12, 57.375],
-    },
+    # "tiny": reflade.engine.backends.tiny_weights.TINY_SAM_CONFIG, added by sam_config() (the engine's modules
+    # are importable only after ensure_reflade()).
 }
 
 # Owlv2Config keyword arguments; {} = the library defaults, i.e. OWLv2-base/16 at 768 px.
@@ -463,51 +444,22 @@ class MattingPool:
 # ---------------------------------------------------------------- models
 
 
+def sam_config(preset: str) -> dict[str, Any]:
+    """SAM constructor arguments: ViT-H sizes for ``full``, the engine's tiny SAM for ``tiny``."""
+    if preset == "tiny":
+        ensure_reflade()
+        from reflade.engine.backends.tiny_weights import TINY_SAM_CONFIG
+
+        return dict(TINY_SAM_CONFIG)
+    return SAM_CONFIGS[preset]
+
+
 def build_sam(cfg: dict[str, Any]):
-    """A ``segment_anything.modeling.Sam`` from constructor arguments (as reflade.engine.backends.neural.build_sam)."""
-    from functools import partial
+    """A ``segment_anything.modeling.Sam`` from constructor arguments, with the engine's own builder."""
+    ensure_reflade()
+    from reflade.engine.backends.neural import build_sam as engine_build_sam
 
-    import torch
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    size, patch, dim = cfg["image_size"], cfg["patch_size"], cfg["prompt_embed_dim"]
-    grid = size // patch
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=size,
-            patch_size=patch,
-            embed_dim=cfg["encoder_embed_dim"],
-            depth=cfg["encoder_depth"],
-            num_heads=cfg["encoder_num_heads"],
-            mlp_ratio=cfg["encoder_mlp_ratio"],
-            out_chans=dim,
-            qkv_bias=True,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            use_rel_pos=True,
-            window_size=cfg["encoder_window_size"],
-            global_attn_indexes=tuple(cfg["encoder_global_attn_indexes"]),
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(size, size),
-            mask_in_chans=cfg["mask_in_chans"],
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=cfg["num_multimask_outputs"],
-            transformer=TwoWayTransformer(
-                depth=cfg["decoder_depth"],
-                embedding_dim=dim,
-                mlp_dim=cfg["decoder_mlp_dim"],
-                num_heads=cfg["decoder_num_heads"],
-            ),
-            transformer_dim=dim,
-            iou_head_depth=cfg["iou_head_depth"],
-            iou_head_hidden_dim=cfg["iou_head_hidden_dim"],
-        ),
-        pixel_mean=list(cfg["pixel_mean"]),
-        pixel_std=list(cfg["pixel_std"]),
-    ).eval()
+    return engine_build_sam(cfg).eval()
 
 
 def build_owlv2(preset: str):
@@ -529,7 +481,7 @@ def build_vae(preset: str):
 
 
 BUILDERS = {
-    "sam": lambda preset: build_sam(SAM_CONFIGS[preset]),
+    "sam": lambda preset: build_sam(sam_config(preset)),
     "owlv2": build_owlv2,
     "sd3_transformer": build_sd3_transformer,
     "vae": build_vae,

@@ -54,7 +54,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -62,7 +62,10 @@ import torch
 
 from reflade.engine.config import EngineConfig
 from reflade.engine.types import Completion, Entity
-from reflade.platform.registry import IntegrityError, Registry, RegistryError, content_hash
+
+if TYPE_CHECKING:  # the registry (and boto3 with it) is imported where weights are fetched, so that the model
+    # builders here import on a machine without boto3 (bench/gpu_engine.py on the GPU machine)
+    from reflade.platform.registry import Registry
 
 __all__ = [
     "DEFAULT_COMPLETION_WEIGHTS",
@@ -206,6 +209,8 @@ def fetch_weights(registry: Registry, ref: str, cache_dir: str | os.PathLike | N
         RegistryError: malformed or unknown reference.
         IntegrityError: a file in the object store does not match its manifest (nothing is cached).
     """
+    from reflade.platform.registry import content_hash
+
     version = registry.resolve(ref)
     content = content_hash(version.files)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -234,6 +239,8 @@ def fetch_weights(registry: Registry, ref: str, cache_dir: str | os.PathLike | N
 
 
 def _fetch(registry: Registry, ref: str, cache_dir, what: str) -> LocalWeights:
+    from reflade.platform.registry import IntegrityError, RegistryError
+
     try:
         return fetch_weights(registry, ref, cache_dir)
     except IntegrityError as e:
@@ -252,6 +259,7 @@ def _registry(registry: Registry | None) -> Registry:
     if registry is not None:
         return registry
     from reflade.platform.config import load_config
+    from reflade.platform.registry import Registry
 
     # Credentials come from the worker's own environment (design.md), never from a runtime_env.
     return Registry.from_config(load_config())

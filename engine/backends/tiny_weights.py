@@ -25,10 +25,12 @@ import json
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from reflade.platform.registry import Registry
+if TYPE_CHECKING:  # imported lazily: the builders must import without boto3 (bench/gpu_engine.py)
+    from reflade.platform.registry import Registry
 
 __all__ = [
     "LICENSE",
@@ -304,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML configuration file")
     parser.add_argument("names", nargs="*", help=f"subset of {', '.join(TINY_NAMES)}")
     args = parser.parse_args(argv)
+    from reflade.platform.registry import Registry
+
     registry = Registry.from_config(load_config(args.config))
     for ref in register_tiny_weights(registry, args.names or None, progress=None).values():
         print(ref)
