@@ -56,6 +56,8 @@ def encode_batch(
     layers: torch.Tensor | None,
     canvases: torch.Tensor,
     texts: list[str],
+    *,
+    mixed_precision: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Everything the frozen parts compute for a batch (no gradients; cacheable).
 
@@ -64,6 +66,8 @@ def encode_batch(
         layers: (B, 4, H, W) target layers, straight RGBA in [0, 1] (None at inference).
         canvases: (B, 3, H, W) prompt canvases in [-1, 1] (:func:`reflade.train.canvas.canvas_batch`).
         texts: B prompt texts ("" for none).
+        mixed_precision: bf16 autocast around the VAE and text encoders (default: on CUDA only); the latents
+            come back as float32 either way.
 
     Returns:
         ``image``, ``canvas`` (and ``target`` with ``layers``): (B, C, h, w) normalized latents, ``target`` the
@@ -77,15 +81,17 @@ def encode_batch(
             + (f", layers {layers.shape[0]}" if layers is not None else "")
         )
     device = bundle.device
-    out: dict[str, torch.Tensor] = {
-        "image": bundle.encode_pixels(images.to(device)),
-        "canvas": bundle.encode_pixels(canvases.to(device)),
-    }
-    if layers is not None:
-        layers = layers.to(device, torch.float32)
-        out["target"] = bundle.encode_pixels(premultiply_over_grey(layers))
-        out["alpha"] = layers[:, 3:4].contiguous()
-    out["text_hidden"], out["text_pooled"] = bundle.text_encoder.encode(list(texts))
+    with autocast(device, mixed_precision):
+        out: dict[str, torch.Tensor] = {
+            "image": bundle.encode_pixels(images.to(device)),
+            "canvas": bundle.encode_pixels(canvases.to(device)),
+        }
+        if layers is not None:
+            layers = layers.to(device, torch.float32)
+            out["target"] = bundle.encode_pixels(premultiply_over_grey(layers))
+            out["alpha"] = layers[:, 3:4].contiguous()
+        hidden, pooled = bundle.text_encoder.encode(list(texts))
+    out["text_hidden"], out["text_pooled"] = hidden.float(), pooled.float()
     return out
 
 

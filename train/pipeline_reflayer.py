@@ -144,7 +144,7 @@ class RefLayerPipeline:
         device = bundle.device
         # (RefLayer has no dropout or batch statistics: train and eval mode compute the same, so the model's
         # mode is left as the caller set it, e.g. in the middle of a training run.)
-        cond = encode_batch(bundle, images, None, canvases, list(texts))
+        cond = encode_batch(bundle, images, None, canvases, list(texts), mixed_precision=self.mixed_precision)
         noise = self._noise(b, seed, r // bundle.vae_scale_factor).to(device)
 
         guided = guidance_scale > 1.0
