@@ -17,6 +17,9 @@ encoders giving 333 x 4096 hidden states and a 2048-wide pooled vector), then:
 - ``decompose_<px>_cfg<g>``: one whole decomposition, :meth:`RefLayerPipeline.decompose_batch` (encode image and
   canvas, the sampling steps, RGB and alpha decoders) at guidance 1 (conditional only) and at guidance > 1
   (conditional and unconditional as one batch of two).
+  On CUDA the inference cases run twice: with the float32 training weights under bf16 autocast, then (suffix
+  ``_bf16w``) with the weights cast to bf16 (``RefLayerBundle.to(dtype=torch.bfloat16)``), as serving runs them:
+  autocast caches no casts for weights that need no gradient, so float32 weights are cast again at every step.
 
 Each case: warm-up iterations (excluded), then timed ones with the GPU synchronised around the timer; peak GPU
 memory is reset before each case. The JSON (``--out``) is rewritten after every case, so a later failure (an
@@ -318,9 +321,13 @@ class Check:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        self.sampling_cases(bundle)
+        for dtype_name in self.args.infer_dtypes:
+            if dtype_name == "bf16":
+                bundle.to(dtype=torch.bfloat16)
+            self.sampling_cases(bundle, "" if dtype_name == "fp32" else "_bf16w")
 
-    def sampling_cases(self, bundle) -> None:
+    def sampling_cases(self, bundle, tag: str = "") -> None:
+        """The inference cases; ``tag`` names the weights' dtype in the case names (fp32 weights: no tag)."""
         torch = self.torch
         args = self.args
         from reflade.train.canvas import canvas_batch
@@ -333,11 +340,12 @@ class Check:
         g = torch.Generator().manual_seed(7)
         image = (torch.rand(1, 3, res, res, generator=g) * 2 - 1).to(self.device)
         lat = torch.randn(1, c, side, side, generator=g).to(self.device)
+        weights_dtype = next(bundle.model.parameters()).dtype
 
         def vae_encode():
             with torch.inference_mode():
                 with autocast(self.device, self.cuda):
-                    sec = self.timed(lambda: bundle.encode_pixels(image), args.warmup, args.iters)
+                    sec = self.timed(lambda: bundle.encode_pixels(image.to(weights_dtype)), args.warmup, args.iters)
             return {"batch": 1, "s_per_image": sec}
 
         def vae_decode():
@@ -346,8 +354,8 @@ class Check:
                     sec = self.timed(lambda: bundle.decode_rgb(lat), args.warmup, args.iters)
             return {"batch": 1, "s_per_image": sec}
 
-        self.case(f"vae_encode_{res}", vae_encode)
-        self.case(f"vae_decode_{res}", vae_decode)
+        self.case(f"vae_encode_{res}{tag}", vae_encode)
+        self.case(f"vae_decode_{res}{tag}", vae_decode)
 
         hidden, pooled = bundle.text_encoder.encode(["the red mug on the left"])
         hidden, pooled = hidden.float(), pooled.float()
@@ -362,9 +370,9 @@ class Check:
                 for t in sch.timesteps:
                     with autocast(self.device, self.cuda):
                         v = bundle.model.transformer(
-                            hidden_states=x,
-                            encoder_hidden_states=hidden,
-                            pooled_projections=pooled,
+                            hidden_states=x.to(weights_dtype),
+                            encoder_hidden_states=hidden.to(weights_dtype),
+                            pooled_projections=pooled.to(weights_dtype),
                             timestep=t.expand(1),
                             return_dict=False,
                         )[0].float()
@@ -375,7 +383,7 @@ class Check:
                 sec = self.timed(run, 1, max(1, args.iters // 3))
             return {"batch": 1, "steps": args.sample_steps, "s_per_image": sec}
 
-        self.case(f"bare_sample_{res}", bare_sample)
+        self.case(f"bare_sample_{res}{tag}", bare_sample)
 
         pipe = RefLayerPipeline(bundle, mixed_precision=self.cuda)
         prompt = {"box": [res * 0.2, res * 0.25, res * 0.7, res * 0.8], "points": [[res * 0.45, res * 0.5, 1]]}
@@ -407,7 +415,7 @@ class Check:
                     "output_ok": ok,
                 }
 
-            self.case(f"decompose_{res}_cfg{guidance:g}", decompose)
+            self.case(f"decompose_{res}_cfg{guidance:g}{tag}", decompose)
 
 
 def _summary(entry: dict[str, Any]) -> str:
@@ -472,6 +480,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (default 28; tiny 4)")
     p.add_argument("--guidance", type=float, default=3.0, help="the guided case's guidance scale (> 1)")
     p.add_argument("--batch-scale", type=float, default=1.0, help="multiply every training batch by this")
+    p.add_argument("--infer-dtypes", nargs="+", choices=("fp32", "bf16"), default=None,
+                   help="weights' dtypes of the inference cases, in order (default: fp32 bf16 on CUDA, fp32 on "
+                        "the CPU); bf16 casts the bundle after the training cases")  # fmt: skip
     p.add_argument("--layers", type=int, default=None,
                    help="override the transformer's depth (a quick shape check of sd3-medium on a CPU)")
     p.add_argument("--sample-res", type=int, default=None,
@@ -491,6 +502,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.iters = args.iters if args.iters is not None else (2 if tiny else 10)
     args.sample_steps = args.sample_steps or (4 if tiny else 28)
     args.sample_res = args.sample_res or SAMPLE_RES[args.preset]
+    args.infer_dtypes = args.infer_dtypes or (["fp32", "bf16"] if args.device.startswith("cuda") else ["fp32"])
     if args.guidance <= 1.0:
         p.error("--guidance must be > 1 (the guided case)")
     args.out = args.out or str(RESULTS / f"gpu_check-{args.preset}.json")

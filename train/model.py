@@ -260,11 +260,13 @@ class RefLayer(ModelMixin, ConfigMixin):
         Returns:
             (B, C, h, w) velocity ``noise - x0``.
         """
-        x = self.compress(torch.cat([noisy, image_latent, canvas_latent], dim=1))
+        # Inputs follow the weights' dtype (float32 in training; bf16 weights for inference need no autocast).
+        dt = self.compress.weight.dtype
+        x = self.compress(torch.cat([noisy, image_latent, canvas_latent], dim=1).to(dt))
         return self.transformer(
             hidden_states=x,
-            encoder_hidden_states=self.text_proj(text_hidden),
-            pooled_projections=self.pooled_proj(text_pooled),
+            encoder_hidden_states=self.text_proj(text_hidden.to(dt)),
+            pooled_projections=self.pooled_proj(text_pooled.to(dt)),
             timestep=timestep,
             return_dict=False,
         )[0]
@@ -329,11 +331,16 @@ class RefLayerBundle:
         """Pixels per latent pixel (per side)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def to(self, device: torch.device | str) -> RefLayerBundle:
-        """Move every part to ``device`` (in place; returns self)."""
-        self.model.to(device)
-        self.vae.to(device)
-        self.text_encoder.to(device)
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> RefLayerBundle:
+        """Move every part to ``device`` and/or cast its weights to ``dtype`` (in place; returns self).
+
+        ``dtype=torch.bfloat16`` is for inference on a GPU (half the weights' memory, no per-step casts under
+        autocast); training keeps float32 weights (the optimiser updates them) and uses bf16 autocast instead.
+        """
+        kw = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v is not None}
+        self.model.to(**kw)
+        self.vae.to(**kw)
+        self.text_encoder.to(**kw)
         self._cache.clear()
         return self
 
@@ -369,7 +376,7 @@ class RefLayerBundle:
     def decode_alpha_logits(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalized latents -> (B, 1, H, W) alpha logits (gradients reach the alpha decoder only)."""
         with torch.no_grad():
-            z = self.decoder_input(latents).float()
+            z = self.decoder_input(latents).to(next(self.model.alpha_decoder.parameters()).dtype)
         return self.model.alpha_decoder(z)
 
     # -------------------------------------------------------------- unconditional pieces (cached)
