@@ -8,13 +8,22 @@ Models are built from their configurations with random weights (throughput does 
 - SAM ViT-H (``segment_anything`` modeling classes, embed 1280, depth 32, 16 heads, global attention in blocks
   7/15/23/31): the image encoder on batches of ``--batch`` images, then prompt encoder + mask decoder with 16
   boxes per image (the detector's 16 best boxes);
-- completion, per hole, as the RefLayer-style SD3 inpainting would run it: the hole's square crop resized to
-  1024 px, one SD3-VAE encode (``AutoencoderKL``, 16 latent channels), ``--steps`` flow-matching Euler steps of an
-  SD3-medium-size ``SD3Transformer2DModel`` (24 layers, 24 heads of 64, shift 3.0, no classifier-free guidance
-  unless ``--cfg``) on the 128x128x16 latent with the known region re-noised every step, one VAE decode; random
-  prompt embeddings (B, 333, 4096) and pooled (B, 2048) stand in for the text encoders. Holes follow the neural
-  completion backend's rule on each synthetic scene's ground truth: one background hole per entity (its visible
-  mask dilated by 4 px) plus one amodal hole per occluded entity;
+- completion, per hole, as the RefLayer-style SD3 inpainting would run it: the hole's square crop resized to its
+  sampling side, one SD3-VAE encode (``AutoencoderKL``, 16 latent channels), ``--steps`` flow-matching Euler steps
+  of an SD3-medium-size ``SD3Transformer2DModel`` (24 layers, 24 heads of 64, shift 3.0, no classifier-free
+  guidance unless ``--cfg``) on the (side/8)x(side/8)x16 latent with the known region re-noised every step, one VAE
+  decode; random prompt embeddings (B, 333, 4096) and pooled (B, 2048) stand in for the text encoders. Holes follow
+  the neural completion backend's rule on each synthetic scene's ground truth: one background hole per entity (its
+  visible mask dilated by 4 px) plus one amodal hole per occluded entity; a hole's crop is a square of CONTEXT (2)
+  times the hole's larger side, at least MIN_CROP_PX (32), clipped to the image;
+- sampling sides (``--completion-sides``): ``bucketed`` (default) samples each crop at its own scale, as the neural
+  completion backend does (``reflade.engine.backends.neural.sampling_side``): the crop's side rounded UP to a
+  multiple of ``--bucket-step`` (full 256 px), at least ``--min-side`` (full 512 px), at most the model's 1024 px
+  (larger crops are downsampled to it); steps and sides are multiples of 16 (VAE factor 8 x patch 2). A crop is
+  thus enlarged by less than one step (or to the minimum) instead of being upsampled to 1024 px: a 300 px crop
+  runs at 512 px (1024 latent tokens) instead of 1024 px (4096 tokens). Holes are grouped by side and each group
+  goes through VAE encode / transformer / VAE decode in batches of ``--sd3-batch`` / ``--vae-batch``.
+  ``fixed`` samples every crop at 1024 px (the behaviour the first H100 figures measured), for comparison;
 - matting on the CPU: the engine's own ``ClassicalMattingBackend`` (pymatting) on every entity of each scene, in a
   ``ProcessPoolExecutor`` (spawned workers, one thread each) that overlaps the GPU work as the Ray pipeline's CPU
   actors would.
@@ -25,10 +34,17 @@ Cases, each timed after warm-up iterations (excluded), CUDA synchronised around 
 reset before each case; the JSON (``--out``) is rewritten after every case, so a later failure (an OOM, a crash)
 keeps the figures already measured:
 
-  owlv2, sam_encoder, sam_decoder, vae_encode, sd3_transformer, vae_decode, matting   (each stage alone)
+  owlv2, sam_encoder, sam_decoder, vae_encode, sd3_transformer, vae_decode, matting   (each stage alone; the
+        three completion stages at the model's full side, 1024 px, whatever ``--completion-sides`` says: that is
+        what their anchors are for)
   e2e   the whole pipeline over all scenes, groups of ``--batch`` images: CPU preprocessing, OWLv2, SAM encoder,
-        SAM decoder (masks back to the CPU), completion of every hole, matting submitted to the pool; the wall
-        time from the first image to the last matted layer, divided by the number of scenes, is the total.
+        SAM decoder (masks back to the CPU), completion of every hole at the sides ``--completion-sides`` chose
+        (per group: one bucket of equal sides after another), matting submitted to the pool; the wall time from
+        the first image to the last matted layer, divided by the number of scenes, is the total. The warm-up
+        (excluded) runs the first group and one batch of every sampling side once.
+
+The JSON and the table record the sampling sides (holes per side, ``scenes.completion_sides`` and
+``total.completion``) and, from the e2e case, each completion stage's time per hole in each bucket.
 
 Precision: bf16 autocast on CUDA (one autocast region per case, so after the first call autocast's cast cache
 holds bf16 copies of the fp32 weights: the timings are those of bf16 weights; ``--weights-dtype bf16`` stores
@@ -36,8 +52,8 @@ bf16 weights instead and halves the weights' memory), fp32 on the CPU; everythin
 ``torch.inference_mode()``.
 
 Presets: ``full`` (the sizes above; meant for a CUDA GPU, compared with the H100 anchors) and ``tiny`` (a few
-hundred thousand parameters per model, 3 scenes at 192 px, 2 steps at 64 px: checks the whole script on a CPU in
-seconds). ``auto`` picks full on CUDA, tiny on the CPU.
+hundred thousand parameters per model, 3 scenes at 192 px, 2 steps at sides up to 64 px in buckets of 16 from
+32 px: checks the whole script on a CPU in seconds). ``auto`` picks full on CUDA, tiny on the CPU.
 
 Imports only torch, transformers, diffusers, segment_anything, numpy, cv2, scikit-image (through synth) and, in
 the matting workers, pymatting/numba/scipy and reflade.engine's synth, config, types and classical_matting
@@ -46,6 +62,7 @@ installed ``reflade`` package the engine modules are imported from this source t
 imported (numba missing, say) the matting stage is recorded as "unavailable (reason)" and the rest still runs.
 
     python bench/gpu_engine.py                                  # full preset on the GPU
+    python bench/gpu_engine.py --completion-sides fixed         # every crop at 1024 px, for comparison
     python bench/gpu_engine.py --preset tiny --device cpu       # the CPU smoke run
 """
 
@@ -64,6 +81,7 @@ import sys
 import time
 import traceback
 import types
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -85,6 +103,7 @@ CASES = (
     "e2e",
 )
 STAGES = CASES[:-1]
+COMPLETION_STAGES = ("vae_encode", "sd3_transformer", "vae_decode")
 
 # ---------------------------------------------------------------- anchors (H100 80GB, full preset)
 
@@ -225,7 +244,9 @@ VAE_CONFIGS: dict[str, dict[str, Any]] = {
 TEXT_TOKENS = {"full": 333, "tiny": 32}
 """Length of the prompt embeddings: SD3's CLIP-L/G (77) + T5 (256) tokens."""
 COMPLETION_PX = {"full": 1024, "tiny": 64}
-"""Side of the square crop each hole is sampled at."""
+"""The model's largest sampling side (pixels): every crop's side with --completion-sides fixed, the cap with
+bucketed."""
+COMPLETION_SIDES = ("bucketed", "fixed")
 N_QUERIES = 12
 """Text queries of the detector (EngineConfig's default vocabulary has 12 words)."""
 N_BOXES = 16
@@ -251,6 +272,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "iters": 5,
         "sd3_iters": 1,
         "matting_workers": max(1, (os.cpu_count() or 2) - 2),
+        "bucket_step": 256,
+        "min_side": 512,
     },
     "tiny": {
         "scenes": 3,
@@ -263,6 +286,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "iters": 2,
         "sd3_iters": 1,
         "matting_workers": 1,
+        "bucket_step": 16,
+        "min_side": 32,
     },
 }
 
@@ -462,6 +487,14 @@ def build_sam(cfg: dict[str, Any]):
     return engine_build_sam(cfg).eval()
 
 
+def side_multiple(preset: str) -> int:
+    """What every sampling side of a preset must be a multiple of, pixels: VAE factor x SD3 patch size."""
+    ensure_reflade()
+    from reflade.engine.backends.neural import unet_side_multiple
+
+    return unet_side_multiple(VAE_CONFIGS[preset]["block_out_channels"]) * SD3_CONFIGS[preset]["patch_size"]
+
+
 def build_owlv2(preset: str):
     from transformers import Owlv2Config, Owlv2ForObjectDetection
 
@@ -541,7 +574,25 @@ class Engine:
         self.scheduler = sched
         self.vae_scale = float(self.vae.config.scaling_factor)
         self.vae_shift = float(self.vae.config.shift_factor or 0.0)
-        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        ensure_reflade()
+        from reflade.engine.backends.neural import sampling_side, unet_side_multiple
+
+        self._sampling_side = sampling_side
+        self.vae_factor = unet_side_multiple(self.vae.config.block_out_channels)
+        # every sampling side is a multiple of the VAE factor x the transformer's patch (16 for SD3)
+        self.side_multiple = self.vae_factor * int(self.transformer.config.patch_size)
+
+    def side_for(self, crop_px: int) -> int:
+        """Sampling side (pixels) of a crop whose larger side is ``crop_px``, as ``--completion-sides`` says."""
+        if self.args.completion_sides == "fixed":
+            return self.px
+        return self._sampling_side(
+            crop_px,
+            max_side=self.px,
+            step=self.args.bucket_step,
+            min_side=self.args.min_side,
+            multiple=self.side_multiple,
+        )
 
     def autocast(self):
         import torch
@@ -692,6 +743,39 @@ class Engine:
             x = hole * x + (1 - hole) * known
         return x
 
+    def complete_by_side(
+        self,
+        crops: list[np.ndarray],
+        holes: list[np.ndarray],
+        steps: int,
+        timings: dict[str, float] | None = None,
+        per_side: dict[int, dict[str, float]] | None = None,
+    ) -> list[np.ndarray]:
+        """Inpaint crops of several sides: crops (S_i, S_i, 3) uint8 inside holes (S_i, S_i) bool -> samples
+        (S_i, S_i, 3) uint8 on the CPU, in the input order. Crops of one side (a bucket) go through
+        :meth:`complete` together, smallest side first; ``timings`` gets each stage's seconds, ``per_side`` each
+        bucket's holes and stage seconds."""
+        by_side: dict[int, list[int]] = {}
+        for i, crop in enumerate(crops):
+            by_side.setdefault(int(crop.shape[0]), []).append(i)
+        out: list[np.ndarray | None] = [None] * len(crops)
+        for side, idx in sorted(by_side.items()):
+            lap: dict[str, float] | None = None if timings is None else {}
+            samples = self.complete(
+                np.stack([crops[i] for i in idx]), np.stack([holes[i] for i in idx]), steps, lap
+            )
+            for i, sample in zip(idx, samples, strict=True):
+                out[i] = sample
+            if lap is not None:
+                for key, seconds in lap.items():
+                    timings[key] = timings.get(key, 0.0) + seconds
+                if per_side is not None:
+                    bucket = per_side.setdefault(side, {"holes": 0})
+                    bucket["holes"] += len(idx)
+                    for key, seconds in lap.items():
+                        bucket[key] = bucket.get(key, 0.0) + seconds
+        return out
+
     def complete(
         self, crops: np.ndarray, holes: np.ndarray, steps: int, timings: dict[str, float] | None = None
     ):
@@ -745,6 +829,8 @@ def scene_holes(scene, override: int | None = None) -> list[tuple[str, np.ndarra
 
 
 def hole_crop(hole: np.ndarray) -> tuple[int, int, int, int]:
+    """Crop box (x0, y0, x1, y1) of a hole (HxW bool): a square of CONTEXT x the hole's larger side, at least
+    MIN_CROP_PX, centred on the hole and clipped to the image."""
     h, w = hole.shape
     x, y, bw, bh = cv2.boundingRect(hole.astype(np.uint8))
     side = max(MIN_CROP_PX, int(math.ceil(CONTEXT * max(bw, bh))))
@@ -754,15 +840,22 @@ def hole_crop(hole: np.ndarray) -> tuple[int, int, int, int]:
     return cx0, cy0, cx0 + cw, cy0 + ch
 
 
-def prepare_holes(image: np.ndarray, holes: list[tuple[str, np.ndarray]], px: int):
-    """(crops (N, px, px, 3) uint8, hole masks (N, px, px) bool, crop boxes) of one image's holes."""
+def crop_side(box: tuple[int, int, int, int]) -> int:
+    """The larger side of a crop box (x0, y0, x1, y1), pixels."""
+    return max(box[2] - box[0], box[3] - box[1])
+
+
+def prepare_holes(image: np.ndarray, holes: list[tuple[str, np.ndarray]], side_for: Callable[[int], int]):
+    """One image's holes as the sampler takes them: (crops [(S, S, 3) uint8], hole masks [(S, S) bool], crop
+    boxes), each crop resized to its sampling side S = ``side_for(crop's larger side)``."""
     crops, masks, boxes = [], [], []
     for _, hole in holes:
-        x0, y0, x1, y1 = hole_crop(hole)
-        crops.append(_resize(image[y0:y1, x0:x1], (px, px)))
-        masks.append(_resize(hole[y0:y1, x0:x1].astype(np.float32), (px, px)) > 0)
-        boxes.append((x0, y0, x1, y1))
-    return np.stack(crops), np.stack(masks), boxes
+        x0, y0, x1, y1 = box = hole_crop(hole)
+        s = side_for(crop_side(box))
+        crops.append(_resize(image[y0:y1, x0:x1], (s, s)))
+        masks.append(_resize(hole[y0:y1, x0:x1].astype(np.float32), (s, s)) > 0)
+        boxes.append(box)
+    return crops, masks, boxes
 
 
 def paste(target: np.ndarray, sample: np.ndarray, hole: np.ndarray, box: tuple[int, int, int, int]) -> None:
@@ -856,6 +949,10 @@ class Bench:
             "made_in_s": round(scene_s, 3),
         }
         self.result["setup_s"] = {"scenes": round(scene_s, 3), "models": round(build_s, 3)}
+        # The sides follow from the scenes' holes alone (no timing): the distribution the e2e case samples.
+        self.sides = [[self.engine.side_for(crop_side(hole_crop(h))) for _, h in hs] for hs in self.holes]
+        self.result["scenes"]["completion_sides"] = _count_sides(s for hs in self.sides for s in hs)
+        self.result["completion"] = self.completion_config()
         self.result["input_sizes"] = {
             "owlv2_px": self.engine.owl_size,
             "sam_px": self.engine.sam_size,
@@ -883,6 +980,19 @@ class Bench:
         if self.pool is not None and not self.matting_ok:
             print(f"matting: {self.matting_reason}", flush=True)
         self.save()
+
+    def completion_config(self) -> dict[str, Any]:
+        """How sampling sides are chosen (``--completion-sides`` and its parameters), for the JSON."""
+        a, e = self.args, self.engine
+        if a.completion_sides == "fixed":
+            return {"mode": "fixed", "side": e.px, "max_side": e.px, "side_multiple": e.side_multiple}
+        return {
+            "mode": "bucketed",
+            "bucket_step": a.bucket_step,
+            "min_side": a.min_side,
+            "max_side": e.px,
+            "side_multiple": e.side_multiple,
+        }
 
     def _wants_matting(self) -> bool:
         return "matting" in self.args.cases or "e2e" in self.args.cases
@@ -944,18 +1054,24 @@ class Bench:
     def images(self, n: int) -> list[np.ndarray]:
         return [self.scenes[i % len(self.scenes)].image for i in range(n)]
 
-    def hole_batch(self, n: int):
+    def hole_batch(self, n: int, side: int | None = None):
+        """``n`` crops (n, S, S, 3) uint8 and hole masks (n, S, S) bool from the scenes' holes (repeated when
+        there are fewer), all at S = ``side`` (default: the model's full side, as the per-stage cases measure);
+        with a side, only the holes sampled at that side in the e2e case."""
+        px = self.engine.px if side is None else side
         crops, masks = [], []
         for i, scene in enumerate(self.scenes):
-            if self.holes[i]:
-                c, m, _ = prepare_holes(scene.image, self.holes[i], self.engine.px)
-                crops.append(c)
-                masks.append(m)
-            if sum(len(c) for c in crops) >= n:
+            holes = [
+                h for h, s in zip(self.holes[i], self.sides[i], strict=True) if side is None or s == side
+            ]
+            if holes:
+                c, m, _ = prepare_holes(scene.image, holes, lambda _: px)
+                crops += c
+                masks += m
+            if len(crops) >= n:
                 break
-        crops, masks = np.concatenate(crops), np.concatenate(masks)
         idx = [i % len(crops) for i in range(n)]
-        return crops[idx], masks[idx]
+        return np.stack([crops[i] for i in idx]), np.stack([masks[i] for i in idx])
 
     def pixels(self, crops: np.ndarray):
         import torch
@@ -1075,10 +1191,14 @@ class Bench:
     def case_e2e(self):
         import torch
 
-        a = self.args
-        # Warm-up on the first group with one step (excluded): every kernel and shape class runs once.
-        with torch.inference_mode(), self.engine.autocast():
+        a, e = self.args, self.engine
+        # Warm-up with one step (excluded): the first group, then one batch of every sampling side, so that
+        # every kernel and shape class has run once.
+        with torch.inference_mode(), e.autocast():
             self._e2e_pass(self.scenes[: a.batch], self.holes[: a.batch], 1, matting=False)
+            for side in sorted({s for ss in self.sides for s in ss}):
+                crops, masks = self.hole_batch(a.sd3_batch, side)
+                e.complete(crops, masks, 1)
         self.reset_peak()
         with torch.inference_mode(), self.engine.autocast():
             res = self._e2e_pass(self.scenes, self.holes, a.steps, matting=self.matting_ok)
@@ -1092,6 +1212,11 @@ class Bench:
             "holes": res["holes"],
             "matting": "overlapped" if self.matting_ok else self.matting_reason,
             "matting_workers": a.matting_workers,
+            "completion": {
+                **self.completion_config(),
+                "holes_per_side": {str(side): b["holes"] for side, b in sorted(res["per_side"].items())},
+                "per_side": {str(side): _bucket_entry(b) for side, b in sorted(res["per_side"].items())},
+            },
             "breakdown_s": res["breakdown"],
             "breakdown_s_per_image": {k: v / n for k, v in res["breakdown"].items()},
             "gpu_done_s": res["gpu_done_s"],
@@ -1108,6 +1233,7 @@ class Bench:
 
         e, a = self.engine, self.args
         bd: dict[str, float] = {}
+        per_side: dict[int, dict[str, float]] = {}
         futures = []
         n_holes = 0
         e.sync()
@@ -1132,16 +1258,16 @@ class Bench:
                 )
             t = e._lap(bd, "sam_decoder", t)
             prepared = [
-                prepare_holes(s.image, hs, e.px) if hs else None
+                prepare_holes(s.image, hs, e.side_for) if hs else None
                 for s, hs in zip(group, group_holes, strict=True)
             ]
             t = e._lap(bd, "cpu_prep", t)
             todo = [p for p in prepared if p is not None]
             if todo:
-                crops = np.concatenate([p[0] for p in todo])
-                hmask = np.concatenate([p[1] for p in todo])
+                crops = [c for p in todo for c in p[0]]
+                hmask = [m for p in todo for m in p[1]]
                 n_holes += len(crops)
-                samples = e.complete(crops, hmask, steps, bd)
+                samples = e.complete_by_side(crops, hmask, steps, bd, per_side)
                 t = time.perf_counter()
                 k = 0
                 for s, hs, p in zip(group, group_holes, prepared, strict=True):
@@ -1163,6 +1289,7 @@ class Bench:
             "wall_s": wall,
             "gpu_done_s": gpu_done,
             "breakdown": bd,
+            "per_side": per_side,
             "holes": n_holes,
             "matting_job_s": [r["seconds"] for r in results],
         }
@@ -1209,6 +1336,25 @@ class Bench:
 
 
 # ---------------------------------------------------------------- reporting
+
+
+def _count_sides(sides) -> dict[str, int]:
+    """Holes per sampling side, smallest side first (JSON keys are strings)."""
+    counts: dict[int, int] = {}
+    for s in sides:
+        counts[s] = counts.get(s, 0) + 1
+    return {str(s): counts[s] for s in sorted(counts)}
+
+
+def _bucket_entry(bucket: dict[str, float]) -> dict[str, Any]:
+    """One sampling side's e2e figures: holes, and each completion stage's seconds in all and per hole."""
+    n = int(bucket["holes"])
+    entry: dict[str, Any] = {"holes": n}
+    for stage in COMPLETION_STAGES:
+        entry[f"{stage}_s"] = bucket.get(stage, 0.0)
+        entry[f"{stage}_s_per_hole"] = bucket.get(stage, 0.0) / n
+    entry["s_per_hole"] = sum(entry[f"{stage}_s_per_hole"] for stage in COMPLETION_STAGES)
+    return entry
 
 
 def _json_default(o):
@@ -1292,6 +1438,9 @@ def print_table(result: dict[str, Any], args: argparse.Namespace) -> None:
             "(anchors are H100 figures for the full preset at 1024 px and 28 steps: not comparable with this run)"
         )
     head = f"{'stage':<16} {'unit':<6} {'measured':>11} {'anchor':>11} {'ratio':>7} {'per image':>11} {'peak GB':>8}"
+    if result.get("completion", {}).get("mode") == "bucketed":
+        print("(vae_encode, sd3_transformer and vae_decode rows: every hole at the full side, as the anchors; "
+              "e2e: bucketed sides)")  # fmt: skip
     print(head)
     print("-" * len(head))
     stages = result.get("stages", {})
@@ -1335,6 +1484,35 @@ def print_table(result: dict[str, Any], args: argparse.Namespace) -> None:
             print(f"  end to end {verdict} the {_fmt(target)} per image target")
     elif "e2e" in result.get("errors", {}):
         print(f"total (e2e) FAILED: {result['errors']['e2e']}")
+    print_sides(result)
+
+
+def print_sides(result: dict[str, Any]) -> None:
+    """The sampling sides: the rule, holes per side and, after an e2e case, each bucket's time per hole."""
+    cfg = result.get("completion")
+    if not cfg:
+        return
+    if cfg["mode"] == "fixed":
+        rule = f"fixed: every crop at {cfg['side']} px"
+    else:
+        rule = (f"bucketed: crop side rounded up to {cfg['bucket_step']} px, at least {cfg['min_side']}, "
+                f"at most {cfg['max_side']}")  # fmt: skip
+    sides = result.get("scenes", {}).get("completion_sides", {})
+    dist = ", ".join(f"{side} px: {n}" for side, n in sides.items()) or "no holes"
+    print(f"\ncompletion sides ({rule}); holes per side: {dist}")
+    per_side = (result.get("total") or {}).get("completion", {}).get("per_side")
+    if not per_side:
+        return
+    head = (
+        f"  {'side px':>7} {'holes':>6} "
+        + " ".join(f"{s:>16}" for s in COMPLETION_STAGES)
+        + f" {'per hole':>10}"
+    )
+    print("  e2e completion time per hole, by sampling side:")
+    print(head)
+    for side, b in per_side.items():
+        stages = " ".join(f"{_fmt(b[f'{s}_s_per_hole']):>16}" for s in COMPLETION_STAGES)
+        print(f"  {side:>7} {b['holes']:>6} {stages} {_fmt(b['s_per_hole']):>10}")
 
 
 # ---------------------------------------------------------------- command line
@@ -1376,6 +1554,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--vae-batch", type=int, default=None, help="crops per VAE encode/decode call; full 4, tiny 2"
     )
+    p.add_argument("--completion-sides", choices=COMPLETION_SIDES, default="bucketed",
+                   help="sampling side of each hole's crop in the e2e case: bucketed (default) = the crop's side "
+                        "rounded up to --bucket-step, at least --min-side, at most the model's side (1024 px full, "
+                        "64 px tiny; larger crops are downsampled), holes batched per side; fixed = every crop "
+                        "resized to the model's side")  # fmt: skip
+    p.add_argument("--bucket-step", type=int, default=None,
+                   help="bucketed sides are multiples of this, pixels (a multiple of 16 = VAE factor 8 x patch 2); "
+                        "full 256, tiny 16")  # fmt: skip
+    p.add_argument("--min-side", type=int, default=None,
+                   help="smallest bucketed side, pixels (rounded up to --bucket-step); full 512, tiny 32")  # fmt: skip
     p.add_argument("--holes", type=int, default=None,
                    help="completion holes per image; default: from each scene's ground truth (one background hole "
                         "per entity + one amodal hole per occluded entity)")  # fmt: skip
@@ -1443,9 +1631,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not cases:
         p.error(f"--cases: unknown {', '.join(unknown) or '(empty)'}; known: {', '.join(CASES)}")
     args.cases = [c for c in CASES if c in cases]
-    for key in ("scenes", "size", "steps", "batch", "sd3_batch", "vae_batch", "iters", "sd3_iters"):
+    for key in ("scenes", "size", "steps", "batch", "sd3_batch", "vae_batch", "iters", "sd3_iters", "bucket_step",
+                "min_side"):  # fmt: skip
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
+    multiple = side_multiple(args.preset)
+    if args.bucket_step % multiple:
+        p.error(
+            f"--bucket-step {args.bucket_step}: must be a multiple of {multiple} px (VAE factor x patch size)"
+        )
     if args.size < 32:
         p.error("--size must be at least 32 (make_scene's smallest)")
     if args.holes is not None and args.holes < 1:

@@ -38,10 +38,15 @@ Layer completion (:class:`NeuralCompletionBackend`), per entity, with RePaint (:
   the occluder). Entities without ``occluded_by`` have no hole: their layer is their visible pixels.
 
 Each hole is sampled in a square crop around it (``_CONTEXT`` times the hole's size, at least ``_MIN_CROP_PX``),
-resized to the UNet's ``sample_size``; the result is resized back and pasted ONLY inside the hole, so every other
-pixel equals the image exactly. Holes of all entities (of all images in :meth:`complete_batch`) go through the
-sampler together. Each hole draws its noise from its own generator, seeded from the image's sha256, the entity
-id, the hole kind and ``completion_seed``: results do not depend on how images are batched.
+resized to its sampling side (:func:`sampling_side`): the crop's side rounded up to a bucket step, at least a
+minimum side, at most the UNet's ``sample_size`` (step and minimum are ``_BUCKET_FRACTION`` and
+``_MIN_SIDE_FRACTION`` of ``sample_size``, rounded up to :func:`unet_side_multiple`). A small crop is thus sampled
+near its own scale instead of being upsampled to ``sample_size`` (more pixels to denoise, no more detail); a crop
+larger than ``sample_size`` is downsampled to it. The result is resized back and pasted ONLY inside the hole, so
+every other pixel equals the image exactly. Holes of all entities (of all images in :meth:`complete_batch`) with
+the same sampling side go through the sampler together. Each hole draws its noise from its own generator, seeded
+from the image's sha256, the entity id, the hole kind and ``completion_seed``: results do not depend on how images
+are batched.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -81,7 +87,9 @@ __all__ = [
     "load_owlv2",
     "load_repaint",
     "load_sam",
+    "sampling_side",
     "select_device",
+    "unet_side_multiple",
     "weights_refs",
 ]
 
@@ -112,6 +120,10 @@ _MIN_BOX_PX = 2
 _CONTEXT = 2.0
 """A completion crop is this many times the hole's larger side."""
 _MIN_CROP_PX = 32
+_BUCKET_FRACTION = 0.25
+"""Sampling sides are multiples of this fraction of the UNet's sample_size (rounded up to its side multiple)."""
+_MIN_SIDE_FRACTION = 0.5
+"""Crops are sampled at least at this fraction of the UNet's sample_size (rounded up to the bucket step)."""
 _SAMPLER_BATCH = 32
 """Holes per UNet batch."""
 _JUMP_LENGTH = 10
@@ -415,6 +427,66 @@ def _resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(a, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
+def _round_up(x: float, multiple: int) -> int:
+    return int(math.ceil(x / multiple)) * multiple
+
+
+def unet_side_multiple(block_out_channels: list[int] | tuple[int, ...], vae_factor: int = 1) -> int:
+    """Pixels an input side of a diffusers UNet must be a multiple of.
+
+    Every down block but the last halves the resolution (``UNet2DModel``, ``UNet2DConditionModel``, and the
+    ``AutoencoderKL`` encoder alike), so a side must be a multiple of ``2 ** (len(block_out_channels) - 1)``
+    latent pixels, times the VAE's factor in image pixels (1 for a pixel-space UNet).
+
+    Args:
+        block_out_channels: the model config's ``block_out_channels`` (one entry per level).
+        vae_factor: image pixels per latent pixel (8 for the SD VAEs, 1 without a VAE).
+
+    Raises:
+        ValueError: no levels, or a factor below 1.
+    """
+    if len(block_out_channels) < 1 or vae_factor < 1:
+        raise ValueError(
+            f"need at least one level and a VAE factor >= 1, got {block_out_channels}, {vae_factor}"
+        )
+    return 2 ** (len(block_out_channels) - 1) * int(vae_factor)
+
+
+def sampling_side(crop_px: int, *, max_side: int, step: int, min_side: int, multiple: int = 1) -> int:
+    """Side (pixels) at which a completion crop is sampled: its own scale, rounded up to a bucket.
+
+    ``crop_px`` rounded UP to a multiple of ``step``, at least ``min_side`` (itself rounded up to ``step``), at most
+    ``max_side``. A crop is therefore never upsampled to the model's maximum: it is enlarged by less than one
+    ``step`` (or to ``min_side``); a crop larger than ``max_side`` is downsampled to it. Few distinct sides
+    (buckets) let crops of one side be batched together.
+
+    Args:
+        crop_px: the crop's larger side, pixels (>= 1).
+        max_side: the model's largest (native) side, pixels; a multiple of ``multiple``.
+        step: bucket step, pixels; a multiple of ``multiple``.
+        min_side: smallest sampling side, pixels.
+        multiple: what the model needs every side to be a multiple of (SD3: VAE factor 8 x patch 2 = 16; a
+            pixel-space UNet: :func:`unet_side_multiple`).
+
+    Returns:
+        The sampling side: a multiple of ``multiple``, at most ``max_side``, and ``>= crop_px`` when
+        ``crop_px <= max_side``.
+
+    Raises:
+        ValueError: a non-positive argument, or ``step`` / ``max_side`` not a multiple of ``multiple``.
+    """
+    if min(crop_px, max_side, step, multiple) < 1 or min_side < 0:
+        raise ValueError(
+            f"sampling_side needs positive sizes, got crop {crop_px}, max {max_side}, step {step}, "
+            f"min {min_side}, multiple {multiple}"
+        )
+    if step % multiple or max_side % multiple:
+        raise ValueError(
+            f"the bucket step ({step} px) and the maximum side ({max_side} px) must be multiples of {multiple} px"
+        )
+    return min(max_side, _round_up(max(crop_px, min_side), step))
+
+
 # ---------------------------------------------------------------- stage 2
 
 
@@ -685,6 +757,9 @@ class NeuralCompletionBackend:
 
     Attributes:
         weights: exact references of the weights loaded, [completion].
+        size: the UNet's ``sample_size``, the largest sampling side (pixels).
+        side_multiple: what every sampling side is a multiple of (:func:`unet_side_multiple`), pixels.
+        bucket_step, min_side: sampling sides are multiples of ``bucket_step`` and at least ``min_side``, pixels.
     """
 
     name = "neural"
@@ -704,6 +779,10 @@ class NeuralCompletionBackend:
         self.weights = [local.ref]
         self.unet, self.scheduler = load_repaint(local.path, self.device)
         self.size = int(self.unet.config.sample_size)
+        self.side_multiple = unet_side_multiple(self.unet.config.block_out_channels)
+        self.bucket_step = _round_up(self.size * _BUCKET_FRACTION, self.side_multiple)
+        self.min_side = _round_up(self.size * _MIN_SIDE_FRACTION, self.bucket_step)
+        self.sampling_side(self.size)  # a sample_size the UNet cannot run at fails here, not mid-batch
         self.steps = int(_cfg(self.cfg, "completion_steps", DEFAULT_COMPLETION_STEPS))
         self.dilate_px = int(_cfg(self.cfg, "completion_dilate_px", DEFAULT_COMPLETION_DILATE_PX))
         self.seed = int(_cfg(self.cfg, "completion_seed", DEFAULT_COMPLETION_SEED))
@@ -737,13 +816,16 @@ class NeuralCompletionBackend:
         for i, (image, entities) in enumerate(zip(images, entities_list, strict=True)):
             _check_image(image)
             holes += self._holes(i, image, entities)
-        if holes:
-            with torch.inference_mode():
-                for start in range(0, len(holes), _SAMPLER_BATCH):
-                    self._sample(
-                        [images[h.image] for h in holes[start : start + _SAMPLER_BATCH]],
-                        holes[start : start + _SAMPLER_BATCH],
-                    )
+        buckets: dict[int, list[_Hole]] = {}
+        for h in holes:
+            h.crop = self._crop(h, images[h.image].shape[:2])
+            x0, y0, x1, y1 = h.crop
+            buckets.setdefault(self.sampling_side(max(x1 - x0, y1 - y0)), []).append(h)
+        with torch.inference_mode():
+            for side, group in sorted(buckets.items()):
+                for start in range(0, len(group), _SAMPLER_BATCH):
+                    batch = group[start : start + _SAMPLER_BATCH]
+                    self._sample([images[h.image] for h in batch], batch, side)
         by_key = {(h.image, h.entity, h.kind): h for h in holes}
         out: list[list[Completion]] = []
         for i, (image, entities) in enumerate(zip(images, entities_list, strict=True)):
@@ -810,6 +892,16 @@ class NeuralCompletionBackend:
                 out.append(_Hole(i, k, "amodal", hidden, hidden | front, seed(ent, "amodal")))
         return out
 
+    def sampling_side(self, crop_px: int) -> int:
+        """Side (pixels) at which a crop of ``crop_px`` is sampled by this UNet (:func:`sampling_side`)."""
+        return sampling_side(
+            crop_px,
+            max_side=self.size,
+            step=self.bucket_step,
+            min_side=self.min_side,
+            multiple=self.side_multiple,
+        )
+
     def _crop(self, hole: _Hole, shape: tuple[int, int]) -> tuple[int, int, int, int]:
         h, w = shape
         x0, y0, x1, y1 = _box(hole.hole)
@@ -819,14 +911,13 @@ class NeuralCompletionBackend:
         cy0 = int(np.clip((y0 + y1) / 2 - ch / 2, 0, h - ch))
         return cx0, cy0, cx0 + cw, cy0 + ch
 
-    def _sample(self, images: list[np.ndarray], holes: list[_Hole]) -> None:
-        """RePaint over a batch of holes; fills each hole's ``result``."""
+    def _sample(self, images: list[np.ndarray], holes: list[_Hole], side: int) -> None:
+        """RePaint over a batch of holes (crops set) at ``side`` x ``side`` pixels; fills each hole's ``result``."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        s = self.size
+        s = side
         known, keep = [], []
         for image, hole in zip(images, holes, strict=True):
-            hole.crop = self._crop(hole, image.shape[:2])
             x0, y0, x1, y1 = hole.crop
             patch = _resize(image[y0:y1, x0:x1], (s, s)).astype(np.float32) / 127.5 - 1.0
             # any trace of the hole in a small pixel makes it unknown: the sampler must not copy hole pixels

@@ -1,6 +1,7 @@
 """bench/gpu_engine.py: the tiny preset end to end on the CPU (every stage timed, no ray/boto3 imported), the
-matting step degrading when pymatting cannot be imported, and the full-size models' parameter counts, built on the
-``meta`` device (no memory allocated)."""
+completion's sampling sides (bucketed and fixed, recorded in the JSON), the matting step degrading when pymatting
+cannot be imported, and the full-size models' parameter counts, built on the ``meta`` device (no memory
+allocated)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ def test_help_explains_every_option():
         "--preset",
         "--out",
         "--matting-workers",
+        "--completion-sides",
+        "--bucket-step",
+        "--min-side",
     ):
         assert option in proc.stdout
     assert "ViT-H" in proc.stdout and "SD3" in proc.stdout and "OWLv2" in proc.stdout
@@ -81,6 +85,69 @@ def test_tiny_preset_on_cpu(tmp_path):
     for stage in STAGES:
         assert stage in proc.stdout  # the side-by-side table
     assert "total (e2e)" in proc.stdout
+    # bucketed sides by default; the per-stage completion cases still measure the model's full side
+    assert result["completion"]["mode"] == "bucketed"
+    assert sum(total["completion"]["holes_per_side"].values()) == total["holes"]
+    for stage in ("vae_encode", "vae_decode"):
+        assert result["stages"][stage]["input_px"] == 64
+    assert result["stages"]["sd3_transformer"]["latent"] == [16, 8, 8]
+    assert "completion sides (bucketed" in proc.stdout and "by sampling side" in proc.stdout
+
+
+def _expected_sides(mode: str) -> dict[str, int]:
+    """Holes per sampling side of the tiny preset's scenes, from the script's hole rule and the engine's
+    rounding function, computed here independently of the run."""
+    from collections import Counter
+
+    ge = _load_script()
+    ge.ensure_reflade()
+    from reflade.engine.backends.neural import sampling_side
+    from reflade.engine.synth import make_scene
+
+    counts: Counter[int] = Counter()
+    for seed in range(3):
+        for _, hole in ge.scene_holes(make_scene(seed, size=(192, 192))):
+            crop = ge.crop_side(ge.hole_crop(hole))
+            counts[
+                64 if mode == "fixed" else sampling_side(crop, max_side=64, step=16, min_side=32, multiple=16)
+            ] += 1
+    return {str(side): counts[side] for side in sorted(counts)}
+
+
+@pytest.mark.parametrize("mode", ["bucketed", "fixed"])
+def test_completion_sides_are_recorded(tmp_path, mode):
+    out = tmp_path / f"{mode}.json"
+    proc = _run(
+        ["--preset", "tiny", "--device", "cpu", "--cases", "e2e", "--matting-workers", "0",
+         "--completion-sides", mode, "--out", str(out)]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads(out.read_text())
+    assert result["complete"] is True and result["forbidden_modules"] == []
+    expected = _expected_sides(mode)
+    assert sum(expected.values()) == sum(result["scenes"]["holes"]) > 0
+    assert result["scenes"]["completion_sides"] == expected
+    completion = result["total"]["completion"]
+    assert completion["mode"] == mode == result["completion"]["mode"]
+    assert completion["holes_per_side"] == expected  # what the e2e pass sampled
+    assert set(completion["per_side"]) == set(expected)
+    for side, bucket in completion["per_side"].items():
+        assert bucket["holes"] == expected[side]
+        for stage in ("vae_encode", "sd3_transformer", "vae_decode"):
+            assert bucket[f"{stage}_s_per_hole"] > 0
+            assert bucket[f"{stage}_s_per_hole"] == pytest.approx(bucket[f"{stage}_s"] / bucket["holes"])
+    for stage in ("vae_encode", "sd3_transformer", "vae_decode"):  # the buckets add up to the e2e breakdown
+        assert sum(b[f"{stage}_s"] for b in completion["per_side"].values()) == pytest.approx(
+            result["total"]["breakdown_s"][stage]
+        )
+    if mode == "fixed":
+        assert expected == {"64": result["total"]["holes"]}
+        assert completion["side"] == 64
+    else:
+        assert len(expected) > 1, "the tiny scenes should give more than one bucket"
+        assert all(32 <= int(side) <= 64 and int(side) % 16 == 0 for side in expected)
+        assert (completion["bucket_step"], completion["min_side"], completion["max_side"]) == (16, 32, 64)
+    assert f"completion sides ({mode}" in proc.stdout
 
 
 def test_matting_unavailable_is_recorded_not_fatal(tmp_path):
@@ -135,7 +202,14 @@ def test_full_size_parameter_counts_on_meta():
 
 @pytest.mark.parametrize(
     "argv",
-    [["--device", "tpu"], ["--device", "cpu", "--cases", "owlv2,nope"], ["--device", "cpu", "--scenes", "0"]],
+    [
+        ["--device", "tpu"],
+        ["--device", "cpu", "--cases", "owlv2,nope"],
+        ["--device", "cpu", "--scenes", "0"],
+        ["--device", "cpu", "--bucket-step", "24"],
+        ["--device", "cpu", "--min-side", "0"],
+        ["--device", "cpu", "--completion-sides", "exact"],
+    ],
 )
 def test_bad_arguments_are_refused(argv):
     proc = _run(["--preset", "tiny", *argv])

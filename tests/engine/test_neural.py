@@ -1,5 +1,6 @@
 """The ``neural`` backends with tiny random weights: registry round trip, cache, SAM/OWLv2/RePaint data flow,
-output invariants, determinism, refusal of corrupt weights, and the backends inside a Ray Data actor pool.
+output invariants, determinism, refusal of corrupt weights, the completion's sampling sides (``sampling_side``),
+and the backends inside a Ray Data actor pool.
 
 Random weights say nothing about quality; every assertion here is about shapes, frames, invariants and plumbing.
 """
@@ -20,6 +21,8 @@ from reflade.engine.backends.neural import (
     NeuralSceneBackend,
     fetch_weights,
     load_sam,
+    sampling_side,
+    unet_side_multiple,
     weights_refs,
 )
 from reflade.engine.backends.tiny_weights import LICENSE, TINY_NAMES, register_tiny_weights
@@ -291,6 +294,108 @@ def test_complete_handles_no_entities_and_bad_masks(completion):
     bad = Entity(0, (0, 0, 1, 1), np.ones((5, 5), bool), "cup", 0.5)
     with pytest.raises(ValueError, match="does not match the image"):
         completion.complete(IMAGES[0], [bad])
+
+
+# ---------------------------------------------------------------- sampling sides
+
+
+@pytest.mark.parametrize(
+    ("crop", "side"),
+    [
+        (1, 512), (300, 512), (512, 512), (513, 768), (700, 768), (768, 768), (769, 1024), (1024, 1024),
+        (1025, 1024), (4000, 1024),
+    ],
+)  # fmt: skip
+def test_sampling_side_sd3_defaults(crop, side):
+    """SD3 at 1024 px: steps of 256 from 512; small crops are not upsampled to 1024, large ones downsampled."""
+    assert sampling_side(crop, max_side=1024, step=256, min_side=512, multiple=16) == side
+
+
+def test_sampling_side_rule():
+    for step, min_side, max_side, multiple in [(256, 512, 1024, 16), (16, 32, 64, 4), (64, 100, 256, 32)]:
+        for crop in range(1, 2 * max_side):
+            side = sampling_side(crop, max_side=max_side, step=step, min_side=min_side, multiple=multiple)
+            assert side % multiple == 0 and side % step == 0 or side == max_side
+            assert side <= max_side
+            if crop <= max_side:
+                assert side >= crop  # never downsampled below the model's side
+            else:
+                assert side == max_side  # only crops larger than the model's side are downsampled
+            # never upsampled past the next bucket: less than one step above the crop, or the minimum
+            assert side < crop + step or side == min(max_side, -(-min_side // step) * step)
+    # the minimum is itself rounded up to the step, and can never exceed the maximum
+    assert sampling_side(10, max_side=1024, step=256, min_side=300, multiple=16) == 512
+    assert sampling_side(10, max_side=256, step=256, min_side=512, multiple=16) == 256
+    assert sampling_side(10, max_side=1024, step=256, min_side=0, multiple=16) == 256
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"step": 24}, "multiples of 16"),
+        ({"max_side": 1000}, "multiples of 16"),
+        ({"step": 0}, "positive"),
+        ({"crop_px": 0}, "positive"),
+        ({"min_side": -1}, "positive"),
+    ],
+)
+def test_sampling_side_refuses_bad_arguments(kwargs, match):
+    args = {"crop_px": 100, "max_side": 1024, "step": 256, "min_side": 512, "multiple": 16, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        sampling_side(args.pop("crop_px"), **args)
+
+
+def test_unet_side_multiple():
+    assert unet_side_multiple((16, 32, 32)) == 4  # the tiny RePaint UNet: 2 downsamplings
+    assert unet_side_multiple((128, 256, 512, 512)) == 8  # SD3's VAE: its factor
+    assert unet_side_multiple((320, 640, 1280, 1280), vae_factor=8) == 64  # an SD 1.x/2.x inpainting UNet
+    with pytest.raises(ValueError, match="at least one level"):
+        unet_side_multiple(())
+
+
+def test_tiny_unet_sampling_sides(completion):
+    """The tiny UNet (sample_size 64, 3 levels): buckets of 16 from 32 px, multiples of 4; crops of 64 px and
+    more are sampled at 64 px as before."""
+    assert (completion.size, completion.side_multiple) == (64, 4)
+    assert (completion.bucket_step, completion.min_side) == (16, 32)
+    assert [completion.sampling_side(c) for c in (1, 32, 33, 48, 49, 64, 65, 500)] == [
+        32,
+        32,
+        48,
+        48,
+        64,
+        64,
+        64,
+        64,
+    ]
+    assert all(completion.sampling_side(c) % completion.side_multiple == 0 for c in range(1, 200))
+
+
+def test_complete_samples_each_crop_at_its_bucket(completion, monkeypatch):
+    """Small holes are sampled at a small side, grouped by side; only the holes' pixels change."""
+    image = IMAGES[2]  # 128 x 128
+    masks = []
+    for x0, y0, side in [(10, 10, 6), (60, 12, 10), (20, 60, 40)]:
+        m = np.zeros(image.shape[:2], bool)
+        m[y0 : y0 + side, x0 : x0 + side] = True
+        masks.append(m)
+    entities = [Entity(i, (0, 0, 1, 1), m, "cup", 0.5) for i, m in enumerate(masks)]
+    calls = []
+    sample = completion._sample
+
+    def spy(images, holes, side):
+        calls.append((side, [max(h.crop[2] - h.crop[0], h.crop[3] - h.crop[1]) for h in holes]))
+        return sample(images, holes, side)
+
+    monkeypatch.setattr(completion, "_sample", spy)
+    comps = completion.complete(image, entities)
+    # background holes: the masks dilated by 4 px (14, 18 and 48 px) -> crops of 32, 36 and 96 px
+    assert calls == [(32, [32]), (48, [36]), (64, [96])]
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * completion.dilate_px + 1,) * 2)
+    for m, c in zip(masks, comps, strict=True):
+        hole = cv2.dilate(m.astype(np.uint8), kernel).astype(bool)
+        assert np.array_equal(c.background[~hole], image[~hole])
+        assert (c.background[hole] != image[hole]).any()
 
 
 # ---------------------------------------------------------------- Ray
