@@ -169,7 +169,9 @@ class Check:
             from reflade.train.vae import build_tiny_vae
 
             overrides = {"num_layers": self.args.layers} if self.args.layers else {}
-            bundle = build_reflayer("tiny", vae=build_tiny_vae(seed=0), resolution=self.args.sample_res, **overrides)
+            bundle = build_reflayer(
+                "tiny", vae=build_tiny_vae(seed=0), resolution=self.args.sample_res, **overrides
+            )
             bundle.to(self.device)
         else:
             # Initialise on the GPU directly: drawing 2 B random weights on the CPU takes a minute.
@@ -266,7 +268,6 @@ class Check:
 
                 sec = self.timed(step, args.warmup, args.iters)
                 fused = bool(opt.defaults.get("fused"))
-                del opt, loss_module
                 return {"batch": batch, "s_per_step": sec, "samples_per_s": batch / sec, "fused_adamw": fused}
 
             def bare_case(settings=settings, latents=latents, batch=batch):
@@ -301,7 +302,6 @@ class Check:
 
                 sec = self.timed(step, args.warmup, args.iters)
                 fused = bool(opt.defaults.get("fused"))
-                del opt
                 return {"batch": batch, "s_per_step": sec, "samples_per_s": batch / sec, "fused_adamw": fused}
 
             # The bare model first at each size, then RefLayer: both see the same latents and batch.
@@ -345,7 +345,9 @@ class Check:
         def vae_encode():
             with torch.inference_mode():
                 with autocast(self.device, self.cuda):
-                    sec = self.timed(lambda: bundle.encode_pixels(image.to(weights_dtype)), args.warmup, args.iters)
+                    sec = self.timed(
+                        lambda: bundle.encode_pixels(image.to(weights_dtype)), args.warmup, args.iters
+                    )
             return {"batch": 1, "s_per_image": sec}
 
         def vae_decode():
@@ -386,7 +388,10 @@ class Check:
         self.case(f"bare_sample_{res}{tag}", bare_sample)
 
         pipe = RefLayerPipeline(bundle, mixed_precision=self.cuda)
-        prompt = {"box": [res * 0.2, res * 0.25, res * 0.7, res * 0.8], "points": [[res * 0.45, res * 0.5, 1]]}
+        prompt = {
+            "box": [res * 0.2, res * 0.25, res * 0.7, res * 0.8],
+            "points": [[res * 0.45, res * 0.5, 1]],
+        }
         canvases = canvas_batch([prompt], res, res)
         images = image.cpu()
 
@@ -450,10 +455,12 @@ def device_info(device) -> dict[str, Any]:
 def print_table(result: dict[str, Any]) -> None:
     dev = result["device"]
     print(f"\nRefLayer GPU check: preset {result['preset']} on {dev.get('name', dev['type'])}")
-    print(f"{'case':<24}{'batch':>6}{'samples/s':>11}{'s/step':>9}{'s/image':>9}{'peak GiB':>10}{'vs bare':>9}")
+    print(
+        f"{'case':<24}{'batch':>6}{'samples/s':>11}{'s/step':>9}{'s/image':>9}{'peak GiB':>10}{'vs bare':>9}"
+    )
     for name, e in result["cases"].items():
 
-        def f(key, fmt):
+        def f(key, fmt, e=e):
             v = e.get(key)
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
@@ -472,8 +479,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", choices=("auto", "sd3-medium", "tiny"), default="auto",
-                   help="sd3-medium (real size) or tiny (CPU smoke); auto: sd3-medium on CUDA, tiny on the CPU")
+    p.add_argument(
+        "--preset",
+        choices=("auto", "sd3-medium", "tiny"),
+        default="auto",
+        help="sd3-medium (real size) or tiny (CPU smoke); auto: sd3-medium on CUDA, tiny on the CPU",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per case (default 3; tiny 1)")
     p.add_argument("--iters", type=int, default=None, help="timed calls per case (default 10; tiny 2)")
@@ -483,10 +494,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--infer-dtypes", nargs="+", choices=("fp32", "bf16"), default=None,
                    help="weights' dtypes of the inference cases, in order (default: fp32 bf16 on CUDA, fp32 on "
                         "the CPU); bf16 casts the bundle after the training cases")  # fmt: skip
-    p.add_argument("--layers", type=int, default=None,
-                   help="override the transformer's depth (a quick shape check of sd3-medium on a CPU)")
-    p.add_argument("--sample-res", type=int, default=None,
-                   help="decomposition resolution (default 1024; tiny 128); training sizes scale with it")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="override the transformer's depth (a quick shape check of sd3-medium on a CPU)",
+    )
+    p.add_argument(
+        "--sample-res",
+        type=int,
+        default=None,
+        help="decomposition resolution (default 1024; tiny 128); training sizes scale with it",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--only", nargs="*", default=None, help="run only the cases whose names start with these")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/gpu_check-<preset>.json)")
@@ -502,7 +521,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.iters = args.iters if args.iters is not None else (2 if tiny else 10)
     args.sample_steps = args.sample_steps or (4 if tiny else 28)
     args.sample_res = args.sample_res or SAMPLE_RES[args.preset]
-    args.infer_dtypes = args.infer_dtypes or (["fp32", "bf16"] if args.device.startswith("cuda") else ["fp32"])
+    args.infer_dtypes = args.infer_dtypes or (
+        ["fp32", "bf16"] if args.device.startswith("cuda") else ["fp32"]
+    )
     if args.guidance <= 1.0:
         p.error("--guidance must be > 1 (the guided case)")
     args.out = args.out or str(RESULTS / f"gpu_check-{args.preset}.json")
@@ -524,8 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check.run()
     except Exception as exc:  # noqa: BLE001 - keep what was measured
-        check.result["errors"]["run"] = {"error": f"{type(exc).__name__}: {exc}"[:2000],
-                                         "traceback": traceback.format_exc()[-4000:]}
+        check.result["errors"]["run"] = {
+            "error": f"{type(exc).__name__}: {exc}"[:2000],
+            "traceback": traceback.format_exc()[-4000:],
+        }
         print(traceback.format_exc(), file=sys.stderr)
     check.result["finished"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     check.save()

@@ -31,6 +31,11 @@ def run(
     limit: Annotated[int | None, typer.Option(help="At most this many inputs.")] = None,
     synthetic: Annotated[int, typer.Option(help="Also add this many synthetic scenes (exact ground truth).")] = 0,
     synthetic_size: Annotated[int, typer.Option(help="Side of the synthetic scenes, pixels.")] = 256,
+    synthetic_split: Annotated[
+        str | None,
+        typer.Option(help="Split of the synthetic rows: train, test, quality, or hash (whole scenes by id, "
+                     "engine.synthetic_test_fraction to test). Default: the configuration's (test)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run's figures as JSON.")] = False,
 ) -> None:
     """Stream raw images through the six stages and register the dataset version (resumable, exactly-once)."""
@@ -38,7 +43,7 @@ def run(
 
     cfg = get_config()
     result = run_engine(cfg, input, dataset, backends=backends, limit=limit, synthetic=synthetic,
-                        synthetic_size=synthetic_size, log=console.print)
+                        synthetic_size=synthetic_size, synthetic_split=synthetic_split, log=console.print)
     if as_json:
         print(json.dumps(result.as_dict(), indent=1, default=str))
         return

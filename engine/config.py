@@ -80,7 +80,10 @@ class EngineConfig:
     test_fraction: float = 0.1
     """Fraction of source images (by hash, deterministic) whose layers go to the test split."""
     synthetic_split: str = "test"
-    """Split of rows made from synthetic scenes (exact ground truth)."""
+    """Split of rows made from synthetic scenes (exact ground truth): ``train``, ``test``, ``quality``, or ``hash``
+    (by scene id: ``synthetic_test_fraction`` of the scenes to ``test``, the rest to ``train``)."""
+    synthetic_test_fraction: float = 0.5
+    """With ``synthetic_split: hash``: the fraction of synthetic scenes whose rows go to the test split."""
     batch_size: int = 4
     """Images per Ray Data batch."""
     cpu_actors: int = 1

@@ -16,7 +16,10 @@ def engine_step(cfg, registry, timer, made, console) -> None:
 
     with timer.step("data engine (Ray job: photos + synthetic scenes -> dataset)"):
         jobs = Jobs(cfg)
-        args = ["run", "--input", made["photos"], "--dataset", DEMO_DATASET, "--synthetic", str(DEMO_SYNTHETIC)]
+        # Half the synthetic scenes (whole scenes, by id) to train, so the training step has exact ground truth
+        # to learn from; the other half stays in test for evaluation.
+        args = ["run", "--input", made["photos"], "--dataset", DEMO_DATASET, "--synthetic", str(DEMO_SYNTHETIC),
+                "--synthetic-split", "hash"]
         job_id = jobs.submit("engine", args)
         console.print(f"submitted engine job {job_id}: reflade engine {' '.join(args)}")
         for chunk in jobs.follow(job_id):

@@ -14,6 +14,8 @@ Exactly-once (design.md, "Data"):
 from __future__ import annotations
 
 import abc
+import copy
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -549,6 +551,7 @@ def run_engine(
     limit: int | None = None,
     synthetic: int = 0,
     synthetic_size: int = 256,
+    synthetic_split: str | None = None,
     progress: bool | None = None,
     log=print,
 ) -> RunResult:
@@ -560,6 +563,8 @@ def run_engine(
         backends: ``classical`` or ``neural``.
         limit: at most this many inputs.
         synthetic: also add this many synthetic scenes as exact ground-truth rows (split ``synthetic_split``).
+        synthetic_split: overrides the configuration's ``synthetic_split`` (``hash``: whole scenes to train or
+            test by id).
 
     Raises:
         EngineError: the counts do not balance; IngestError: the input cannot be read.
@@ -574,9 +579,17 @@ def run_engine(
     from reflade.platform.storage import Storage
 
     validate_name(dataset)
+    if synthetic_split is not None:
+        cfg = copy.deepcopy(cfg)
+        base = cfg.section("engine") if "engine" in cfg.sections else EngineConfig()
+        cfg.sections["engine"] = dataclasses.replace(base, synthetic_split=synthetic_split)
     if backends not in FAMILIES:
         raise EngineError(f"unknown backends {backends!r} (known: {', '.join(FAMILIES)})")
     ecfg: EngineConfig = cfg.section("engine") if "engine" in cfg.sections else EngineConfig()
+    if ecfg.synthetic_split not in ("train", "test", "quality", "hash"):
+        raise EngineError(f"synthetic_split must be train, test, quality or hash, not {ecfg.synthetic_split!r}")
+    if not 0.0 <= ecfg.synthetic_test_fraction <= 1.0:
+        raise EngineError(f"synthetic_test_fraction must be in [0, 1], not {ecfg.synthetic_test_fraction}")
     t_start = time.monotonic()
     storage = Storage.from_config(cfg)
     registry = Registry(storage, cfg.registry.prefix)
@@ -731,7 +744,10 @@ def _write_synthetic(storage, run_prefix, n, size, config_hash, ecfg, log) -> No
             continue
         rows = []
         for (_, scene), sid in zip(scenes, ids, strict=True):
-            for row in synthetic_rows(scene, sid, config_hash, ecfg.synthetic_split, ecfg):
+            split = ecfg.synthetic_split
+            if split == "hash":  # whole scenes per split, by id: the same scene lands in the same split every run
+                split = split_for(hashlib.sha256(sid.encode()).hexdigest(), ecfg.synthetic_test_fraction)
+            for row in synthetic_rows(scene, sid, config_hash, split, ecfg):
                 row["source_id"] = sid
                 rows.append(row)
         name = shard_name(ids)

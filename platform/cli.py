@@ -523,11 +523,21 @@ def registry_job(argv: list[str]) -> int:
 
 
 def run_typer(typer_app: typer.Typer, argv: list[str], prog: str) -> int:
+    """Run a Typer app as a job's main: usage errors and the platform's known errors end with their message and
+    a non-zero exit code, not a traceback."""
     cmd = typer.main.get_command(typer_app)
     try:
         cmd.main(args=argv, prog_name=prog, standalone_mode=False)
     except SystemExit as e:
         return int(e.code or 0)
+    except typer.Exit as e:
+        return e.exit_code
+    except _click_errors() as e:
+        e.show()
+        return e.exit_code
+    except _known_errors() as e:
+        err_console.print(f"[red]error[/]: {type(e).__name__}: {escape(str(e))}", highlight=False)
+        return 1
     return 0
 
 
@@ -590,10 +600,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as e:
         return int(e.code or 0)
-    except __import__("click").ClickException as e:
+    except _click_errors() as e:
         e.show()
         return e.exit_code
     return 0
+
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    """Click's usage errors: click's own and typer's vendored copy (typer >= 0.2x raises the latter)."""
+    import click
+
+    errors: list[type[Exception]] = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as VendoredClickException
+    except ImportError:
+        pass
+    else:
+        errors.append(VendoredClickException)
+    return tuple(errors)
 
 
 if __name__ == "__main__":

@@ -74,11 +74,14 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "PRESETS",
+    "FrozenEncoders",
+    "build_encoders",
     "RefLayer",
     "RefLayerBundle",
     "RefLayerPreset",
     "build_reflayer",
     "count_parameters",
+    "load_reflayer",
 ]
 
 FORMAT = "reflade.reflayer"
@@ -331,7 +334,9 @@ class RefLayerBundle:
         """Pixels per latent pixel (per side)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> RefLayerBundle:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> RefLayerBundle:
         """Move every part to ``device`` and/or cast its weights to ``dtype`` (in place; returns self).
 
         ``dtype=torch.bfloat16`` is for inference on a GPU (half the weights' memory, no per-step casts under
@@ -356,9 +361,7 @@ class RefLayerBundle:
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) normalized latents (the VAE posterior's mode)."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        z = self.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist.mode()
-        return ((z - self._shift) * self._scale).float()
+        return _encode_pixels(self.vae, pixels, self.device)
 
     def decoder_input(self, latents: torch.Tensor) -> torch.Tensor:
         """What both decoders read: the VAE's own pre-decoder transform of normalized latents."""
@@ -633,6 +636,132 @@ def _preset(name: str, resolution: int | None, overrides: dict[str, Any]) -> Ref
     return p
 
 
+def _frozen_parts(
+    p: RefLayerPreset,
+    preset: str,
+    *,
+    vae: Any,
+    text: Any,
+    weights: str | None,
+    registry,
+    cache_dir,
+    dtype: torch.dtype | None,
+    seed: int,
+) -> tuple[AutoencoderKL, TextEncoder, FlowMatchEulerDiscreteScheduler, str | None, dict[str, str]]:
+    """The frozen parts of a preset: (VAE, text encoder, scheduler, base weights reference or None, sources).
+
+    One function for :func:`build_reflayer` and :func:`build_encoders`, so cached latents come from exactly the
+    encoders the model trains with.
+    """
+    sources: dict[str, str] = {}
+    if preset == "tiny":
+        if weights is not None:
+            raise ValueError("weights= is for sd3-medium; the tiny preset takes vae= and text=")
+        vae_model, vae_ref = _resolve_vae(vae, registry, cache_dir)
+        text_encoder, text_source = _resolve_text(text, registry, cache_dir, p.text_max_length)
+        if vae_ref:
+            sources["vae"] = vae_ref
+        sources["text_encoder"] = text_source
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=p.scheduler_shift)
+        return vae_model, text_encoder, scheduler, None, sources
+    if vae is not None or text is not None:
+        raise ValueError("sd3-medium takes its VAE and text encoders from weights=, not vae= / text=")
+    if weights is None:
+        with _seeded(seed + 1):
+            vae_model = AutoencoderKL.from_config(_SD3_VAE_CONFIG)
+        text_encoder = RandomTextEncoder(
+            _SD3_TEXT["hidden_dim"], _SD3_TEXT["pooled_dim"], _SD3_TEXT["clip_len"] + p.t5_max_length
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=p.scheduler_shift)
+        sources["text_encoder"] = "random"
+        return vae_model, text_encoder, scheduler, None, sources
+    base = _exact_ref(registry, weights)
+    folder = _fetch(registry, base, cache_dir)
+    vae_model = _load_vae(folder / "vae", dtype)
+    text_encoder = SD3TextEncoder(folder, t5_max_length=p.t5_max_length, dtype=dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder), subfolder="scheduler")
+    sources["base_weights"] = base
+    return vae_model, text_encoder, scheduler, base, sources
+
+
+@dataclass
+class FrozenEncoders:
+    """The frozen VAE and text encoder of a preset without the trainable model: what a latent-caching pass
+    needs (:func:`reflade.train.losses.encode_batch` accepts it in place of a bundle)."""
+
+    vae: AutoencoderKL
+    text_encoder: TextEncoder
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.vae.requires_grad_(False).eval()
+        self.text_encoder.requires_grad_(False).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def resolution(self) -> int:
+        return int(self.config["resolution"])
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> FrozenEncoders:
+        kw = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v is not None}
+        self.vae.to(**kw)
+        self.text_encoder.to(**kw)
+        return self
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _encode_pixels(self.vae, pixels, self.device)
+
+
+@torch.no_grad()
+def _encode_pixels(vae: AutoencoderKL, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) normalized latents (the posterior's mode), float32."""
+    vae_dtype = next(vae.parameters()).dtype
+    z = vae.encode(pixels.to(device, vae_dtype)).latent_dist.mode()
+    shift = float(vae.config.shift_factor or 0.0)
+    return ((z - shift) * float(vae.config.scaling_factor)).float()
+
+
+def build_encoders(
+    preset: str = "tiny",
+    *,
+    vae: AutoencoderKL | str | os.PathLike | None = None,
+    text: TextEncoder | str | os.PathLike | None = None,
+    weights: str | None = None,
+    registry=None,
+    cache_dir: str | os.PathLike | None = None,
+    resolution: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> FrozenEncoders:
+    """The frozen encoders :func:`build_reflayer` would give the same arguments, without the trainable model
+    (no 2 B-parameter transformer in a latent-caching actor)."""
+    p = _preset(preset, resolution, {})
+    vae_model, text_encoder, _, base, sources = _frozen_parts(
+        p,
+        preset,
+        vae=vae,
+        text=text,
+        weights=weights,
+        registry=registry,
+        cache_dir=cache_dir,
+        dtype=dtype,
+        seed=seed,
+    )
+    enc = FrozenEncoders(
+        vae=vae_model,
+        text_encoder=text_encoder,
+        config={"preset": preset, "resolution": p.resolution, "base_weights": base, "sources": sources},
+    )
+    return enc.to(device) if device is not None else enc
+
+
 # ---------------------------------------------------------------------------------------------- builders
 def build_reflayer(
     preset: str = "tiny",
@@ -675,45 +804,25 @@ def build_reflayer(
         RegistryError: a reference cannot be resolved.
     """
     p = _preset(preset, resolution, overrides)
-    sources: dict[str, str] = {}
-    if preset == "tiny":
-        if weights is not None:
-            raise ValueError("weights= is for sd3-medium; the tiny preset takes vae= and text=")
-        vae_model, vae_ref = _resolve_vae(vae, registry, cache_dir)
-        text_encoder, text_source = _resolve_text(text, registry, cache_dir, p.text_max_length)
-        if vae_ref:
-            sources["vae"] = vae_ref
-        sources["text_encoder"] = text_source
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=p.scheduler_shift)
-        transformer = None
-        base = None
-    else:
-        if vae is not None or text is not None:
-            raise ValueError("sd3-medium takes its VAE and text encoders from weights=, not vae= / text=")
-        if weights is None:
-            with _seeded(seed + 1):
-                vae_model = AutoencoderKL.from_config(_SD3_VAE_CONFIG)
-            text_encoder = RandomTextEncoder(
-                _SD3_TEXT["hidden_dim"], _SD3_TEXT["pooled_dim"], _SD3_TEXT["clip_len"] + p.t5_max_length
-            )
-            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=p.scheduler_shift)
-            transformer = None
-            base = None
-            sources["text_encoder"] = "random"
-        else:
-            base = _exact_ref(registry, weights)
-            folder = _fetch(registry, base, cache_dir)
-            vae_model = _load_vae(folder / "vae", dtype)
-            text_encoder = SD3TextEncoder(folder, t5_max_length=p.t5_max_length, dtype=dtype)
-            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder), subfolder="scheduler")
-            transformer = SD3Transformer2DModel.from_pretrained(
-                str(folder), subfolder="transformer", use_safetensors=True, low_cpu_mem_usage=_LOW_CPU_MEM
-            )
-            sources["base_weights"] = base
-            if overrides:
-                raise ValueError(
-                    f"a pretrained transformer's sizes cannot be overridden ({sorted(overrides)})"
-                )
+    if preset != "tiny" and weights is not None and overrides:
+        raise ValueError(f"a pretrained transformer's sizes cannot be overridden ({sorted(overrides)})")
+    vae_model, text_encoder, scheduler, base, sources = _frozen_parts(
+        p,
+        preset,
+        vae=vae,
+        text=text,
+        weights=weights,
+        registry=registry,
+        cache_dir=cache_dir,
+        dtype=dtype,
+        seed=seed,
+    )
+    transformer = None
+    if base is not None:
+        folder = _fetch(registry, base, cache_dir)
+        transformer = SD3Transformer2DModel.from_pretrained(
+            str(folder), subfolder="transformer", use_safetensors=True, low_cpu_mem_usage=_LOW_CPU_MEM
+        )
 
     c = int(vae_model.config.latent_channels)
     factor = 2 ** (len(vae_model.config.block_out_channels) - 1)
@@ -754,3 +863,29 @@ def build_reflayer(
         config=config,
     )
     return bundle.to(device) if device is not None else bundle
+
+
+def load_reflayer(
+    ref: str = "model/reflayer@candidate",
+    *,
+    registry=None,
+    cache_dir: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> RefLayerBundle:
+    """A registered RefLayer model by reference (``model/reflayer@candidate``, ``model/reflayer@3``, ...).
+
+    The version's files are fetched once into ``cache_dir`` and verified; ``bundle.config["ref"]`` is the exact
+    version loaded.
+
+    Raises:
+        RegistryError: the reference does not resolve; ValueError: the version is not a RefLayer model folder.
+    """
+    reg = _registry(registry)
+    exact = reg.resolve(ref)
+    if exact.kind != "model":
+        raise ValueError(f"{exact.ref} is a {exact.kind!r} version, not a model")
+    folder = _fetch(reg, exact.ref, cache_dir)
+    bundle = RefLayerBundle.load(folder, registry=reg, cache_dir=cache_dir, device=device, dtype=dtype)
+    bundle.config["ref"] = exact.ref
+    return bundle

@@ -324,11 +324,77 @@ def param_checksum(model: nn.Module) -> float:
     return total
 
 
+LATENT_COLUMNS = {
+    "lat_image": "image",
+    "lat_canvas": "canvas",
+    "lat_target": "target",
+    "alpha": "alpha",
+    "text_hidden": "text_hidden",
+    "text_pooled": "text_pooled",
+}
+"""Columns of a cached-latents dataset -> the keys :func:`reflade.train.losses.encode_batch` returns."""
+
+
+def encode_latents(
+    encoders, batch: dict[str, Any], mixed_precision: bool | None = None
+) -> dict[str, np.ndarray]:
+    """A numpy batch as :func:`preprocess_row` makes it -> the cached-latents columns (:data:`LATENT_COLUMNS`),
+    float32 numpy arrays, by the frozen encoders (a bundle or :class:`~reflade.train.model.FrozenEncoders`)."""
+    from reflade.train.losses import encode_batch
+
+    images, layers, canvases, texts = batch_to_tensors(batch)
+    out = encode_batch(encoders, images, layers, canvases, texts, mixed_precision=mixed_precision)
+    return {col: out[key].detach().float().cpu().numpy() for col, key in LATENT_COLUMNS.items()}
+
+
 def _encode(bundle, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A batch -> the latents of a step: encoded here, or read from a cached-latents batch as they are."""
+    if "lat_image" in batch:
+        return {
+            key: torch.as_tensor(np.ascontiguousarray(batch[col]), dtype=torch.float32)
+            for col, key in LATENT_COLUMNS.items()
+        }
     from reflade.train.losses import encode_batch
 
     images, layers, canvases, texts = batch_to_tensors(batch)
     return encode_batch(bundle, images, layers, canvases, texts)
+
+
+def _batch_len(batch: dict[str, Any]) -> int:
+    return len(batch["text"]) if "text" in batch else len(batch["lat_image"])
+
+
+class LatentEncoder:
+    """Ray Data actor of the latent-caching pass: the frozen encoders, on a GPU when the pool has one.
+
+    ``config``: as :func:`train_loop_per_worker`'s (``settings``, ``vae_ref``, ``weights_ref``, ``storage``,
+    ``registry_prefix``, ``cache_dir``).
+    """
+
+    def __init__(self, config: dict[str, Any]):
+        from reflade.train.model import build_encoders
+
+        settings = TrainSettings(**config["settings"])
+        if config.get("torch_threads"):
+            torch.set_num_threads(int(config["torch_threads"]))
+        device = "cuda" if torch.cuda.is_available() and settings.use_gpu else "cpu"
+        registry = _worker_registry(config)
+        kw: dict[str, Any] = {
+            "registry": registry,
+            "cache_dir": config.get("cache_dir"),
+            "seed": settings.seed,
+        }
+        if settings.resolution:
+            kw["resolution"] = settings.resolution
+        if settings.preset == "tiny":
+            kw["vae"] = config.get("vae_ref")
+        else:
+            kw["weights"] = config.get("weights_ref")
+        self.encoders = build_encoders(settings.preset, device=device, **kw)
+        self.mixed_precision = settings.bf16
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        return encode_latents(self.encoders, batch, self.mixed_precision)
 
 
 # ---------------------------------------------------------------------------------------------- plain loop
@@ -367,7 +433,7 @@ def train_plain(
         for _ in range(settings.grad_accum):
             b = next(it)
             micro.append(_encode(bundle, b))
-            samples += len(b["text"])
+            samples += _batch_len(b)
         losses.append(train_step(loss_module, optimizer, micro, settings, step, ema=ema, model=bundle.model))
         if log and (step + 1) % settings.report_every == 0:
             log(f"step {step + 1}/{settings.steps} loss {losses[-1]:.4f}")
@@ -412,7 +478,14 @@ def _worker_registry(config: dict[str, Any]):
     return Registry(Storage(cfg.storage), config["registry_prefix"])
 
 
-def _build_bundle(settings: TrainSettings, vae_ref: str | None, registry, cache_dir: str | None, device=None):
+def _build_bundle(
+    settings: TrainSettings,
+    vae_ref: str | None,
+    registry,
+    cache_dir: str | None,
+    device=None,
+    weights_ref: str | None = None,
+):
     from reflade.train.model import build_reflayer
 
     kw: dict[str, Any] = {"registry": registry, "cache_dir": cache_dir, "seed": settings.seed}
@@ -420,6 +493,8 @@ def _build_bundle(settings: TrainSettings, vae_ref: str | None, registry, cache_
         kw["resolution"] = settings.resolution
     if settings.preset == "tiny":
         kw["vae"] = vae_ref
+    else:
+        kw["weights"] = weights_ref
     return build_reflayer(settings.preset, device=device, **kw)
 
 
@@ -443,7 +518,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function (see the module docstring).
 
     ``config``: ``settings`` (dict of :class:`TrainSettings`), ``vae_ref``, ``storage`` (endpoint, bucket,
-    region: no credentials), ``registry_prefix``, ``cache_dir``; test hooks ``probe_dir`` (each rank writes
+    region: no credentials), ``registry_prefix``, ``cache_dir``; ``metrics_jsonl`` (a local file rank 0 appends
+    every report's metrics to, one JSON line each, for benchmarks on one node); test hooks ``probe_dir`` (each rank writes
     its parameter checksum there at the end) and ``crash_at_step`` + ``crash_marker`` (rank 0 exits at that step
     once, while the marker file does not exist, to exercise ``FailureConfig``).
     """
@@ -458,7 +534,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     registry = _worker_registry(config)
-    bundle = _build_bundle(settings, config.get("vae_ref"), registry, config.get("cache_dir"))
+    bundle = _build_bundle(
+        settings,
+        config.get("vae_ref"),
+        registry,
+        config.get("cache_dir"),
+        weights_ref=config.get("weights_ref"),
+    )
     bundle.to(device)
     bundle.set_gradient_checkpointing(settings.gradient_checkpointing)
     bundle.model.train()
@@ -507,16 +589,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 raise RuntimeError(f"rank {rank}: the train split gave no rows")
 
     it = batches()
+    step_times: list[float] = []
+    last_report_call_s = None
     while step < settings.steps:
+        t_step = time.perf_counter()
         micro, count = [], 0
         for _ in range(settings.grad_accum):
             b = next(it)
             micro.append(_encode(bundle, b))
-            count += len(b["text"])
+            count += _batch_len(b)
         loss = train_step(wrapped, optimizer, micro, settings, step, rank=rank, ema=ema, model=bundle.model)
         step += 1
         samples += count
         window.append(loss)
+        step_times.append(time.perf_counter() - t_step)
         if (
             config.get("crash_at_step") is not None
             and rank == 0
@@ -526,7 +612,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # Checkpoints upload asynchronously: fail only once the last one is durable, so that the test
             # exercises recovery from it rather than a race with its upload.
             deadline = time.monotonic() + 180
-            while _latest_checkpoint(registry.storage, config["run_path"]) is None and time.monotonic() < deadline:
+            while (
+                _latest_checkpoint(registry.storage, config["run_path"]) is None
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.5)
             time.sleep(3.0)  # and let Ray Train record it
             Path(config["crash_marker"]).write_text(str(step))
@@ -549,8 +638,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "param_checksum": param_checksum(bundle.model),
             "eta_s": (settings.steps - step) / steps_per_s if steps_per_s > 0 else None,
             "wall_s": now - t0,
+            # Seconds of each optimiser step since the last report (data + encode + step), and of the last
+            # ray.train.report call (a checkpoint's included): the step time around a checkpoint.
+            "step_times_s": list(step_times),
+            "last_report_call_s": last_report_call_s,
+            "max_rss_mib": _max_rss_mib(),
         }
+        if world > 1:
+            metrics["max_rss_mib_per_rank"] = _gather_floats(metrics["max_rss_mib"], device)
         window.clear()
+        step_times.clear()
         last_report_t, last_report_step, last_report_samples = now, step, samples
         if rank == 0:
             print(
@@ -559,6 +656,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 + (f" ETA {metrics['eta_s']:.0f}s" if metrics["eta_s"] is not None else ""),
                 flush=True,
             )
+        if rank == 0 and config.get("metrics_jsonl"):
+            with open(config["metrics_jsonl"], "a") as f:
+                f.write(json.dumps({**metrics, "checkpoint": do_ckpt}) + "\n")
+        t_report = time.perf_counter()
         if do_ckpt:
             tmp = tempfile.mkdtemp(prefix="reflade-ckpt-")
             checkpoint = None
@@ -573,12 +674,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         else:
             ray.train.report(metrics)
+        last_report_call_s = time.perf_counter() - t_report
 
     if config.get("probe_dir"):
         Path(config["probe_dir"]).mkdir(parents=True, exist_ok=True)
         (Path(config["probe_dir"]) / f"rank-{rank}.json").write_text(
             json.dumps({"rank": rank, "step": step, "param_checksum": param_checksum(bundle.model)})
         )
+
+
+def _max_rss_mib() -> float:
+    """Peak resident memory of this process, MiB (Linux reports kilobytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _gather_floats(value: float, device) -> list[float]:
+    """One float from every rank, in rank order (a collective: every rank calls it at the same step)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], device=device)
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [float(x.item()) for x in out]
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -613,9 +732,14 @@ def run_training(
     settings: TrainSettings,
     *,
     vae_ref: str | None = None,
+    weights_ref: str | None = None,
     resume: bool = False,
     run_name: str | None = None,
+    cache_latents: bool = False,
+    cache_workers: int = 1,
     cache_dir: str | os.PathLike | None = None,
+    torch_threads: int | None = None,
+    metrics_jsonl: str | os.PathLike | None = None,
     log: Callable[[str], Any] | None = print,
     _test_hooks: dict[str, Any] | None = None,
 ):
@@ -626,10 +750,18 @@ def run_training(
         dataset_ref: dataset version; its ``train`` split is streamed.
         settings: :class:`TrainSettings`.
         vae_ref: tiny preset: the VAE (default ``weights/tiny-vae@latest``).
+        weights_ref: sd3-medium: the diffusers SD3 checkpoint imported into the registry (default
+            ``weights/sd3-medium@latest``); its transformer, VAE and text encoders.
+        cache_latents: first run the frozen encoders over the train split in a Ray Data pass (actor pool of
+            ``cache_workers``, one GPU each with ``settings.use_gpu``) and write the latents and text embeddings
+            as Parquet under the run's folder (``latents/``); training then streams those instead of encoding
+            every step. A resumed run reuses a complete cache.
         resume: continue run ``run_name`` from its last checkpoint (Ray Train v2 restores a run of the same name
             and storage path; the latest ``checkpoint-*`` folder found there is the fallback).
         run_name: name of the run under ``runs/train/`` in the bucket (default: a new unique one).
         cache_dir: local weights cache of the workers and of this process.
+        torch_threads: intra-op threads of each worker's torch (default: torch's own choice in the worker).
+        metrics_jsonl: a local file rank 0 appends each report's metrics to (JSON lines; one-node benchmarks).
 
     Returns:
         The registered ``Version`` (its ``metrics``: final loss, steps, samples/s, wall time).
@@ -648,9 +780,15 @@ def run_training(
     storage = registry.storage
     dataset = registry.resolve(dataset_ref)
     if settings.preset == "tiny":
+        if weights_ref:
+            raise ValueError("weights_ref is for sd3-medium; the tiny preset takes vae_ref")
         vae_ref = registry.resolve(vae_ref or "weights/tiny-vae@latest").ref
     else:
-        vae_ref = None
+        if vae_ref:
+            raise ValueError("sd3-medium takes its VAE from weights_ref, not vae_ref")
+        weights_ref = registry.resolve(weights_ref or "weights/sd3-medium@latest").ref
+    if cache_workers < 1:
+        raise ValueError(f"cache_workers must be at least 1, got {cache_workers}")
     if resume and not run_name:
         raise ValueError("resume=True needs the run_name of the run to continue")
     run_name = run_name or f"reflayer-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
@@ -670,6 +808,7 @@ def run_training(
     config = {
         "settings": settings.to_dict(),
         "vae_ref": vae_ref,
+        "weights_ref": weights_ref,
         "storage": {
             "endpoint": storage.config.endpoint,
             "bucket": storage.config.bucket,
@@ -681,8 +820,14 @@ def run_training(
         # snapshot); this path is the fallback when no snapshot is there (resume_from_checkpoint is gone in v2).
         "resume_checkpoint": previous.path if (resume and previous is not None) else None,
         "run_path": run_path,
+        "torch_threads": torch_threads,
+        "metrics_jsonl": str(metrics_jsonl) if metrics_jsonl else None,
         **(_test_hooks or {}),
     }
+    if cache_latents:
+        ds = _cached_latents(
+            ds, storage, f"runs/train/{run_name}/latents", config, settings, cache_workers, log
+        )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -719,14 +864,16 @@ def run_training(
     final = dict(result.metrics or {})
 
     log(f"fit done in {wall:.1f}s; loading the final checkpoint and registering")
-    bundle = _build_bundle(settings, vae_ref, registry, str(cache_dir) if cache_dir else None)
+    bundle = _build_bundle(
+        settings, vae_ref, registry, str(cache_dir) if cache_dir else None, weights_ref=weights_ref
+    )
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, _STATE), map_location="cpu", weights_only=False)
     bundle.model.load_state_dict(state["model"])
     if state.get("ema"):
         _load_ema(bundle.model, state["ema"])
 
-    parents = [dataset.ref] + ([vae_ref] if vae_ref else [])
+    parents = [dataset.ref] + ([vae_ref] if vae_ref else []) + ([weights_ref] if weights_ref else [])
     text_source = bundle.config.get("sources", {}).get("text_encoder")
     if text_source and _resolvable(registry, text_source):
         parents.append(registry.resolve(text_source).ref)
@@ -743,6 +890,7 @@ def run_training(
         "resolution": resolution,
         "bundle": json.loads(json.dumps(bundle.config, default=str)),
         "run": {"name": run_name, "path": run_path, "checkpoint": checkpoint.path},
+        "cached_latents": bool(cache_latents),
         "weights": "ema" if state.get("ema") else "raw",
     }
     with tempfile.TemporaryDirectory(prefix="reflade-model-") as tmp:
@@ -767,6 +915,44 @@ def run_training(
     return version
 
 
+def _cached_latents(
+    ds, storage, key: str, config: dict[str, Any], settings: TrainSettings, workers: int, log
+):
+    """The latent-caching pass: encode ``ds`` once into Parquet under ``key`` (or reuse a complete cache there)
+    and return the dataset that reads it back."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    marker = f"{key}/_COMPLETE.json"
+    path = storage.path(key)
+    if storage.exists(marker):
+        info, _ = storage.get_json(marker)
+        log(f"reusing the cached latents of {info.get('rows')} rows at {storage.uri(key)}")
+    else:
+        t0 = time.perf_counter()
+        leftovers = [o["Key"] for o in storage.list(f"{key}/")]
+        if leftovers:  # an interrupted earlier pass: start the cache over rather than mix two writes
+            log(f"removing {len(leftovers)} files of an incomplete latent cache")
+            storage.delete(leftovers)
+        log(f"caching latents and text embeddings ({workers} encoder actor(s)) to {storage.uri(key)} ...")
+        encoded = ds.map_batches(
+            LatentEncoder,
+            fn_constructor_kwargs={"config": config},
+            batch_size=max(1, settings.batch_size),
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=workers),
+            num_cpus=settings.cpus_per_worker,
+            num_gpus=1 if settings.use_gpu else 0,
+        )
+        encoded.write_parquet(path, filesystem=storage.fs)
+        rows = ray.data.read_parquet(path, filesystem=storage.fs, file_extensions=["parquet"]).count()
+        storage.put_json(
+            marker, {"rows": rows, "seconds": time.perf_counter() - t0, "columns": list(LATENT_COLUMNS)}
+        )
+        log(f"cached {rows} rows in {time.perf_counter() - t0:.1f}s")
+    return ray.data.read_parquet(path, filesystem=storage.fs, file_extensions=["parquet"])
+
+
 def _resolvable(registry, text: str) -> bool:
     from reflade.platform.registry import Ref, RegistryError
 
@@ -778,4 +964,14 @@ def _resolvable(registry, text: str) -> bool:
         return False
 
 
-__all__ += ["lr_at", "make_optimizer", "trainable_parameters", "ema_update", "ema_init", "step_generator"]
+__all__ += [
+    "LATENT_COLUMNS",
+    "LatentEncoder",
+    "encode_latents",
+    "lr_at",
+    "make_optimizer",
+    "trainable_parameters",
+    "ema_update",
+    "ema_init",
+    "step_generator",
+]
