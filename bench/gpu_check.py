@@ -322,8 +322,8 @@ class Check:
         for p in model.parameters():
             p.requires_grad_(False)
         for dtype_name in self.args.infer_dtypes:
-            if dtype_name == "bf16":
-                bundle.to(dtype=torch.bfloat16)
+            # Cast both ways: "bf16 fp32" must measure float32 weights second, not bf16 ones again.
+            bundle.to(dtype=torch.bfloat16 if dtype_name == "bf16" else torch.float32)
             self.sampling_cases(bundle, "" if dtype_name == "fp32" else "_bf16w")
 
     def sampling_cases(self, bundle, tag: str = "") -> None:
@@ -341,10 +341,12 @@ class Check:
         image = (torch.rand(1, 3, res, res, generator=g) * 2 - 1).to(self.device)
         lat = torch.randn(1, c, side, side, generator=g).to(self.device)
         weights_dtype = next(bundle.model.parameters()).dtype
+        # Autocast for float32 weights only, as the pipeline does (bf16 weights need no casts).
+        use_autocast = self.cuda and weights_dtype == torch.float32
 
         def vae_encode():
             with torch.inference_mode():
-                with autocast(self.device, self.cuda):
+                with autocast(self.device, use_autocast):
                     sec = self.timed(
                         lambda: bundle.encode_pixels(image.to(weights_dtype)), args.warmup, args.iters
                     )
@@ -352,7 +354,7 @@ class Check:
 
         def vae_decode():
             with torch.inference_mode():
-                with autocast(self.device, self.cuda):
+                with autocast(self.device, use_autocast):
                     sec = self.timed(lambda: bundle.decode_rgb(lat), args.warmup, args.iters)
             return {"batch": 1, "s_per_image": sec}
 
@@ -370,7 +372,7 @@ class Check:
                 sch.set_timesteps(args.sample_steps, device=self.device)
                 x = lat.clone()
                 for t in sch.timesteps:
-                    with autocast(self.device, self.cuda):
+                    with autocast(self.device, use_autocast):
                         v = bundle.model.transformer(
                             hidden_states=x.to(weights_dtype),
                             encoder_hidden_states=hidden.to(weights_dtype),

@@ -49,7 +49,9 @@ class RefLayerPipeline:
 
     Args:
         bundle: the model and its frozen parts (put it on its device first).
-        mixed_precision: bf16 autocast (default: on CUDA only).
+        mixed_precision: bf16 autocast (default: on CUDA only, and only while the model's weights are float32:
+            weights already cast to bf16 (``bundle.to(dtype=torch.bfloat16)``) run without autocast, which saves
+            its per-op dispatch).
     """
 
     def __init__(self, bundle: RefLayerBundle, mixed_precision: bool | None = None):
@@ -144,7 +146,8 @@ class RefLayerPipeline:
         device = bundle.device
         # (RefLayer has no dropout or batch statistics: train and eval mode compute the same, so the model's
         # mode is left as the caller set it, e.g. in the middle of a training run.)
-        cond = encode_batch(bundle, images, None, canvases, list(texts), mixed_precision=self.mixed_precision)
+        mp = self._autocast()
+        cond = encode_batch(bundle, images, None, canvases, list(texts), mixed_precision=mp)
         noise = self._noise(b, seed, r // bundle.vae_scale_factor).to(device)
 
         guided = guidance_scale > 1.0
@@ -163,14 +166,14 @@ class RefLayerPipeline:
         x = noise
         for t in scheduler.timesteps:
             x_in = torch.cat([x, x]) if guided else x
-            with autocast(device, self.mixed_precision):
+            with autocast(device, mp):
                 v = bundle.model(x_in, image_lat, canvas_lat, t.expand(x_in.shape[0]), hidden, pooled).float()
             if guided:
                 v_c, v_u = v.chunk(2)
                 v = v_u + guidance_scale * (v_c - v_u)
             x = scheduler.step(v, t, x, return_dict=False)[0]
 
-        with autocast(device, self.mixed_precision):
+        with autocast(device, mp):
             premult = bundle.decode_rgb(x).float()
             alpha = torch.sigmoid(bundle.decode_alpha_logits(x).float())
         # premult = rgb' * alpha in [-1, 1] (the layer over mid-grey); colour in [0, 1] premultiplied:
@@ -183,6 +186,12 @@ class RefLayerPipeline:
         return torch.cat([colour.clamp(0.0, 1.0), alpha], dim=1)
 
     # ------------------------------------------------------------------ helpers
+    def _autocast(self) -> bool | None:
+        """Autocast for this call: the caller's choice, off when the weights are already low precision."""
+        if next(self.bundle.model.parameters()).dtype != torch.float32:
+            return False
+        return self.mixed_precision
+
     @staticmethod
     def _check_sampling(num_inference_steps: int, guidance_scale: float) -> None:
         if int(num_inference_steps) < 1:
