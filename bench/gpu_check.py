@@ -139,7 +139,7 @@ class Check:
             entry["peak_gib"] = self.peak_gib()
             entry["case_wall_s"] = time.perf_counter() - t0
             self.result["cases"][name] = entry
-            print(f"{name:<24} {_summary(entry)}", flush=True)
+            print(f"{name:<36} {_summary(entry)}", flush=True)
         except Exception as exc:  # noqa: BLE001 - a failed case must not lose the others
             msg = f"{type(exc).__name__}: {exc}"
             self.result["errors"][name] = {"error": msg[:2000], "traceback": traceback.format_exc()[-4000:]}
@@ -324,7 +324,16 @@ class Check:
         for dtype_name in self.args.infer_dtypes:
             # Cast both ways: "bf16 fp32" must measure float32 weights second, not bf16 ones again.
             bundle.to(dtype=torch.bfloat16 if dtype_name == "bf16" else torch.float32)
-            self.sampling_cases(bundle, "" if dtype_name == "fp32" else "_bf16w")
+            for variant in self.args.infer_variants:
+                # cuDNN autotuning and the VAE / alpha decoder in channels-last, each switched per variant.
+                torch.backends.cudnn.benchmark = "cudnn" in variant.split("+")
+                bundle.set_channels_last("cl" in variant.split("+"))
+                tag = ("" if dtype_name == "fp32" else "_bf16w") + (
+                    "" if variant == "base" else f"_{variant}"
+                )
+                self.sampling_cases(bundle, tag)
+        torch.backends.cudnn.benchmark = False
+        bundle.set_channels_last(False)
 
     def sampling_cases(self, bundle, tag: str = "") -> None:
         """The inference cases; ``tag`` names the weights' dtype in the case names (fp32 weights: no tag)."""
@@ -390,6 +399,7 @@ class Check:
         self.case(f"bare_sample_{res}{tag}", bare_sample)
 
         pipe = RefLayerPipeline(bundle, mixed_precision=self.cuda)
+        staged = RefLayerPipeline(bundle, mixed_precision=self.cuda, record_stages=True)
         prompt = {
             "box": [res * 0.2, res * 0.25, res * 0.7, res * 0.8],
             "points": [[res * 0.45, res * 0.5, 1]],
@@ -413,7 +423,21 @@ class Check:
                 sec = self.timed(run, 1, max(1, args.iters // 3))
                 out = run()
                 ok = bool(torch.isfinite(out).all()) and tuple(out.shape) == (1, 4, res, res)
+                # The stages, from calls of their own (a synchronisation at each boundary): medians of 3.
+                laps = []
+                for _ in range(3):
+                    staged.decompose_batch(
+                        images,
+                        canvases,
+                        ["the red mug on the left"],
+                        num_inference_steps=args.sample_steps,
+                        guidance_scale=guidance,
+                        seed=0,
+                    )
+                    laps.append(dict(staged.last_stages))
+                stages = {k: sorted(lap[k] for lap in laps)[1] for k in laps[0]}
                 return {
+                    "stages_s": stages,
                     "batch": 1,
                     "steps": args.sample_steps,
                     "guidance_scale": guidance,
@@ -431,6 +455,8 @@ def _summary(entry: dict[str, Any]) -> str:
         v = entry.get(key)
         if v is not None:
             parts.append(f"{key} {v:.3f}" if isinstance(v, float) else f"{key} {v}")
+    if entry.get("stages_s"):
+        parts.append("stages " + " ".join(f"{k} {v:.3f}" for k, v in entry["stages_s"].items()))
     return "  ".join(parts)
 
 
@@ -458,7 +484,7 @@ def print_table(result: dict[str, Any]) -> None:
     dev = result["device"]
     print(f"\nRefLayer GPU check: preset {result['preset']} on {dev.get('name', dev['type'])}")
     print(
-        f"{'case':<24}{'batch':>6}{'samples/s':>11}{'s/step':>9}{'s/image':>9}{'peak GiB':>10}{'vs bare':>9}"
+        f"{'case':<36}{'batch':>6}{'samples/s':>11}{'s/step':>9}{'s/image':>9}{'peak GiB':>10}{'vs bare':>9}"
     )
     for name, e in result["cases"].items():
 
@@ -467,11 +493,20 @@ def print_table(result: dict[str, Any]) -> None:
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
         print(
-            f"{name:<24}{f('batch', 'd'):>6}{f('samples_per_s', '.2f'):>11}{f('s_per_step', '.3f'):>9}"
+            f"{name:<36}{f('batch', 'd'):>6}{f('samples_per_s', '.2f'):>11}{f('s_per_step', '.3f'):>9}"
             f"{f('s_per_image', '.3f'):>9}{f('peak_gib', '.1f'):>10}{f('ratio_to_bare', '.3f'):>9}"
         )
+    staged = {n: e["stages_s"] for n, e in result["cases"].items() if e.get("stages_s")}
+    if staged:
+        keys = list(next(iter(staged.values())))
+        print(
+            f"\nstages (s, device synchronised at each boundary)\n{'case':<36}"
+            + "".join(f"{k:>13}" for k in keys)
+        )
+        for name, st in staged.items():
+            print(f"{name:<36}" + "".join(f"{st.get(k, float('nan')):>13.3f}" for k in keys))
     for name, e in result["errors"].items():
-        print(f"{name:<24} FAILED {e['error'][:200]}")
+        print(f"{name:<36} FAILED {e['error'][:200]}")
     print(f"forbidden modules loaded: {result.get('forbidden_modules') or 'none'}")
 
 
@@ -496,6 +531,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--infer-dtypes", nargs="+", choices=("fp32", "bf16"), default=None,
                    help="weights' dtypes of the inference cases, in order (default: fp32 bf16 on CUDA, fp32 on "
                         "the CPU); bf16 casts the bundle after the training cases")  # fmt: skip
+    p.add_argument("--infer-variants", nargs="+", default=["base"],
+                   help="inference settings to compare, each run for every --infer-dtypes: base, cudnn "
+                        "(torch.backends.cudnn.benchmark), cl (VAE and alpha decoder channels-last), cudnn+cl; "
+                        "a variant other than base suffixes the case names")  # fmt: skip
     p.add_argument(
         "--layers",
         type=int,
@@ -526,6 +565,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.infer_dtypes = args.infer_dtypes or (
         ["fp32", "bf16"] if args.device.startswith("cuda") else ["fp32"]
     )
+    bad = [v for v in args.infer_variants if not set(v.split("+")) <= {"base", "cudnn", "cl"}]
+    if bad:
+        p.error(f"unknown --infer-variants {bad} (known: base, cudnn, cl, cudnn+cl)")
     if args.guidance <= 1.0:
         p.error("--guidance must be > 1 (the guided case)")
     args.out = args.out or str(RESULTS / f"gpu_check-{args.preset}.json")

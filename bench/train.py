@@ -19,16 +19,18 @@ dataset and the checkpoints live there) and stops everything at the end.
 Warm-up is excluded the same way in every arm: the first K steps (``--warmup-steps`` rounded up to a report,
 ``--report-every``) are not timed. Ray's figures come from the JSON lines rank 0 writes at each report
 (``metrics_jsonl``); the plain loop's from a timestamp after each step. See DEFINITIONS (also in the JSON).
-Reports come every ``--report-every`` steps, by default TrainSettings' (what ``reflade train`` does): Ray Train
-2.60 holds one unconsumed report per worker and its controller collects it every 2 s, so reports closer together
-than that wait in ``ray.train.report``; the table shows the report calls' durations.
+Metrics lines come every ``--report-every`` steps, by default TrainSettings' (what ``reflade train`` does); a
+metrics-only ``ray.train.report`` follows one only when ``--report-interval`` seconds (TrainSettings'
+``report_interval_s``, 2.5) have passed since the last report: Ray Train 2.60 holds one unconsumed report per
+worker and its controller collects it every 2 s, so reports closer together than that wait in
+``ray.train.report`` (``--report-interval 0`` shows it); the table shows the report calls' durations.
 
 The machine may be shared: before each arm the script waits (``--wait-quiet``) for other processes to go quiet, and
 records the CPU seconds of its own process tree and of the whole machine during each arm ("others %"), and the
 load average at the start and the end.
 
     .venv/bin/python bench/train.py [--steps 200] [--batch 8] [--threads 2] [--repeat 1] [--checkpoint-every 50]
-                                    [--report-every 5] [--quick] [--out bench/results/train.json]
+                                    [--report-every 5] [--report-interval 2.5] [--quick] [--out bench/results/train.json]
 """
 
 from __future__ import annotations
@@ -645,6 +647,7 @@ def run(args) -> int:
             "repeat": args.repeat,
             "checkpoint_every": args.checkpoint_every,
             "report_every": args.report_every,
+            "report_interval_s": args.report_interval,
             "warmup_steps": warmup,
             "seed": 0,
             "wait_quiet_s": args.wait_quiet,
@@ -736,6 +739,7 @@ def run(args) -> int:
                 workers=workers,
                 checkpoint_every=args.checkpoint_every,
                 report_every=args.report_every,
+                report_interval_s=args.report_interval,
                 seed=0,
             )
 
@@ -860,6 +864,13 @@ def main(argv: list[str] | None = None) -> int:
         help="Ray arms: report metrics every N steps (default: TrainSettings' default, what `reflade train` does)",
     )
     ap.add_argument(
+        "--report-interval",
+        type=float,
+        default=None,
+        help="Ray arms: least seconds between metrics-only ray.train.report calls (default: TrainSettings' "
+        "report_interval_s; 0 reports every --report-every steps and shows Ray Train's 2 s collection blocking)",
+    )
+    ap.add_argument(
         "--warmup-steps",
         type=int,
         default=20,
@@ -905,6 +916,12 @@ def main(argv: list[str] | None = None) -> int:
         from reflade.train.trainer import TrainSettings
 
         args.report_every = TrainSettings().report_every
+    if args.report_interval is None:
+        from reflade.train.trainer import TrainSettings
+
+        args.report_interval = TrainSettings().report_interval_s
+    if args.report_interval < 0:
+        ap.error("--report-interval must be >= 0")
     for name in ("steps", "batch", "threads", "cores", "repeat", "checkpoint_every", "report_every"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -21,6 +21,7 @@ on any device that computes the network deterministically (bit-identical on CPU)
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import cv2
@@ -52,11 +53,19 @@ class RefLayerPipeline:
         mixed_precision: bf16 autocast (default: on CUDA only, and only while the model's weights are float32:
             weights already cast to bf16 (``bundle.to(dtype=torch.bfloat16)``) run without autocast, which saves
             its per-op dispatch).
+        record_stages: time each stage of :meth:`decompose_batch` into :attr:`last_stages`.
     """
 
-    def __init__(self, bundle: RefLayerBundle, mixed_precision: bool | None = None):
+    def __init__(
+        self, bundle: RefLayerBundle, mixed_precision: bool | None = None, record_stages: bool = False
+    ):
         self.bundle = bundle
         self.mixed_precision = mixed_precision
+        self.record_stages = record_stages
+        self.last_stages: dict[str, float] = {}
+        """With ``record_stages``: seconds of each stage of the last :meth:`decompose_batch` (``encode``,
+        ``sample``, ``decode_rgb``, ``decode_alpha``, ``finish``), the device synchronised at each boundary (which
+        costs a little: leave it off when serving)."""
 
     # ------------------------------------------------------------------ for a person
     def __call__(
@@ -147,8 +156,10 @@ class RefLayerPipeline:
         # (RefLayer has no dropout or batch statistics: train and eval mode compute the same, so the model's
         # mode is left as the caller set it, e.g. in the middle of a training run.)
         mp = self._autocast()
+        clock = _StageClock(device, self.record_stages)
         cond = encode_batch(bundle, images, None, canvases, list(texts), mixed_precision=mp)
         noise = self._noise(b, seed, r // bundle.vae_scale_factor).to(device)
+        clock.lap("encode")
 
         guided = guidance_scale > 1.0
         image_lat, canvas_lat = cond["image"], cond["canvas"]
@@ -172,10 +183,13 @@ class RefLayerPipeline:
                 v_c, v_u = v.chunk(2)
                 v = v_u + guidance_scale * (v_c - v_u)
             x = scheduler.step(v, t, x, return_dict=False)[0]
+        clock.lap("sample")
 
         with autocast(device, mp):
             premult = bundle.decode_rgb(x).float()
+            clock.lap("decode_rgb")
             alpha = torch.sigmoid(bundle.decode_alpha_logits(x).float())
+            clock.lap("decode_alpha")
         # premult = rgb' * alpha in [-1, 1] (the layer over mid-grey); colour in [0, 1] premultiplied:
         colour = ((premult + alpha) / 2.0).clamp(min=0.0)
         colour = torch.minimum(colour, alpha)
@@ -183,7 +197,11 @@ class RefLayerPipeline:
             colour = torch.where(
                 alpha > _ALPHA_EPS, colour / alpha.clamp_min(_ALPHA_EPS), torch.zeros_like(colour)
             )
-        return torch.cat([colour.clamp(0.0, 1.0), alpha], dim=1)
+        out = torch.cat([colour.clamp(0.0, 1.0), alpha], dim=1)
+        clock.lap("finish")
+        if self.record_stages:
+            self.last_stages = clock.stages
+        return out
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self) -> bool | None:
@@ -208,6 +226,27 @@ class RefLayerPipeline:
                 [torch.randn(1, c, side, side, generator=torch.Generator().manual_seed(int(s))) for s in seed]
             )
         return torch.randn(batch, c, side, side, generator=torch.Generator().manual_seed(int(seed)))
+
+
+class _StageClock:
+    """Seconds between laps, the device synchronised at each (a no-op unless enabled)."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.enabled = enabled
+        self.device = torch.device(device)
+        self.stages: dict[str, float] = {}
+        self._t = self._now() if enabled else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.enabled:
+            now = self._now()
+            self.stages[name] = now - self._t
+            self._t = now
 
 
 def _to_uint8(premult: np.ndarray, alpha: np.ndarray) -> np.ndarray:

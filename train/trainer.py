@@ -92,7 +92,11 @@ class TrainSettings:
     checkpoint_every: int = 50
     """Checkpoint every this many steps (and always at the last step)."""
     report_every: int = 5
-    """Report metrics every this many steps (and at checkpoints and the last step)."""
+    """Print and log metrics every this many steps (and at checkpoints and the last step)."""
+    report_interval_s: float = 2.5
+    """Least seconds between two metrics-only ``ray.train.report`` calls (checkpoints and the last step always
+    report). Ray Train 2.60's controller collects one pending report per worker every
+    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s): reports closer together than that block the worker."""
     seed: int = 0
     """Seed of the initial weights, the noise, the dropout and the prompt choice."""
 
@@ -104,6 +108,8 @@ class TrainSettings:
         for name in ("steps", "batch_size", "grad_accum", "workers", "checkpoint_every", "report_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.report_interval_s < 0:
+            raise ValueError(f"report_interval_s must be >= 0, got {self.report_interval_s}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.cpus_per_worker <= 0:
@@ -178,7 +184,11 @@ def batch_to_tensors(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor,
     """A numpy batch (``image``, ``layer``, ``canvas``, ``text``) -> tensors and a list of texts."""
 
     def t(x):
-        return torch.as_tensor(np.stack(list(x)) if isinstance(x, np.ndarray) and x.dtype == object else x)
+        if isinstance(x, np.ndarray) and x.dtype == object:
+            x = np.stack(list(x))
+        elif isinstance(x, np.ndarray) and not x.flags.writeable:
+            x = x.copy()  # Ray Data hands over read-only views of Arrow buffers; torch wants writable memory
+        return torch.as_tensor(x)
 
     texts = [str(s) for s in batch["text"]]
     return t(batch["image"]).float(), t(batch["layer"]).float(), t(batch["canvas"]).float(), texts
@@ -578,6 +588,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window: list[float] = []
     t0 = time.perf_counter()
     last_report_t, last_report_step, last_report_samples = t0, step, 0
+    last_ray_report_t = t0
 
     def batches():
         while True:
@@ -661,9 +672,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 f.write(json.dumps({**metrics, "checkpoint": do_ckpt}) + "\n")
         t_report = time.perf_counter()
         if do_ckpt:
-            tmp = tempfile.mkdtemp(prefix="reflade-ckpt-")
+            # Only rank 0 writes the state; the other ranks report without a checkpoint (DDP keeps them equal).
+            tmp = tempfile.mkdtemp(prefix="reflade-ckpt-") if rank == 0 else None
             checkpoint = None
-            if rank == 0:
+            if tmp is not None:
                 _save_state(tmp, bundle.model, optimizer, step, ema, settings)
                 checkpoint = Checkpoint.from_directory(tmp)
             ray.train.report(
@@ -671,9 +683,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 checkpoint=checkpoint,
                 checkpoint_dir_name=f"{_CKPT_PREFIX}{step:08d}-{uuid.uuid4().hex[:6]}",
                 checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                delete_local_checkpoint_after_upload=True,
             )
-        else:
+            last_ray_report_t = time.perf_counter()
+        elif step == settings.steps or _since(t_report - last_ray_report_t, world, device) >= (
+            settings.report_interval_s
+        ):
+            # Every rank calls report (Ray Train expects the same sequence on all ranks): the decision uses the
+            # step and rank 0's clock.
             ray.train.report(metrics)
+            last_ray_report_t = time.perf_counter()
+        else:
+            last_report_call_s = None
+            continue
         last_report_call_s = time.perf_counter() - t_report
 
     if config.get("probe_dir"):
@@ -681,6 +703,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         (Path(config["probe_dir"]) / f"rank-{rank}.json").write_text(
             json.dumps({"rank": rank, "step": step, "param_checksum": param_checksum(bundle.model)})
         )
+
+
+def _since(seconds: float, world: int, device) -> float:
+    """Rank 0's ``seconds`` on every rank (a collective when there are several ranks)."""
+    return seconds if world == 1 else _gather_floats(seconds, device)[0]
 
 
 def _max_rss_mib() -> float:

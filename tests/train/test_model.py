@@ -263,6 +263,27 @@ def test_decompose_batch_tensor_path(bundle):
         pipe.decompose_batch(images[:, :, :32, :32], canvases[:, :, :32, :32], texts)
 
 
+def test_stage_timings_and_channels_last_give_the_same_layer(bundle):
+    _, images, _, prompts, texts = scenes_batch(2)
+    canvases = canvas_batch(prompts, R, R)
+    plain = RefLayerPipeline(bundle)
+    ref = plain.decompose_batch(images, canvases, texts, num_inference_steps=2, seed=3)
+    assert plain.last_stages == {}  # not recorded unless asked
+    staged = RefLayerPipeline(bundle, record_stages=True)
+    try:
+        bundle.set_channels_last(True)
+        assert bundle.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        assert bundle.model.alpha_decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        out = staged.decompose_batch(images, canvases, texts, num_inference_steps=2, seed=3)
+    finally:
+        bundle.set_channels_last(False)
+    assert bundle.vae.decoder.conv_in.weight.is_contiguous()
+    # the same computation in another memory layout: equal up to float summation order
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-4)
+    assert list(staged.last_stages) == ["encode", "sample", "decode_rgb", "decode_alpha", "finish"]
+    assert all(v >= 0 for v in staged.last_stages.values()) and staged.last_stages["sample"] > 0
+
+
 def test_pipeline_validates_before_any_compute():
     # No model at all: a bad prompt or image must be refused before the pipeline touches it.
     pipe = RefLayerPipeline(None)
