@@ -372,7 +372,16 @@ def train_vae(
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=1e-4)
     vae.train()
     losses: list[float] = []
-    bar = tqdm(total=steps, desc="train vae", unit="step", disable=not progress, file=sys.stderr, leave=False)
+    # In a job's log (not a terminal) every refresh is a line: refresh every 10 s there.
+    bar = tqdm(
+        total=steps,
+        desc="train vae",
+        unit="step",
+        disable=not progress,
+        file=sys.stderr,
+        leave=False,
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,
+    )
     t0 = time.perf_counter()
     try:
         for step in range(steps):
