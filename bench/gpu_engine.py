@@ -39,8 +39,12 @@ keeps the figures already measured:
         what their anchors are for)
   e2e   the whole pipeline over all scenes, groups of ``--batch`` images: CPU preprocessing, OWLv2, SAM encoder,
         SAM decoder (masks back to the CPU), completion of every hole at the sides ``--completion-sides`` chose
-        (per group: one bucket of equal sides after another), matting submitted to the pool; the wall time from
-        the first image to the last matted layer, divided by the number of scenes, is the total. The warm-up
+        (``--completion-schedule queue``, the default: the holes wait in one queue per side across groups and a
+        side runs whenever it holds a full ``--sd3-batch``, the partial batches after the last group, and a scene
+        goes to matting as soon as its last hole is done; ``group``: each group's holes, one bucket of equal
+        sides after another, before the next group), matting submitted to the pool (``--matting-unit``: one job
+        per layer, the default, or one per scene); the wall time from the first image to the last matted layer,
+        divided by the number of scenes, is the total. The warm-up
         (excluded) runs the first group and one batch of every sampling side once.
 
 The JSON and the table record the sampling sides (holes per side, ``scenes.completion_sides`` and
@@ -247,6 +251,7 @@ COMPLETION_PX = {"full": 1024, "tiny": 64}
 """The model's largest sampling side (pixels): every crop's side with --completion-sides fixed, the cap with
 bucketed."""
 COMPLETION_SIDES = ("bucketed", "fixed")
+COMPLETION_SCHEDULES = ("queue", "group")
 N_QUERIES = 12
 """Text queries of the detector (EngineConfig's default vocabulary has 12 words)."""
 N_BOXES = 16
@@ -455,6 +460,13 @@ class MattingPool:
     def submit(self, scene):
         objects = [(o.layer, o.visible_mask, o.amodal_mask) for o in scene.objects]
         return self.pool.submit(_matting_job, scene.image, objects)
+
+    def submit_layers(self, scene) -> list:
+        """One job per entity (the Ray pipeline's matting unit is the layer): a scene's layers run in parallel."""
+        return [
+            self.pool.submit(_matting_job, scene.image, [(o.layer, o.visible_mask, o.amodal_mask)])
+            for o in scene.objects
+        ]
 
     def collect(self, result: dict[str, Any]) -> dict[str, Any]:
         if not result.get("ok"):
@@ -985,9 +997,16 @@ class Bench:
         """How sampling sides are chosen (``--completion-sides`` and its parameters), for the JSON."""
         a, e = self.args, self.engine
         if a.completion_sides == "fixed":
-            return {"mode": "fixed", "side": e.px, "max_side": e.px, "side_multiple": e.side_multiple}
+            return {
+                "mode": "fixed",
+                "schedule": a.completion_schedule,
+                "side": e.px,
+                "max_side": e.px,
+                "side_multiple": e.side_multiple,
+            }
         return {
             "mode": "bucketed",
+            "schedule": a.completion_schedule,
             "bucket_step": a.bucket_step,
             "min_side": a.min_side,
             "max_side": e.px,
@@ -1211,6 +1230,7 @@ class Bench:
             "batch": a.batch,
             "holes": res["holes"],
             "matting": "overlapped" if self.matting_ok else self.matting_reason,
+            "matting_unit": a.matting_unit,
             "matting_workers": a.matting_workers,
             "completion": {
                 **self.completion_config(),
@@ -1235,6 +1255,7 @@ class Bench:
         bd: dict[str, float] = {}
         per_side: dict[int, dict[str, float]] = {}
         futures = []
+        queues: dict[int, list[tuple[dict[str, Any], int, np.ndarray, np.ndarray]]] = {}
         n_holes = 0
         e.sync()
         start = time.perf_counter()
@@ -1262,6 +1283,30 @@ class Bench:
                 for s, hs in zip(group, group_holes, strict=True)
             ]
             t = e._lap(bd, "cpu_prep", t)
+            if a.completion_schedule == "queue":
+                # Holes wait in one queue per sampling side, across groups; a side runs as soon as it holds a
+                # full transformer batch, the rest after the last group. A scene is pasted and goes to matting
+                # when its last hole is done.
+                for s, hs, p in zip(group, group_holes, prepared, strict=True):
+                    if p is None:
+                        if matting:
+                            futures += self._matte(s)
+                        continue
+                    state = {
+                        "scene": s,
+                        "holes": hs,
+                        "boxes": p[2],
+                        "samples": [None] * len(hs),
+                        "left": len(hs),
+                    }
+                    for k, (crop, hmask) in enumerate(zip(p[0], p[1], strict=True)):
+                        queues.setdefault(int(crop.shape[0]), []).append((state, k, crop, hmask))
+                    n_holes += len(hs)
+                for side in sorted(queues):
+                    while len(queues[side]) >= a.sd3_batch:
+                        batch, queues[side] = queues[side][: a.sd3_batch], queues[side][a.sd3_batch :]
+                        futures += self._complete_queued(batch, steps, bd, per_side, matting)
+                continue
             todo = [p for p in prepared if p is not None]
             if todo:
                 crops = [c for p in todo for c in p[0]]
@@ -1279,8 +1324,13 @@ class Bench:
                         k += 1
                 t = e._lap(bd, "cpu_paste", t)
             if matting:
-                futures += [self.pool.submit(s) for s in group]
+                futures += [f for s in group for f in self._matte(s)]
                 e._lap(bd, "matting_submit", t)
+        for side in sorted(queues):  # the partial batches left after the last group
+            for i in range(0, len(queues[side]), a.sd3_batch):
+                futures += self._complete_queued(
+                    queues[side][i : i + a.sd3_batch], steps, bd, per_side, matting
+                )
         e.sync()
         gpu_done = time.perf_counter() - start
         results = [self.pool.collect(f.result()) for f in futures]
@@ -1293,6 +1343,46 @@ class Bench:
             "holes": n_holes,
             "matting_job_s": [r["seconds"] for r in results],
         }
+
+    def _matte(self, scene) -> list:
+        """Matting futures of one scene: one per layer (``--matting-unit layer``) or one for the scene."""
+        if self.args.matting_unit == "layer":
+            return self.pool.submit_layers(scene)
+        return [self.pool.submit(scene)]
+
+    def _complete_queued(self, batch, steps: int, bd, per_side, matting: bool) -> list:
+        """One transformer batch of queued holes (all of one side); pastes and submits the scenes it finishes."""
+        e = self.engine
+        lap: dict[str, float] = {}
+        samples = e.complete(
+            np.stack([c for _, _, c, _ in batch]), np.stack([m for _, _, _, m in batch]), steps, lap
+        )
+        side = int(batch[0][2].shape[0])
+        bucket = per_side.setdefault(side, {"holes": 0})
+        bucket["holes"] += len(batch)
+        for key, seconds in lap.items():
+            bd[key] = bd.get(key, 0.0) + seconds
+            bucket[key] = bucket.get(key, 0.0) + seconds
+        t = time.perf_counter()
+        done = []
+        for (state, k, _, _), sample in zip(batch, samples, strict=True):
+            state["samples"][k] = sample
+            state["left"] -= 1
+            if state["left"] == 0:
+                done.append(state)
+        futures = []
+        for state in done:
+            scene = state["scene"]
+            background, layer = scene.image.copy(), scene.image.copy()
+            for (kind, hole), box, sample in zip(
+                state["holes"], state["boxes"], state["samples"], strict=True
+            ):
+                paste(background if kind == "background" else layer, sample, hole, box)
+        t = e._lap(bd, "cpu_paste", t)
+        if matting:
+            futures = [f for state in done for f in self._matte(state["scene"])]
+            e._lap(bd, "matting_submit", t)
+        return futures
 
     # ------------------------------------------------------------ run
     def run(self) -> int:
@@ -1559,6 +1649,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "rounded up to --bucket-step, at least --min-side, at most the model's side (1024 px full, "
                         "64 px tiny; larger crops are downsampled), holes batched per side; fixed = every crop "
                         "resized to the model's side")  # fmt: skip
+    p.add_argument("--completion-schedule", choices=COMPLETION_SCHEDULES, default="queue",
+                   help="e2e: queue (default) = holes wait in one queue per sampling side across groups and a side "
+                        "runs when it holds --sd3-batch holes (the rest after the last group); group = each group's "
+                        "holes are sampled before the next group starts, per side, in batches of --sd3-batch "
+                        "(what the first H100 figures measured)")  # fmt: skip
+    p.add_argument("--matting-unit", choices=("layer", "scene"), default="layer",
+                   help="e2e: one matting job per layer (default; a scene's layers in parallel, as the Ray "
+                        "pipeline's matting stage works per layer) or one per scene (what the first H100 figures "
+                        "measured)")  # fmt: skip
     p.add_argument("--bucket-step", type=int, default=None,
                    help="bucketed sides are multiples of this, pixels (a multiple of 16 = VAE factor 8 x patch 2); "
                         "full 256, tiny 16")  # fmt: skip
