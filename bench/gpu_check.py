@@ -16,7 +16,11 @@ encoders giving 333 x 4096 hidden states and a 2048-wide pooled vector), then:
 - ``bare_sample_<px>``: ``--sample-steps`` transformer steps at batch 1 (the sampling loop's cost alone);
 - ``decompose_<px>_cfg<g>``: one whole decomposition, :meth:`RefLayerPipeline.decompose_batch` (encode image and
   canvas, the sampling steps, RGB and alpha decoders) at guidance 1 (conditional only) and at guidance > 1
-  (conditional and unconditional as one batch of two).
+  (conditional and unconditional as one batch of two), with ``stages_s``: three more calls through
+  ``RefLayerPipeline(record_stages=True)`` (the GPU synchronised at each stage boundary), medians of encode,
+  sample, decode_rgb, decode_alpha and finish.
+  ``--infer-variants`` repeats the inference cases under other settings: ``cudnn`` (``cudnn.benchmark``), ``cl``
+  (VAE and alpha decoder channels-last), ``cudnn+cl``; their case names get the variant as a suffix.
   On CUDA the inference cases run twice: with the float32 training weights under bf16 autocast, then (suffix
   ``_bf16w``) with the weights cast to bf16 (``RefLayerBundle.to(dtype=torch.bfloat16)``), as serving runs them:
   autocast caches no casts for weights that need no gradient, so float32 weights are cast again at every step.
