@@ -60,8 +60,9 @@ def run(
 
 @engine_app.command("tiny-weights")
 def tiny_weights() -> None:
-    """Build the tiny random-init SAM, OWLv2 and RePaint models and register them (weights/tiny-*), so that
-    `--backends neural` runs without external checkpoints (tests, CPU demos; not for quality)."""
+    """Build the tiny random-init SAM, OWLv2, RePaint and BLIP-captioner models and register them
+    (weights/tiny-*), so that `--backends neural` runs without external checkpoints (tests, CPU demos; not for
+    quality)."""
     from reflade.engine.backends.tiny_weights import register_tiny_weights
 
     for name, ref in register_tiny_weights(_registry()).items():

@@ -61,6 +61,11 @@ class EngineConfig:
     """Registry reference of the open-vocabulary detector (an OWLv2 save_pretrained folder with its tokenizer)."""
     completion_weights: str = "weights/tiny-repaint@latest"
     """Registry reference of the inpainting diffusion model (a folder with unet/ and scheduler/)."""
+    captioner_weights: str = "weights/tiny-blip@latest"
+    """Registry reference of the captioner (a BLIP captioning save_pretrained folder with its tokenizer); its
+    captions of each entity's crop make the fine text prompts. Empty: no captioner, template text only."""
+    caption_max_new_tokens: int = 16
+    """Most tokens the captioner generates per entity (greedy decoding)."""
     vocabulary: list[str] = field(default_factory=lambda: [
         "person", "cat", "dog", "car", "bicycle", "chair", "table", "bottle", "cup", "book", "plant", "ball"])
     """Category words the detector is queried with ("a photo of a <word>"); neural labels come from here."""

@@ -21,6 +21,8 @@ class Entity:
         source: detector(s) that found it, "+"-joined after merging.
         attributes: e.g. {"color": "red", "position": "left", "size": "small"}.
         occluded_by: entity_ids of entities in front of this one (they overlap its amodal extent).
+        caption: a captioner's description of the entity's crop, as decoded (special tokens skipped, not yet
+            sanitised: prompt generation does that); None when no captioner ran, "" when it produced nothing.
     """
 
     entity_id: int
@@ -31,6 +33,7 @@ class Entity:
     source: str = ""
     attributes: dict[str, Any] = field(default_factory=dict)
     occluded_by: list[int] = field(default_factory=list)
+    caption: str | None = None
 
 
 @dataclass

@@ -1,10 +1,11 @@
-"""The ``neural`` backends of stages 2 and 3: OWLv2 + SAM for scene understanding, RePaint for layer completion.
+"""The ``neural`` backends of stages 2 and 3: OWLv2 + SAM + a BLIP captioner for scene understanding, RePaint
+for layer completion.
 
 Weights come from the registry by reference (``EngineConfig.sam_weights``, ``detector_weights``,
-``completion_weights``), are downloaded once per machine into a cache folder keyed by the exact version and its
-content hash, and load without pickles: SAM from ``config.json`` + ``model.safetensors``, OWLv2 and the UNet with
-``from_pretrained(..., local_files_only=True)`` (safetensors). ``tiny_weights`` builds random tiny versions of all
-three for tests and CPU runs.
+``captioner_weights``, ``completion_weights``), are downloaded once per machine into a cache folder keyed by
+the exact version and its content hash, and load without pickles: SAM from ``config.json`` +
+``model.safetensors``, OWLv2, BLIP and the UNet with ``from_pretrained(..., local_files_only=True)``
+(safetensors). ``tiny_weights`` builds random tiny versions of all four for tests and CPU runs.
 
 Device: CUDA when ``EngineConfig.num_gpus > 0`` and a GPU is visible, else the CPU. On CUDA the networks run
 under bf16 autocast; every call runs under ``torch.inference_mode()``.
@@ -29,6 +30,13 @@ Scene understanding (:class:`NeuralSceneBackend`):
    configured area fractions are dropped; at most ``max_entities`` are kept, ``entity_id`` 0..n-1 by score.
 5. Attributes (colour word from HSV, position, size) follow the classical backend's rules, so both families
    describe entities in the same words for prompt generation.
+6. Captions (:class:`NeuralCaptioner`, unless ``captioner_weights`` is empty): every kept entity's box,
+   grown by ``_CAPTION_MARGIN`` of its size on each side and clipped to the image, is cropped, resized to the
+   captioner's square input and captioned by a BLIP captioning model (``BlipForConditionalGeneration``), greedy, at most
+   ``caption_max_new_tokens`` tokens; the crops of all entities of all images of a batch go through the model
+   together (``_CAPTION_BATCH`` at a time). The decoded text (special tokens skipped) is stored in
+   ``Entity.caption``; prompt generation sanitises it into the fine text prompts
+   (:func:`reflade.engine.stages.prompts.sanitize_caption`).
 
 Layer completion (:class:`NeuralCompletionBackend`), per entity, with RePaint (:cite:`lugmayr2022repaint`):
 
@@ -74,16 +82,19 @@ if TYPE_CHECKING:  # the registry (and boto3 with it) is imported where weights 
     from reflade.platform.registry import Registry
 
 __all__ = [
+    "DEFAULT_CAPTIONER_WEIGHTS",
     "DEFAULT_COMPLETION_WEIGHTS",
     "DEFAULT_DETECTOR_WEIGHTS",
     "DEFAULT_SAM_WEIGHTS",
     "DEFAULT_VOCABULARY",
     "LocalWeights",
+    "NeuralCaptioner",
     "NeuralCompletionBackend",
     "NeuralSceneBackend",
     "build_sam",
     "default_cache_dir",
     "fetch_weights",
+    "load_blip",
     "load_owlv2",
     "load_repaint",
     "load_sam",
@@ -96,6 +107,8 @@ __all__ = [
 DEFAULT_SAM_WEIGHTS = "weights/tiny-sam@latest"
 DEFAULT_DETECTOR_WEIGHTS = "weights/tiny-owlv2@latest"
 DEFAULT_COMPLETION_WEIGHTS = "weights/tiny-repaint@latest"
+DEFAULT_CAPTIONER_WEIGHTS = "weights/tiny-blip@latest"
+DEFAULT_CAPTION_MAX_NEW_TOKENS = 16
 DEFAULT_VOCABULARY = (
     "person", "cat", "dog", "car", "bicycle", "chair", "table", "bottle", "cup", "book", "plant", "ball",
 )  # fmt: skip
@@ -129,6 +142,12 @@ _SAMPLER_BATCH = 32
 _JUMP_LENGTH = 10
 _JUMP_N_SAMPLE = 1
 """RePaint resampling (jump length, samples per jump); 1 sample means no resampling, the cheapest schedule."""
+_CAPTION_MARGIN = 0.15
+"""A caption crop is the entity's box grown by this fraction of its width/height on each side (context)."""
+_CAPTION_BATCH = 32
+"""Crops per captioner batch."""
+_CAPTION_MAX_CHARS = 300
+"""Decoded captions are cut to this many characters (the schema's text limit) before they travel on."""
 _MARKER = ".reflade-weights.json"
 """Written last into a cached weights folder, after every file was verified against the manifest."""
 
@@ -140,13 +159,20 @@ def _cfg(cfg: Any, name: str, default: Any) -> Any:
     return getattr(cfg, name, default)
 
 
+def _captioner_ref(cfg: EngineConfig) -> str:
+    return str(_cfg(cfg, "captioner_weights", DEFAULT_CAPTIONER_WEIGHTS) or "").strip()
+
+
 def weights_refs(cfg: EngineConfig) -> list[str]:
-    """The configured registry references of the neural backends' weights: [sam, detector, completion]."""
-    return [
+    """The configured registry references of the neural backends' weights: [sam, detector, completion,
+    captioner], without the captioner when ``captioner_weights`` is empty."""
+    refs = [
         _cfg(cfg, "sam_weights", DEFAULT_SAM_WEIGHTS),
         _cfg(cfg, "detector_weights", DEFAULT_DETECTOR_WEIGHTS),
         _cfg(cfg, "completion_weights", DEFAULT_COMPLETION_WEIGHTS),
     ]
+    captioner = _captioner_ref(cfg)
+    return refs + [captioner] if captioner else refs
 
 
 def _vocabulary(cfg: EngineConfig) -> list[str]:
@@ -384,6 +410,40 @@ def load_owlv2(folder: str | os.PathLike, device: torch.device | str = "cpu") ->
     return _Owl(model, tokenizer, size, np.asarray(mean, np.float32), np.asarray(std, np.float32))
 
 
+@dataclass
+class _Blip:
+    model: Any
+    tokenizer: Any
+    image_size: int
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def load_blip(folder: str | os.PathLike, device: torch.device | str = "cpu") -> _Blip:
+    """BLIP captioner (``BlipForConditionalGeneration``), tokenizer and preprocessing constants from a
+    ``save_pretrained`` folder, offline, in float32 (the GPU runs it under bf16 autocast).
+
+    Raises:
+        ValueError: the folder has no ``config.json``.
+    """
+    from transformers import AutoTokenizer, BlipForConditionalGeneration
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a BLIP captioner weights folder: config.json is missing")
+    model = BlipForConditionalGeneration.from_pretrained(folder, local_files_only=True)
+    model = model.float().to(device).eval()  # a half-precision checkpoint loads as float32 too
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    size = model.config.vision_config.image_size
+    # BLIP's processor normalises with OpenAI CLIP's constants
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    pre = folder / "preprocessor_config.json"
+    if pre.is_file():
+        p = json.loads(pre.read_text())
+        mean, std = p.get("image_mean", mean), p.get("image_std", std)
+    return _Blip(model, tokenizer, int(size), np.asarray(mean, np.float32), np.asarray(std, np.float32))
+
+
 def load_repaint(folder: str | os.PathLike, device: torch.device | str = "cpu"):
     """(``UNet2DModel``, ``RePaintScheduler``) from a folder with ``unet/`` and ``scheduler/``, offline."""
     from diffusers import RePaintScheduler, UNet2DModel
@@ -499,7 +559,9 @@ class NeuralSceneBackend:
         cache_dir: local weights cache; None means :func:`default_cache_dir`.
 
     Attributes:
-        weights: exact references of the weights loaded, [sam, detector].
+        weights: exact references of the weights loaded, [sam, detector, captioner] (no captioner when
+            ``captioner_weights`` is empty).
+        captioner: the :class:`NeuralCaptioner`, or None.
     """
 
     name = "neural"
@@ -516,12 +578,16 @@ class NeuralSceneBackend:
         self.vocabulary = _vocabulary(self.cfg)
         reg = _registry(registry)
         cache = cache_dir if cache_dir is not None else default_cache_dir(self.cfg)
-        sam_ref, det_ref, _ = weights_refs(self.cfg)
+        sam_ref, det_ref = weights_refs(self.cfg)[:2]
         sam_w = _fetch(reg, sam_ref, cache, "SAM")
         det_w = _fetch(reg, det_ref, cache, "detector")
         self.weights = [sam_w.ref, det_w.ref]
         self.sam = load_sam(sam_w.path, self.device)
         self.owl = load_owlv2(det_w.path, self.device)
+        self.captioner = None
+        if _captioner_ref(self.cfg):
+            self.captioner = NeuralCaptioner(self.cfg, registry=reg, cache_dir=cache, device=self.device)
+            self.weights += self.captioner.weights
         self.threshold = float(_cfg(self.cfg, "detector_threshold", DEFAULT_DETECTOR_THRESHOLD))
         self.fallback = bool(_cfg(self.cfg, "detector_fallback", DEFAULT_DETECTOR_FALLBACK))
         self._query_embeds = self._embed_queries()
@@ -552,7 +618,8 @@ class NeuralSceneBackend:
 
         Returns:
             At most ``cfg.max_entities`` entities, ``entity_id`` 0..n-1 in descending score; masks HxW bool,
-            disjoint, non-empty, within the configured area fractions; labels from the vocabulary.
+            disjoint, non-empty, within the configured area fractions; labels from the vocabulary; ``caption``
+            set when a captioner is configured.
 
         Raises:
             ValueError: the image is not HxWx3 uint8.
@@ -560,7 +627,8 @@ class NeuralSceneBackend:
         return self.detect_batch([image])[0]
 
     def detect_batch(self, images: list[np.ndarray]) -> list[list[Entity]]:
-        """:meth:`detect` for several images: one detector pass and one SAM encoder pass for the batch.
+        """:meth:`detect` for several images: one detector pass and one SAM encoder pass for the batch, and
+        the crops of every entity of the batch through the captioner together.
 
         Args:
             images: list of HxWx3 uint8 RGB images (sizes may differ).
@@ -575,9 +643,12 @@ class NeuralSceneBackend:
         with torch.inference_mode():
             boxes = self._detect_boxes(images)
             masks = self._segment(images, [b[0] for b in boxes])
-        return [
+        entities = [
             self._entities(im, m, s, lab) for im, (_, s, lab), m in zip(images, boxes, masks, strict=True)
         ]
+        if self.captioner is not None:
+            self.captioner.caption_entities(images, entities)
+        return entities
 
     # ------------------------------------------------------------ detector
     def _owl_input(self, image: np.ndarray) -> np.ndarray:
@@ -723,6 +794,118 @@ class NeuralSceneBackend:
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     inter = np.count_nonzero(a & b)
     return inter / max(1, np.count_nonzero(a | b))
+
+
+# ---------------------------------------------------------------- stage 2: captions
+
+
+class NeuralCaptioner:
+    """Captions of image crops with a BLIP captioning model (``BlipForConditionalGeneration``) loaded from the
+    registry; greedy decoding, so a crop's caption is deterministic.
+
+    Args:
+        cfg: engine configuration (``captioner_weights``, ``caption_max_new_tokens``, ``num_gpus``).
+        registry: where the weights live; None builds one from ``load_config()`` (the worker's environment).
+        cache_dir: local weights cache; None means :func:`default_cache_dir`.
+        device: where the model runs; None means :func:`select_device`.
+
+    Attributes:
+        weights: exact references of the weights loaded, [captioner].
+        max_new_tokens: tokens generated at most per crop (``caption_max_new_tokens``, capped by the model's
+            position embeddings).
+
+    Raises:
+        ValueError: ``captioner_weights`` is empty, or ``caption_max_new_tokens`` < 1.
+    """
+
+    name = "neural"
+
+    def __init__(
+        self,
+        cfg: EngineConfig | None = None,
+        *,
+        registry: Registry | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        device: torch.device | None = None,
+    ):
+        self.cfg = cfg or EngineConfig()
+        ref = _captioner_ref(self.cfg)
+        if not ref:
+            raise ValueError("engine.captioner_weights is empty: there is no captioner to load")
+        requested = int(_cfg(self.cfg, "caption_max_new_tokens", DEFAULT_CAPTION_MAX_NEW_TOKENS))
+        if requested < 1:
+            raise ValueError(f"engine.caption_max_new_tokens must be at least 1, got {requested}")
+        self.device = device if device is not None else select_device(self.cfg)
+        cache = cache_dir if cache_dir is not None else default_cache_dir(self.cfg)
+        local = _fetch(_registry(registry), ref, cache, "captioner")
+        self.weights = [local.ref]
+        self.blip = load_blip(local.path, self.device)
+        # The decoder starts from one [DEC] token: what it generates must fit its position embeddings.
+        room = int(self.blip.model.config.text_config.max_position_embeddings) - 1
+        self.max_new_tokens = max(1, min(requested, room))
+
+    def caption(self, crops: list[np.ndarray]) -> list[str]:
+        """One caption per crop.
+
+        Args:
+            crops: HxWx3 uint8 RGB crops (sizes may differ; each is resized to the model's square input).
+
+        Returns:
+            The decoded captions, special tokens skipped, whitespace collapsed, at most ``max_new_tokens``
+            words and ``_CAPTION_MAX_CHARS`` characters each (may be empty); not otherwise sanitised.
+
+        Raises:
+            ValueError: a crop that is not HxWx3 uint8.
+        """
+        for c in crops:
+            _check_image(c)
+        out: list[str] = []
+        with torch.inference_mode():
+            for start in range(0, len(crops), _CAPTION_BATCH):
+                chunk = crops[start : start + _CAPTION_BATCH]
+                pixels = torch.from_numpy(np.stack([self._input(c) for c in chunk])).to(self.device)
+                with _autocast(self.device):
+                    ids = self.blip.model.generate(
+                        pixel_values=pixels,
+                        max_new_tokens=self.max_new_tokens,
+                        do_sample=False,
+                        num_beams=1,
+                    )
+                texts = self.blip.tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
+                out += [" ".join(t.split())[:_CAPTION_MAX_CHARS] for t in texts]
+        return out
+
+    def caption_entities(self, images: list[np.ndarray], entities_list: list[list[Entity]]) -> None:
+        """Caption every entity of every image together and set its ``caption`` (in place).
+
+        Args:
+            images: HxWx3 uint8 RGB images.
+            entities_list: per image, its entities (``box`` in that image's pixels).
+        """
+        if len(images) != len(entities_list):
+            raise ValueError(f"{len(images)} images but {len(entities_list)} entity lists")
+        todo = [(image, ent) for image, ents in zip(images, entities_list, strict=True) for ent in ents]
+        captions = self.caption([_caption_crop(image, ent.box) for image, ent in todo])
+        for (_, ent), text in zip(todo, captions, strict=True):
+            ent.caption = text
+
+    def _input(self, crop: np.ndarray) -> np.ndarray:
+        # BLIP's image processor: resize to the square input (no aspect kept), scale to [0, 1], normalise.
+        size = self.blip.image_size
+        x = _resize(crop, (size, size)).astype(np.float32) / 255.0
+        return ((x - self.blip.mean) / self.blip.std).transpose(2, 0, 1)
+
+
+def _caption_crop(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """What the captioner sees of an entity: its box grown by ``_CAPTION_MARGIN`` per side, clipped."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = box
+    mx, my = max(2.0, _CAPTION_MARGIN * (x1 - x0)), max(2.0, _CAPTION_MARGIN * (y1 - y0))
+    cx0, cy0 = max(0, int(x0 - mx)), max(0, int(y0 - my))
+    cx1, cy1 = min(w, int(np.ceil(x1 + mx))), min(h, int(np.ceil(y1 + my)))
+    if cx1 <= cx0 or cy1 <= cy0:  # a box off the image: caption the whole image rather than nothing
+        return image
+    return np.ascontiguousarray(image[cy0:cy1, cx0:cx1])
 
 
 # ---------------------------------------------------------------- stage 3

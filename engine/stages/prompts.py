@@ -7,17 +7,29 @@ Every layer gets each prompt type at both granularities:
 | point | 1 positive point deep inside the visible mask | ``points_per_prompt`` positives spread over it + 1-2 negatives just outside |
 | box | the tight box enlarged by about 10% (clipped to the image) | the tight box of the visible mask |
 | mask | the visible mask dilated and made blocky, like a rough brush stroke | the visible mask |
-| text | category + colour | category + colour + size + position |
+| text | category + colour | caption + position (template: category + colour + size + position) |
 | text+box | coarse text + coarse box | fine text + fine box |
 | text+point | coarse text + coarse point | fine text + fine points |
 
 A background row's prompts refer to the entity removed: the same spatial prompts, and text "the scene without ...".
+
+Fine text: when the entity carries a caption (``Entity.caption``, written by the neural backend's captioner), the
+sanitised caption followed by the position phrase (a crop's caption cannot know where the crop lies in the
+image): "a red mug with a handle, on the left"; otherwise, or when the caption is unusable, the template. Captions
+are model output, so they are sanitised first (:func:`sanitize_caption`): special tokens (``[SEP]``,
+``[unused3]``, ``</s>``, ...) and WordPiece ``##`` markers removed, accents folded and every other non-ASCII or
+non-printable character dropped, whitespace and repeated words collapsed, at most :data:`MAX_CAPTION_WORDS`
+words and within :data:`MAX_TEXT_CHARS`; one with no word of two letters or more is unusable. The coarse text
+always comes from the template (the detector's category word and the colour), so every layer keeps a text prompt
+grounded in its category.
+
 Coordinates are pixels of the stored image, x right, y down; boxes are half-open ``[x0, y0, x1, y1]``.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import cv2
 import numpy as np
@@ -26,12 +38,30 @@ from reflade.engine.config import EngineConfig
 from reflade.engine.schema import GRANULARITIES, KINDS, decode_mask, encode_png
 from reflade.engine.types import Entity
 
-__all__ = ["PROMPT_TYPES", "MAX_TEXT_CHARS", "make_prompts", "text_for", "encode_mask_png", "decode_mask_png"]
+__all__ = [
+    "PROMPT_TYPES",
+    "MAX_CAPTION_WORDS",
+    "MAX_TEXT_CHARS",
+    "caption_text",
+    "make_prompts",
+    "sanitize_caption",
+    "text_for",
+    "encode_mask_png",
+    "decode_mask_png",
+]
 
 PROMPT_TYPES = ("point", "box", "mask", "text", "text+box", "text+point")
 """The prompt types every layer gets, each at both granularities of ``schema.GRANULARITIES``."""
 MAX_TEXT_CHARS = 120
 """Longest referring expression, characters."""
+MAX_CAPTION_WORDS = 16
+"""Most words of a caption kept for a text prompt."""
+
+# Special tokens of BERT/BLIP ([CLS], [SEP], [PAD], [DEC], [unused12]) and of SentencePiece/GPT tokenizers
+# (<pad>, </s>, <|endoftext|>) that a decoder may leave in its text.
+_SPECIAL_TOKEN = re.compile(r"\[[A-Za-z][A-Za-z0-9_]*\]|<\|?/?[A-Za-z][A-Za-z0-9_]*\|?>")
+_USABLE_WORD = re.compile(r"[A-Za-z]{2,}")
+_EDGE_PUNCTUATION = " .,;:!?-_'\"/\\|()[]{}<>*&^%$#@~`+="
 
 # Per-side enlargement of the coarse box, as a fraction of the tight box's side (about 10% in all).
 _COARSE_BOX_PAD = (0.03, 0.07)
@@ -109,7 +139,7 @@ def make_prompts(
     fine_points = _fine_points(mask, depth, cfg.points_per_prompt, rng) + _negative_points(mask, rng)
     fine_box = _tight_box(mask)
     coarse_box = _enlarge_box(fine_box, width, height, rng)
-    text_fine = text_for(entity, kind, granularity="fine")
+    text_fine = text_for(entity, kind, granularity="fine")  # the caption's, when the entity has a usable one
     text_coarse = text_for(entity, kind, granularity="coarse")
 
     def prompt(type_, granularity, points=(), box=None, mask_png=None, text=None) -> dict:
@@ -141,12 +171,14 @@ def make_prompts(
 def text_for(entity: Entity, kind: str = "foreground", granularity: str = "fine") -> str:
     """A referring expression for the entity, at most 120 characters.
 
-    Fine: size, colour, category and position (``"the small red round object on the left"``); coarse: colour and
-    category (``"the red round object"``). Attributes that are missing are left out. A background layer is "the
-    scene without" the entity.
+    Fine: the entity's sanitised caption and its position (:func:`caption_text`) when it has a usable
+    caption; otherwise, and always for coarse, the template: fine = size, colour, category and position
+    (``"the small red round object on the left"``), coarse = colour and category (``"the red round object"``).
+    Attributes that are missing are left out. A background layer is "the scene without" the entity.
 
     Args:
-        entity: uses ``label`` and ``attributes`` (``color``, ``size``, ``position``; any may be absent).
+        entity: uses ``label``, ``attributes`` (``color``, ``size``, ``position``; any may be absent) and
+            ``caption`` (may be None).
         kind: ``foreground`` or ``background``.
         granularity: ``fine`` or ``coarse``.
 
@@ -157,6 +189,10 @@ def text_for(entity: Entity, kind: str = "foreground", granularity: str = "fine"
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "fine":
+        captioned = caption_text(entity, kind)
+        if captioned is not None:
+            return captioned
     attrs = entity.attributes or {}
     label = _words(entity.label) or "object"
     color = _words(attrs.get("color"))
@@ -176,6 +212,74 @@ def text_for(entity: Entity, kind: str = "foreground", granularity: str = "fine"
         if len(text) <= MAX_TEXT_CHARS:
             return text
     return text[:MAX_TEXT_CHARS].rsplit(" ", 1)[0]
+
+
+def caption_text(entity: Entity, kind: str = "foreground") -> str | None:
+    """The fine referring expression made from the entity's caption: the sanitised caption, then the
+    position phrase after a comma (``"a red mug with a handle, on the left"``); "the scene without ..." for a
+    background layer. At most :data:`MAX_TEXT_CHARS` characters (the position is left out when it does not fit).
+
+    Args:
+        entity: uses ``caption`` and ``attributes["position"]``.
+        kind: ``foreground`` or ``background``.
+
+    Returns:
+        The text, or None when the entity has no caption or an unusable one (see :func:`sanitize_caption`).
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not entity.caption:
+        return None
+    prefix = "the scene without " if kind == "background" else ""
+    position = _position_phrase(_words((entity.attributes or {}).get("position")))
+    for suffix in (f", {position}", "") if position else ("",):
+        caption = sanitize_caption(entity.caption, max_chars=MAX_TEXT_CHARS - len(prefix) - len(suffix))
+        if caption:
+            if suffix and position in caption.lower():  # the captioner said where it is already
+                suffix = ""
+            return prefix + caption + suffix
+    return None
+
+
+def sanitize_caption(
+    text: str | None, *, max_words: int = MAX_CAPTION_WORDS, max_chars: int = MAX_TEXT_CHARS
+) -> str:
+    """A captioner's output made safe for a text prompt, or "" when nothing usable is left.
+
+    Special tokens (``[SEP]``, ``[unused0]``, ``<pad>``, ``</s>``, ``<|endoftext|>``) are removed, WordPiece
+    continuations (``##``) joined to the word before (dropped when they come first), accents folded (NFKD)
+    and every other non-ASCII or non-printable character dropped (control characters become spaces),
+    whitespace collapsed, runs of the same word collapsed to one, punctuation stripped from both ends; then at
+    most ``max_words`` words, and whole words dropped from the end until it fits ``max_chars``.
+
+    Args:
+        text: the decoded caption (may be None or empty).
+        max_words: most words kept.
+        max_chars: most characters kept.
+
+    Returns:
+        The caption, or "" when it has no word of at least two ASCII letters (junk or empty: use the template).
+    """
+    if not text:
+        return ""
+    t = unicodedata.normalize("NFKD", str(text))
+    t = _SPECIAL_TOKEN.sub(" ", t)
+    t = re.sub(r"^(?:\s*##\S*)+", "", t)  # a continuation with no word before it is a fragment: dropped
+    t = re.sub(r"\s*##", "", t)
+    t = re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", " ", t)
+    t = t.encode("ascii", "ignore").decode("ascii")
+    words: list[str] = []
+    for w in " ".join(t.split()).strip(_EDGE_PUNCTUATION).split():
+        if not words or w.lower() != words[-1].lower():
+            words.append(w)
+    words = words[: max(0, max_words)]
+    while words and len(" ".join(words).strip(_EDGE_PUNCTUATION)) > max_chars:
+        words.pop()
+    out = " ".join(words).strip(_EDGE_PUNCTUATION)
+    return out if _USABLE_WORD.search(out) else ""
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:

@@ -1,6 +1,6 @@
-"""The ``neural`` backends with tiny random weights: registry round trip, cache, SAM/OWLv2/RePaint data flow,
-output invariants, determinism, refusal of corrupt weights, the completion's sampling sides (``sampling_side``),
-and the backends inside a Ray Data actor pool.
+"""The ``neural`` backends with tiny random weights: registry round trip, cache, SAM/OWLv2/BLIP/RePaint data
+flow, output invariants, determinism, refusal of corrupt weights, the completion's sampling sides
+(``sampling_side``), and the backends inside a Ray Data actor pool.
 
 Random weights say nothing about quality; every assertion here is about shapes, frames, invariants and plumbing.
 """
@@ -70,7 +70,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def tiny(storage) -> tuple[Registry, dict[str, str]]:
-    """One registry (own prefix) holding the three tiny models for the whole module."""
+    """One registry (own prefix) holding the tiny models for the whole module."""
     registry = Registry(storage, prefix=f"registry-neural-{uuid.uuid4().hex[:10]}")
     return registry, register_tiny_weights(registry)
 
@@ -117,6 +117,9 @@ def test_register_tiny_weights_is_deterministic_and_dedups(registry):
     assert {"unet/config.json", "scheduler/scheduler_config.json"} <= {
         f["path"] for f in registry.resolve(refs["tiny-repaint"]).files
     }
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= {
+        f["path"] for f in registry.resolve(refs["tiny-blip"]).files
+    }
     # building again (fresh random init, same seed) gives identical bytes: the registry returns version 1
     assert register_tiny_weights(registry) == refs
     assert all(registry.versions("weights", name) == [1] for name in TINY_NAMES)
@@ -127,7 +130,10 @@ def test_weights_refs_defaults():
         "weights/tiny-sam@latest",
         "weights/tiny-owlv2@latest",
         "weights/tiny-repaint@latest",
+        "weights/tiny-blip@latest",
     ]
+    # an empty captioner reference turns the captioner off: no weights, no lineage edge
+    assert weights_refs(EngineConfig(captioner_weights=" ")) == weights_refs(EngineConfig())[:3]
 
 
 def test_fetch_downloads_once_and_repairs_a_damaged_cache(tiny, tmp_path, monkeypatch):
@@ -181,7 +187,7 @@ def test_corrupt_weights_are_refused(registry, tmp_path):
 
 def test_detect_returns_consistent_entities(scene, tiny, detected):
     assert scene.name == "neural"
-    assert scene.weights == [tiny[1]["tiny-sam"], tiny[1]["tiny-owlv2"]]
+    assert scene.weights == [tiny[1]["tiny-sam"], tiny[1]["tiny-owlv2"], tiny[1]["tiny-blip"]]
     cfg = scene.cfg
     occluded = 0
     for image, entities in zip(IMAGES, detected, strict=True):
@@ -200,6 +206,7 @@ def test_detect_returns_consistent_entities(scene, tiny, detected):
             assert 0.0 <= e.score <= 1.0 and e.source == SOURCE
             assert set(e.attributes) == {"color", "position", "size"}
             assert all(0 <= j < i for j in e.occluded_by)
+            assert isinstance(e.caption, str) and len(e.caption.split()) <= cfg.caption_max_new_tokens
             occluded += bool(e.occluded_by)
             union += e.mask
         assert union.max() == 1, "visible masks overlap"
@@ -460,5 +467,10 @@ def test_backends_run_in_a_ray_actor_pool(ray_cluster, tiny, tmp_path):
         assert r["entities"] >= 1 and r["layers"] == r["entities"]
         assert all(label in DEFAULT_VOCABULARY for label in r["labels"].split(","))
         assert r["visible_kept"]
-        assert r["weights"].split(",") == [refs["tiny-sam"], refs["tiny-owlv2"], refs["tiny-repaint"]]
+        assert r["weights"].split(",") == [
+            refs["tiny-sam"],
+            refs["tiny-owlv2"],
+            refs["tiny-blip"],
+            refs["tiny-repaint"],
+        ]
     assert (tmp_path / "worker-cache" / "weights" / "tiny-sam").is_dir(), "the worker did not use its cache"

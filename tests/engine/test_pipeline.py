@@ -201,8 +201,10 @@ def test_worker_killed_mid_run_loses_nothing(engine_cfg, registry, ray_cluster, 
 
 
 def test_neural_backends_end_to_end(engine_cfg, registry, ray_cluster, tmp_path):
-    """Tiny random-init SAM + OWLv2 + RePaint, loaded from the registry by the Ray actors, through every stage."""
+    """Tiny random-init SAM + OWLv2 + BLIP captioner + RePaint, loaded from the registry by the Ray actors,
+    through every stage."""
     from reflade.engine.backends.tiny_weights import register_tiny_weights
+    from reflade.engine.stages.prompts import MAX_TEXT_CHARS
 
     refs = register_tiny_weights(registry)
     eng = engine_cfg.section("engine")
@@ -213,12 +215,22 @@ def test_neural_backends_end_to_end(engine_cfg, registry, ray_cluster, tmp_path)
     assert res.images_kept + res.images_quarantined == res.images_in
     assert res.layers_kept > 0
     rows = load_rows(registry, res.dataset)
+    captioned = 0
     for r in rows:
         validate_row(r, decode=True)
         assert r["provenance"]["backends"]["scene"] == "neural"
+        assert r["provenance"]["backends"]["captioner"] == "neural"
         assert sorted(r["provenance"]["weights"]) == sorted(refs.values())
-    # Lineage to every weights version used.
+        assert refs["tiny-blip"] in r["provenance"]["weights"]
+        texts = {(p["type"], p["granularity"]): p["text"] for p in r["prompts"] if "text" in p["type"]}
+        assert {g for _, g in texts} == {"coarse", "fine"}
+        for text in texts.values():
+            assert text and len(text) <= MAX_TEXT_CHARS and text.isascii() and text.isprintable()
+        assert r["scores"]["caption_used"] in (0.0, 1.0)
+        captioned += r["scores"]["caption_used"] == 1.0
+    assert captioned, "no row took its fine text from the captioner"
+    # Lineage to every weights version used, the captioner's included.
     v = registry.resolve(res.dataset)
-    assert set(refs.values()) <= set(v.parents)
+    assert set(refs.values()) <= set(v.parents) and refs["tiny-blip"] in v.parents
     for ref in refs.values():
         assert res.dataset in registry.children(ref)
