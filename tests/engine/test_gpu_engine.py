@@ -79,7 +79,10 @@ def test_tiny_preset_on_cpu(tmp_path):
     assert result["stages"]["sam_decoder"]["boxes"] == 16
     total = result["total"]
     assert total["s_per_image"] > 0 and total["scenes"] == 3
-    assert total["matting"] == "overlapped" and len(total["matting_job_s"]) == 3
+    # one matting job per layer (the default --matting-unit): every object of every scene
+    assert total["matting"] == "overlapped" and total["matting_unit"] == "layer"
+    layers = round(result["scenes"]["objects_per_image"] * result["scenes"]["count"])
+    assert layers > 3 and len(total["matting_job_s"]) == layers
     assert total["holes"] == sum(result["scenes"]["holes"]) > 0
     assert result["models"]["sd3_transformer"]["params"] < 1_000_000  # tiny really is tiny
     for stage in STAGES:
