@@ -227,6 +227,26 @@ class _ModelStage(abc.ABC):
     def make_backend(self):
         """The stage's backend, built once per actor."""
 
+    def _batched(self, batch, run, apply):
+        """Run the whole batch through one backend call, ``run(works) -> results``, then ``apply(r, work, result)``
+        per image; with fewer than two live images, or when that call fails, each image runs alone (so only a bad
+        one is quarantined, with its error)."""
+        rows = _rows(batch)
+        live = [(r, pickle.loads(r["work"])) for r in rows if r["ok"]]
+        if len(live) < 2:
+            return _ModelStage.__call__(self, batch)
+        t0 = time.perf_counter()
+        try:
+            results = run([w for _, w in live])
+        except Exception:  # noqa: BLE001 - retried image by image, where the error is recorded
+            return _ModelStage.__call__(self, batch)
+        share = (time.perf_counter() - t0) / len(live)  # the batch's time, split evenly between its images
+        for (r, work), result in zip(live, results, strict=True):
+            apply(r, work, result)
+            work.timings[self.stage] = work.timings.get(self.stage, 0.0) + share
+            r["work"] = pickle.dumps(work)
+        return _frame(rows)
+
     @abc.abstractmethod
     def process(self, r: dict[str, Any], work: Work) -> None:
         """Run the stage on one image record (mutates ``r`` and ``work``)."""
@@ -275,23 +295,16 @@ class SceneStage(_ModelStage):
         detect_batch = getattr(self.backend, "detect_batch", None)
         if detect_batch is None:
             return super().__call__(batch)
-        rows = _rows(batch)
-        live = [(r, pickle.loads(r["work"])) for r in rows if r["ok"]]
-        if len(live) < 2:
-            return super().__call__(batch)
-        t0 = time.perf_counter()
-        try:
-            images = [decode_image(w.image_png, "RGB") for _, w in live]
-            found = detect_batch(images)
-        except Exception:  # noqa: BLE001 - retried image by image below, where the error is recorded
-            return super().__call__(batch)
-        share = (time.perf_counter() - t0) / len(live)  # the batch's time, split evenly between its images
-        for (r, work), image, entities in zip(live, images, found, strict=True):
-            work.image = image
-            self._found(r, work, entities)
-            work.timings[self.stage] = work.timings.get(self.stage, 0.0) + share
-            r["work"] = pickle.dumps(work)
-        return _frame(rows)
+
+        def run(works):
+            images = [decode_image(w.image_png, "RGB") for w in works]
+            return list(zip(images, detect_batch(images), strict=True))
+
+        def apply(r, work, found):
+            work.image = found[0]
+            self._found(r, work, found[1])
+
+        return self._batched(batch, run, apply)
 
 
 class CompletionStage(_ModelStage):
@@ -316,22 +329,12 @@ class CompletionStage(_ModelStage):
         complete_batch = getattr(self.backend, "complete_batch", None)
         if complete_batch is None:
             return super().__call__(batch)
-        rows = _rows(batch)
-        live = [(r, pickle.loads(r["work"])) for r in rows if r["ok"]]
-        if len(live) < 2:
-            return super().__call__(batch)
-        t0 = time.perf_counter()
-        try:
-            results = complete_batch([w.image for _, w in live], [w.entities for _, w in live])
-        except Exception:  # noqa: BLE001 - retried image by image below, where the error is recorded
-            return super().__call__(batch)
-        share = (time.perf_counter() - t0) / len(live)  # the batch's time, split evenly between its images
-        for (r, work), completions in zip(live, results, strict=True):
+
+        def apply(r, work, completions):
             work.completions = completions
             _count(work, "completion", 2 * len(work.entities), 2 * len(completions))
-            work.timings[self.stage] = work.timings.get(self.stage, 0.0) + share
-            r["work"] = pickle.dumps(work)
-        return _frame(rows)
+
+        return self._batched(batch, lambda works: complete_batch([w.image for w in works], [w.entities for w in works]), apply)
 
 
 class MattingStage(_ModelStage):
