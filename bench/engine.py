@@ -8,14 +8,14 @@ run, on the same inputs, after an untimed warm-up of both arms (imports, pymatti
     round of ``--repeat``, with no Ray cluster up);
 (a) Ray Data on a local cluster this script starts (``num_cpus = --cores``, its own short temp dir):
     ``from_items`` (PNG bytes inline) -> ``PreFilterStage`` (task) -> ``MarkDuplicates`` (task) ->
-    ``add_layer_stages(ds, ecfg, "classical")`` (scene / completion / matting actor pools, prompts and post-filter
-    tasks), consumed with ``iter_batches``. Run once per setting:
-      - ``defaults``: the EngineConfig resources (1 actor per pool, 0.5 CPU per actor and per task) on stock Ray;
-      - one per ``--cpu-actors`` x ``--batch-size`` (CPUs per actor/task sized so the pools fit on --cores), with
-        idle Ray workers kept alive (``--keep-workers``, see below);
-(a') ``--fused`` (for comparison, not ``add_layer_stages``): pre-filter and stages 2-6 in ONE actor class
-    (--cores actors of 1 CPU) calling the same stage objects in sequence, as ``run_stages_plain`` does per batch:
-    what ``add_layer_stages`` would measure with no hand-off between stages.
+    ``add_layer_stages(ds, ecfg, "classical")`` (the engine's own pipeline), consumed with ``iter_batches``.
+    Run once per setting:
+      - ``defaults`` (the run compared with (b)): ``EngineConfig()`` on stock Ray: layout ``auto``, which on a
+        CPU cluster is ``fused`` (stages 2-6 in one actor class ``LayerStages``, one actor per CPU, 0.5 CPU
+        each; Ray Data fuses the pre-filter and MarkDuplicates tasks into the same actors);
+      - ``--staged``: the staged layout (scene / completion / matting actor pools, prompts and post-filter
+        tasks) once per ``--cpu-actors`` x ``--batch-size`` (CPUs per actor/task sized so the pools fit on
+        --cores), with idle Ray workers kept alive (``--keep-workers``, see below), for comparison.
 
 Thread counts are pinned to 1 in both arms (design.md, Pitfalls): ``OMP/MKL/OPENBLAS/NUMEXPR/NUMBA/OPENCV_FOR``
 variables are set before anything imports numpy, ``cv2.setNumThreads(1)`` and ``torch.set_num_threads(1)`` in the
@@ -26,7 +26,7 @@ Near-duplicates: found once, from the pre-filter hashes of arm (b), and the same
 ``MarkDuplicates``; arm (a) has no ``materialize()`` barrier unless ``--barrier`` (the production pipeline's shape).
 
 ``--keep-workers``: Ray keeps about ``num_cpus`` idle workers and kills the others after 1 s idle
-(``idle_worker_killing_time_threshold_ms``). On 2 CPUs the pipeline holds 3 stage actors and 3 Ray Data service
+(``idle_worker_killing_time_threshold_ms``). On 2 CPUs the staged pipeline holds 3 stage actors and 3 Ray Data service
 actors, so the workers that run the stage tasks are killed between batches and restarted (a Python start and the
 stage imports each time). With the flag, that threshold is raised for the cluster this script starts.
 
@@ -40,11 +40,15 @@ go quiet. Definitions (also written into the JSON, "definitions"):
                   Arrow, scheduling, the driver; in (b) the pickling between stages and the frames). Stage times
                   are wall clock: where processes outnumber cores they include waiting for a core, and the
                   overhead then reads low (even negative); the CPU figures below do not have that flaw;
+  steady ovh %  = the same over the steady window of (a), from the first output batch to the last, with the stage
+                  time of the images that arrived in it: the per-image overhead without the run's fixed start-up
+                  (cluster, actors, first batch);
   cpu ms/img    = CPU seconds of this process tree per image; cpu overhead % = (a) against (b);
   contention    = stage time (a) / stage time (b);
   speed-up      = images/s (a) / images/s (b); targets: >= 1.6 on 2 cores, Ray overhead < 5 %.
 
-    .venv/bin/python bench/engine.py [--scenes 256] [--no-photos] [--cpu-actors 1,2] [--batch-size 4] [--quick]
+    .venv/bin/python bench/engine.py [--scenes 256] [--no-photos] [--cpu-actors 1,2] [--batch-size 4] [--no-staged]
+                                     [--quick]
 """
 
 from __future__ import annotations
@@ -85,14 +89,11 @@ import numpy as np  # noqa: E402
 
 from reflade.engine.config import EngineConfig  # noqa: E402
 from reflade.engine.pipeline import (  # noqa: E402
-    CompletionStage,
     MarkDuplicates,
-    MattingStage,
-    PostFilterStage,
     PreFilterStage,
-    PromptStage,
-    SceneStage,
     add_layer_stages,
+    fused_pool_size,
+    resolve_layout,
     run_stages_plain,
 )
 from reflade.engine.stages.prefilter import find_near_duplicates  # noqa: E402
@@ -130,7 +131,11 @@ DEFINITIONS = {
     "cpu_bound_speedup": "cores * mean own_cpu_per_image_ms(plain) / own_cpu_per_image_ms(ray): the speed-up on "
     "a quiet machine if no core idled (an upper bound; unbiased by other processes, which "
     "take a larger share of the CPU from one plain process than from several Ray workers)",
-    "best": "the fastest add_layer_stages run (fused runs excluded); plain: the fastest plain run",
+    "steady_overhead_pct": "ray: 100 * (steady window * cores - stage time of the images that arrived in it) / "
+    "that stage time; the steady window runs from the first output batch to the last (cluster and actor "
+    "start-up, a fixed cost per run, excluded)",
+    "best": "the run compared: the engine defaults (EngineConfig(), stock Ray), else the fastest Ray run; "
+    "plain: the fastest plain run",
 }
 
 
@@ -403,32 +408,10 @@ def resources(cpu_actors: int, cores: float) -> tuple[float, float]:
     return per, per
 
 
-class FusedLayerStages:
-    """Stages 2-6 in one actor, the same stage objects called in sequence on each batch (as run_stages_plain
-    does); Ray Data fuses the pre-filter and MarkDuplicates tasks in front of it into the same actor."""
-
-    def __init__(self, family: str, cfg: EngineConfig):
-        args = (family, cfg, None, None)
-        self.stages = [
-            SceneStage(*args),
-            CompletionStage(*args),
-            MattingStage(*args),
-            PromptStage(cfg),
-            PostFilterStage(cfg),
-        ]
-
-    def __call__(self, batch):
-        for stage in self.stages:
-            batch = stage(batch)
-        return batch
-
-
 def build_dataset(
     ray, records, setting: dict[str, Any], ecfg: EngineConfig, dups: dict[str, str] | None, n_blocks: int
 ):
     """from_items -> pre-filter (task) -> [barrier + dedup] -> MarkDuplicates (task) -> stages 2-6."""
-    from ray.data import ActorPoolStrategy
-
     task = {"num_cpus": ecfg.num_cpus_per_task, "batch_format": "pandas", "batch_size": ecfg.batch_size}
     items = [dict(r, ok=True, stage="", reason="") for r in records]
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
@@ -440,16 +423,7 @@ def build_dataset(
         hashes.sort(key=lambda h: order[h["source_id"]])
         dups = near_duplicates(hashes, ecfg)
     ds = ds.map_batches(MarkDuplicates(dups), **task)
-    if setting["layout"] == "fused":
-        return ds.map_batches(
-            FusedLayerStages,
-            fn_constructor_args=("classical", ecfg),
-            compute=ActorPoolStrategy(size=ecfg.cpu_actors),
-            num_cpus=ecfg.num_cpus_per_actor,
-            batch_format="pandas",
-            batch_size=ecfg.batch_size,
-        )
-    return add_layer_stages(ds, ecfg, "classical")
+    return add_layer_stages(ds, ecfg, "classical", layout=setting["layout"])
 
 
 def run_ray(
@@ -464,6 +438,10 @@ def run_ray(
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         arrivals.append((time.perf_counter() - t0, batch.num_rows))
         tables.append(batch.select(keep))
+    # Stage time of the images that arrived after the first batch (the steady window's work).
+    steady_stage = sum(
+        sum(pickle.loads(w).timings.values()) for t in tables[1:] for w in t.column("work").to_pylist()
+    )
     wall = time.perf_counter() - t0
     try:
         stats = ds.stats()
@@ -478,6 +456,8 @@ def run_ray(
         "wall": wall,
         "first": first,
         "steady": steady,
+        "steady_window_s": (arrivals[-1][0] - first) if len(arrivals) > 1 else 0.0,
+        "steady_stage_s": steady_stage,
         "stats": stats,
     }
 
@@ -553,20 +533,20 @@ def _cpu_model() -> str:
 
 def _setting_label(s: dict[str, Any]) -> str:
     if s["layout"] == "fused":
-        label = (
-            f"fused stages, {s['cpu_actors']} actors x {s['num_cpus_per_actor']:g} CPU bs={s['batch_size']}"
-        )
+        actors = s.get("actors") or s["fused_actors"] or "1/CPU"
+        label = f"fused, {actors} actors x {s['num_cpus_per_actor']:g} CPU bs={s['batch_size']}"
     else:
         label = (
-            f"actors={s['cpu_actors']} cpu/actor={s['num_cpus_per_actor']:g} "
+            f"staged, {s['cpu_actors']}/pool cpu/actor={s['num_cpus_per_actor']:g} "
             f"cpu/task={s['num_cpus_per_task']:g} bs={s['batch_size']}"
         )
+    label = ("defaults: " if s.get("defaults") else "") + label
     label += "" if s["keep_workers"] else " stock"
     return label + (" +barrier" if s.get("barrier") else "")
 
 
 def _arm(s: dict[str, Any]) -> str:
-    return "(a') ray" if s["layout"] == "fused" else "(a) ray"
+    return "(a) ray"
 
 
 def print_tables(result: dict[str, Any]) -> None:
@@ -575,7 +555,7 @@ def print_tables(result: dict[str, Any]) -> None:
     best, plain = result.get("best"), result.get("plain")
     head = (
         f"{'arm':<9} {'setting':<50} {'imgs':>4} {'wall s':>6} {'img/s':>5} {'steady':>6} {'speedup':>7} "
-        f"{'stage s':>7} {'ovh ms/img':>10} {'ovh %':>6} {'cpu ms/img':>10} {'cpu x':>5} {'idle %':>6} {'others %':>8} "
+        f"{'stage s':>7} {'ovh ms/img':>10} {'ovh %':>6} {'st.ovh%':>7} {'cpu ms/img':>10} {'cpu x':>5} {'idle %':>6} {'others %':>8} "
         f"{'kept':>4} {'quar':>4} {'layers':>6}"
     )
     print(head)
@@ -591,13 +571,14 @@ def print_tables(result: dict[str, Any]) -> None:
         speed = f"{r['speedup']:.2f}x" if r.get("speedup") is not None else ""
         steady = f"{r['steady_images_per_s']:.2f}" if r.get("steady_images_per_s") else ""
         cpu_x = f"{r['cpu_bound_speedup']:.2f}" if r.get("cpu_bound_speedup") is not None else ""
+        st_ovh = f"{r['steady_overhead_pct']:.1f}" if r.get("steady_overhead_pct") is not None else ""
         print(
             f"{arm:<9} {label:<50} {r['images']:>4} {r['wall_s']:>6.1f} {r['images_per_s']:>5.2f} {steady:>6} "
-            f"{speed:>7} {r['stage_time_s']:>7.1f} {r['overhead_per_image_ms']:>10.1f} {r['overhead_pct']:>6.1f} "
+            f"{speed:>7} {r['stage_time_s']:>7.1f} {r['overhead_per_image_ms']:>10.1f} {r['overhead_pct']:>6.1f} {st_ovh:>7} "
             f"{r['own_cpu_per_image_ms']:>10.1f} {cpu_x:>5} {r['idle_pct']:>6.1f} {r['foreign_pct']:>8.1f} "
             f"{r['images_kept']:>4} {r['images_quarantined']:>4} {r['layers_kept']:>6}"
         )
-    print("* the runs compared: the fastest plain run and the fastest add_layer_stages run")
+    print("* the runs compared: the fastest plain run and the engine defaults (else the fastest Ray run)")
     if plain and best:
         print(
             f"\nper-stage time (sum over images), plain vs the best Ray setting ({_setting_label(best['setting'])})"
@@ -645,6 +626,7 @@ def _pick(runs: list[dict[str, Any]], **match) -> dict[str, Any] | None:
             "steady_images_per_s",
             "speedup",
             "overhead_pct",
+            "steady_overhead_pct",
             "cpu_overhead_pct",
             "cpu_bound_speedup",
             "foreign_pct",
@@ -656,10 +638,12 @@ def make_settings(args) -> list[dict[str, Any]]:
     """The Ray runs, grouped by cluster configuration (stock Ray first)."""
     d = EngineConfig()
     out = []
-    if args.stock:
+    if args.stock:  # the pipeline the engine builds, with its default resources, on stock Ray
         out.append(
             {
-                "layout": "stages",
+                "layout": resolve_layout(d, "classical"),
+                "defaults": True,
+                "fused_actors": d.fused_actors,
                 "cpu_actors": d.cpu_actors,
                 "num_cpus_per_actor": d.num_cpus_per_actor,
                 "num_cpus_per_task": d.num_cpus_per_task,
@@ -668,67 +652,55 @@ def make_settings(args) -> list[dict[str, Any]]:
                 "barrier": args.barrier,
             }
         )
-    for bs in args.batch_size:
-        for actors in args.cpu_actors:
-            cpa, cpt = resources(actors, args.cores)
-            out.append(
-                {
-                    "layout": "stages",
-                    "cpu_actors": actors,
-                    "num_cpus_per_actor": args.cpus_per_actor or cpa,
-                    "num_cpus_per_task": args.cpus_per_task or cpt,
-                    "batch_size": bs,
-                    "keep_workers": args.keep_workers,
-                    "barrier": args.barrier,
-                }
-            )
-    if args.fused:
-        out.append(
-            {
-                "layout": "fused",
-                "cpu_actors": args.cores,
-                "num_cpus_per_actor": 1.0,
-                "num_cpus_per_task": 1.0,
-                "batch_size": args.batch_size[0],
-                "keep_workers": args.keep_workers,
-                "barrier": args.barrier,
-            }
-        )
+    if args.staged:  # the staged layout (one pool per model stage), for comparison
+        for bs in args.batch_size:
+            for actors in args.cpu_actors:
+                cpa, cpt = resources(actors, args.cores)
+                out.append(
+                    {
+                        "layout": "staged",
+                        "defaults": False,
+                        "fused_actors": d.fused_actors,
+                        "cpu_actors": actors,
+                        "num_cpus_per_actor": args.cpus_per_actor or cpa,
+                        "num_cpus_per_task": args.cpus_per_task or cpt,
+                        "batch_size": bs,
+                        "keep_workers": args.keep_workers,
+                        "barrier": args.barrier,
+                    }
+                )
     return sorted(out, key=lambda s: s["keep_workers"])  # stable: one cluster per configuration
 
 
 def summarize_result(result: dict[str, Any]) -> None:
-    """The comparison: the fastest plain run against the fastest add_layer_stages run."""
+    """The comparison: the fastest plain run against the engine's defaults (else the fastest Ray run)."""
     plain = result["plain"]
-    stages = [r for r in result["ray"] if r["setting"]["layout"] == "stages"]
-    if not stages:
+    runs = result["ray"]
+    if not runs:
         return
-    best = max(stages, key=lambda r: r["images_per_s"])
+    defaults = [r for r in runs if r["setting"].get("defaults")]
+    best = max(defaults or runs, key=lambda r: r["images_per_s"])
     # Speed-ups of every Ray run against the fastest plain run so far (a later plain round may be faster).
     for r in result["ray"]:
         r["speedup"] = r["images_per_s"] / plain["images_per_s"]
         r["parallel_efficiency"] = r["speedup"] / r["cores"]
         r["contention"] = r["stage_time_s"] / plain["stage_time_s"]
-    d = EngineConfig()
     result["best"] = best
     result["summary"] = {
         "plain_images_per_s": plain["images_per_s"],
         "ray_images_per_s": best["images_per_s"],
         "speedup": best["speedup"],
         "ray_overhead_pct": best["overhead_pct"],
+        "ray_steady_overhead_pct": best["steady_overhead_pct"],
         "ray_cpu_overhead_pct": best["cpu_overhead_pct"],
         "cpu_bound_speedup": best["cpu_bound_speedup"],
         "best_setting": best["setting"],
-        "default_setting": _pick(
-            result["ray"],
-            layout="stages",
-            keep_workers=False,
-            cpu_actors=d.cpu_actors,
-            batch_size=d.batch_size,
-        ),
-        "fused": _pick(result["ray"], layout="fused"),
+        "compared_is_engine_defaults": bool(best["setting"].get("defaults")),
+        "fastest_staged": _pick(result["ray"], layout="staged"),
         "speedup_target_met": best["speedup"] >= TARGET_SPEEDUP,
         "overhead_target_met": best["overhead_pct"] < TARGET_OVERHEAD_PCT,
+        "steady_overhead_target_met": best["steady_overhead_pct"] is not None
+        and best["steady_overhead_pct"] < TARGET_OVERHEAD_PCT,
         "cpu_bound_speedup_reaches_target": best["cpu_bound_speedup"] >= TARGET_SPEEDUP,
         "kept_counts_match": not result["mismatches"],
         "others_load_pct": {"plain": plain["foreign_pct"], "ray": best["foreign_pct"]},
@@ -824,10 +796,14 @@ def run(args) -> int:
         plain = result["plain"]
         ecfg = EngineConfig(
             batch_size=s["batch_size"],
+            layout=s["layout"],
+            fused_actors=s["fused_actors"],
             cpu_actors=s["cpu_actors"],
             num_cpus_per_actor=s["num_cpus_per_actor"],
             num_cpus_per_task=s["num_cpus_per_task"],
         )
+        if s["layout"] == "fused":
+            s["actors"] = fused_pool_size(ecfg)  # the engine's choice on this cluster
         with warnings.catch_warnings():  # the warm-up's 2 blocks cannot feed 2 actors: Ray Data says so
             warnings.filterwarnings("ignore", message=".*only received.*input", category=UserWarning)
             run_ray(ray, warm, s, ecfg, {})
@@ -843,6 +819,13 @@ def run(args) -> int:
             quiet=quiet,
             first_batch_s=out["first"],
             steady_images_per_s=out["steady"],
+            steady_window_s=out["steady_window_s"],
+            steady_stage_s=out["steady_stage_s"],
+            steady_overhead_pct=(
+                100 * (out["steady_window_s"] * args.cores - out["steady_stage_s"]) / out["steady_stage_s"]
+                if out["steady_stage_s"]
+                else None
+            ),
             speedup=fig["images"] / wall / plain["images_per_s"],
             contention=fig["stage_time_s"] / plain["stage_time_s"],
             cpu_by_process=by_title,
@@ -906,7 +889,9 @@ def run(args) -> int:
         print(
             f"\nspeed-up {sm['speedup']:.3f}x (target >= {TARGET_SPEEDUP}: "
             f"{'met' if sm['speedup_target_met'] else 'NOT met'}); Ray overhead {sm['ray_overhead_pct']:.1f} % of "
-            f"stage time (target < {TARGET_OVERHEAD_PCT:g} %: {'met' if sm['overhead_target_met'] else 'NOT met'}); "
+            f"stage time (target < {TARGET_OVERHEAD_PCT:g} %: {'met' if sm['overhead_target_met'] else 'NOT met'}), "
+            f"{_fmt_pct(sm['ray_steady_overhead_pct'])} in the steady window "
+            f"({'met' if sm['steady_overhead_target_met'] else 'NOT met'}); "
             f"Ray CPU overhead {sm['ray_cpu_overhead_pct']:.1f} %, CPU-bound speed-up {sm['cpu_bound_speedup']:.3f}x"
         )
         if max(sm["others_load_pct"].values()) > 100 * args.quiet_below:
@@ -929,6 +914,10 @@ def run(args) -> int:
     return status
 
 
+def _fmt_pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f} %"
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -944,8 +933,8 @@ def main(argv: list[str] | None = None) -> int:
         description=(
             "Images per second through the data engine's six stages (classical backends): (a) Ray Data on a local "
             "cluster this script starts (--cores CPUs, its own temp dir): add_layer_stages with the engine's "
-            "default resources on stock Ray, then once per --cpu-actors x --batch-size with idle workers kept, "
-            "(a') all stages fused in one actor class for comparison; against (b) the same stage code in one "
+            "defaults (layout auto: fused on a CPU cluster) on stock Ray, then the staged layout once per "
+            "--cpu-actors x --batch-size with idle workers kept, for comparison; against (b) the same stage code in one "
             "plain process (run_stages_plain). Thread counts are pinned to 1 in both arms and printed. Prints a "
             "table (images/s, speed-up, per-stage shares, Ray overhead, CPU used by this run and by other "
             "processes) and writes JSON with machine info to --out after each run."
@@ -970,8 +959,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--cpu-actors",
         type=_int_list,
-        default=[1, 2],
-        help="actors per stage pool, comma-separated to compare several (default 1,2)",
+        default=[1],
+        help="staged runs: actors per stage pool, comma-separated to compare several (default 1)",
     )
     ap.add_argument(
         "--cpus-per-actor",
@@ -990,21 +979,23 @@ def main(argv: list[str] | None = None) -> int:
         "--stock",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run the EngineConfig defaults on stock Ray (default on)",
+        help="run the engine's defaults (EngineConfig(): layout auto, i.e. fused on a CPU cluster, one actor "
+        "per CPU) on stock Ray: the run compared with (b) (default on)",
     )
     ap.add_argument(
         "--keep-workers",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="for the --cpu-actors runs, keep idle Ray workers alive ("
+        help="for the staged runs, keep idle Ray workers alive ("
         + ", ".join(f"{k}={v}" for k, v in KEEP_WORKERS_CONFIG.items())
         + "; default on)",
     )
     ap.add_argument(
-        "--fused",
+        "--staged",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run all stages fused in one actor class, --cores actors of 1 CPU (default on)",
+        help="also run the staged layout (engine.layout: staged: one actor pool per model stage) once per "
+        "--cpu-actors x --batch-size, for comparison (default on)",
     )
     ap.add_argument(
         "--barrier",
@@ -1036,8 +1027,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="a short run for tests: 16 scenes, no photos, one Ray setting (--cpu-actors' first, idle "
-        "workers kept), no stock or fused runs, 2 warm-up scenes, no waiting",
+        help="a short run for tests: 16 scenes, no photos, one Ray setting (the engine defaults on stock "
+        "Ray), no staged runs, 2 warm-up scenes, no waiting",
     )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result file (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
@@ -1048,8 +1039,8 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size = args.batch_size[:1]
         args.repeat = 1
         args.wait_quiet = 0.0
-        args.stock = False
-        args.fused = False
+        args.stock = True
+        args.staged = False
         args.warmup = min(args.warmup, 2)
     if args.scenes < 0 or (args.scenes == 0 and not args.photos):
         ap.error("need at least one image: --scenes >= 1 or --photos")

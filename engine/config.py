@@ -101,10 +101,18 @@ class EngineConfig:
     """CPUs reserved per stage actor (three pools must fit beside the tasks on a 2-CPU node)."""
     num_cpus_per_task: float = 0.5
     """CPUs reserved per stage task (read, pre-filter, prompts, post-filter, write)."""
+    layout: str = "auto"
+    """How stages 2-6 are laid out on Ray: ``staged`` (one actor pool per model stage: scene, completion,
+    matting, each ``cpu_actors``/``gpu_actors`` actors; prompts and post-filter as tasks), ``fused`` (stages 2-6
+    called in sequence inside ONE actor class, ``fused_actors`` actors of ``num_cpus_per_actor`` CPUs: no
+    hand-off between stages), or ``auto``: fused for the classical backends and for neural ones without GPUs,
+    staged when a stage holds a GPU (the CPU matting pool then overlaps the GPU stages)."""
+    fused_actors: int = 0
+    """Actors of the fused layout; 0: one per CPU of the Ray cluster at the start of the run."""
 
     def fingerprint(self) -> str:
         """Hash of every field that changes what the engine outputs (resources excluded)."""
         data = {k: v for k, v in asdict(self).items()
                 if k not in ("batch_size", "cpu_actors", "gpu_actors", "num_gpus", "num_cpus_per_actor",
-                             "num_cpus_per_task", "weights_cache")}
+                             "num_cpus_per_task", "weights_cache", "layout", "fused_actors")}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -648,6 +648,9 @@ def run_engine(
         raise EngineError(f"synthetic_split must be train, test, quality or hash, not {ecfg.synthetic_split!r}")
     if not 0.0 <= ecfg.synthetic_test_fraction <= 1.0:
         raise EngineError(f"synthetic_test_fraction must be in [0, 1], not {ecfg.synthetic_test_fraction}")
+    resolve_layout(ecfg, backends)  # a bad layout fails before anything is uploaded
+    if ecfg.fused_actors < 0:
+        raise EngineError(f"engine.fused_actors must be 0 (one per CPU) or more, not {ecfg.fused_actors}")
     t_start = time.monotonic()
     storage = Storage.from_config(cfg)
     registry = Registry(storage, cfg.registry.prefix)
@@ -727,7 +730,13 @@ def _run_stages(ray, todo, ecfg: EngineConfig, family, fields, run_prefix, confi
                    key=lambda p: order[p[0]])
     dups = find_near_duplicates(pairs, ecfg.dup_hamming)
     ds = ds.map_batches(MarkDuplicates(dups), **task)
-    ds = add_layer_stages(ds, ecfg, family, fields, registry_prefix)
+    layout = resolve_layout(ecfg, family)
+    if layout == "fused":
+        log(f"stages 2-6 fused: {fused_pool_size(ecfg)} actors x {ecfg.num_cpus_per_actor:g} CPU")
+    else:
+        pool = ecfg.gpu_actors if family == "neural" and ecfg.num_gpus > 0 else ecfg.cpu_actors
+        log(f"stages 2-6 staged: scene and completion pools of {pool}, matting pool of {ecfg.cpu_actors}")
+    ds = add_layer_stages(ds, ecfg, family, fields, registry_prefix, layout)
     ds = ds.map_batches(
         ShardWriter(fields, run_prefix, config_hash, backend_names, weights, ecfg.test_fraction), **task
     )
@@ -735,20 +744,73 @@ def _run_stages(ray, todo, ecfg: EngineConfig, family, fields, run_prefix, confi
     log(f"staged {len(written)} shards")
 
 
+LAYOUTS = ("auto", "staged", "fused")
+
+
+def resolve_layout(ecfg: EngineConfig, family: str) -> str:
+    """``staged`` or ``fused`` for this run (``auto``: staged only when a stage holds a GPU)."""
+    if ecfg.layout not in LAYOUTS:
+        raise EngineError(f"engine.layout must be one of {', '.join(LAYOUTS)}, not {ecfg.layout!r}")
+    if ecfg.layout != "auto":
+        return ecfg.layout
+    return "staged" if family == "neural" and ecfg.num_gpus > 0 else "fused"
+
+
+def fused_pool_size(ecfg: EngineConfig, cluster_cpus: float | None = None) -> int:
+    """Actors of the fused layout: ``fused_actors``, or one per CPU of the cluster (at least one)."""
+    if ecfg.fused_actors < 0:
+        raise EngineError(f"engine.fused_actors must be 0 (one per CPU) or more, not {ecfg.fused_actors}")
+    if ecfg.fused_actors:
+        return ecfg.fused_actors
+    if cluster_cpus is None:
+        import ray
+
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(1, int(cluster_cpus))
+
+
+class LayerStages:
+    """Stages 2-6 in one actor (the fused layout): the same stage objects as the staged layout, called in
+    sequence on each batch as ``run_stages_plain`` does, so that a batch never leaves the process between
+    stages (no serialisation, no pandas/Arrow round trips, no scheduling between stages)."""
+
+    def __init__(self, family: str, cfg: EngineConfig, storage_fields: dict[str, Any] | None = None,
+                 registry_prefix: str | None = None):
+        args = (family, cfg, storage_fields, registry_prefix)
+        self.stages = [SceneStage(*args), CompletionStage(*args), MattingStage(*args), PromptStage(cfg),
+                       PostFilterStage(cfg)]
+
+    def __call__(self, batch):
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
+
+
 def add_layer_stages(ds, ecfg: EngineConfig, family: str, storage_fields: dict[str, Any] | None = None,
-                     registry_prefix: str | None = None):
+                     registry_prefix: str | None = None, layout: str | None = None):
     """Append stages 2-6 (scene, completion, matting, prompts, post-filter) to a Ray dataset of pre-filtered
-    image records. Model stages run in actor pools (GPU pools for neural backends when ``num_gpus`` > 0)."""
+    image records, in the layout ``layout`` (default: ``resolve_layout``). Staged: model stages in actor pools
+    (GPU pools for neural backends when ``num_gpus`` > 0), prompts and post-filter as tasks. Fused: one actor
+    pool (``fused_pool_size``) running all five stages on each batch."""
     from ray.data import ActorPoolStrategy
 
     bs = ecfg.batch_size
+    layout = layout or resolve_layout(ecfg, family)
+    args = (family, ecfg, storage_fields, registry_prefix)
+    if layout == "fused":
+        gpu = family == "neural" and ecfg.num_gpus > 0
+        return ds.map_batches(LayerStages, fn_constructor_args=args,
+                              compute=ActorPoolStrategy(size=fused_pool_size(ecfg)),
+                              num_cpus=ecfg.num_cpus_per_actor, num_gpus=ecfg.num_gpus if gpu else 0,
+                              batch_format="pandas", batch_size=bs)
+    if layout != "staged":
+        raise EngineError(f"unknown layout {layout!r} (staged or fused)")
     task = {"num_cpus": ecfg.num_cpus_per_task, "batch_format": "pandas", "batch_size": bs}
     gpu = family == "neural" and ecfg.num_gpus > 0
     model = {"num_cpus": ecfg.num_cpus_per_actor, "num_gpus": ecfg.num_gpus if gpu else 0,
              "batch_format": "pandas", "batch_size": bs}
     cpu_actor = {"num_cpus": ecfg.num_cpus_per_actor, "batch_format": "pandas", "batch_size": bs}
     pool = ecfg.gpu_actors if gpu else ecfg.cpu_actors
-    args = (family, ecfg, storage_fields, registry_prefix)
     ds = ds.map_batches(SceneStage, fn_constructor_args=args, compute=ActorPoolStrategy(size=pool), **model)
     ds = ds.map_batches(CompletionStage, fn_constructor_args=args, compute=ActorPoolStrategy(size=pool), **model)
     # Matting is CPU work: its own pool, so that it overlaps the GPU stages.

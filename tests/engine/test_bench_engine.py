@@ -64,6 +64,14 @@ def test_bench_engine_quick(tmp_path):
         100 * (best["wall_s"] * best["cores"] - best["stage_time_s"]) / best["stage_time_s"]
     )
     assert "overhead_pct" in result["definitions"] and result["summary"]["speedup"] > 0
+    # The run compared is the engine's own pipeline with its defaults: fused stages, one actor per CPU.
+    assert best["setting"]["defaults"] and best["setting"]["layout"] == "fused"
+    assert best["setting"]["actors"] == 2 and result["summary"]["compared_is_engine_defaults"]
+    if best["steady_overhead_pct"] is not None:
+        assert best["steady_overhead_pct"] == pytest.approx(
+            100 * (best["steady_window_s"] * best["cores"] - best["steady_stage_s"]) / best["steady_stage_s"]
+        )
+        assert 0 < best["steady_stage_s"] < best["stage_time_s"]
 
     # Threads pinned in the driver (plain arm) and in the Ray workers.
     for where in ("driver", "ray_task", "ray_actor"):

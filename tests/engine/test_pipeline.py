@@ -173,8 +173,13 @@ def test_worker_killed_mid_run_loses_nothing(engine_cfg, registry, ray_cluster, 
     import psutil
 
     make_input(tmp_path / "in", n_synthetic=10, hostile=False)
+    # The clean run in the staged layout, the killed one in the default (fused, on a CPU cluster): the layout
+    # is a resource choice, so both give the same samples.
+    eng = engine_cfg.section("engine")
+    eng.layout = "staged"
     clean = run_engine(engine_cfg, str(tmp_path / "in"), "w-clean", progress=False, log=lambda *_: None)
-    engine_cfg.section("engine").batch_size = 1
+    eng.layout = "auto"
+    eng.batch_size = 1
     killed = []
 
     def killer():
@@ -182,7 +187,7 @@ def test_worker_killed_mid_run_loses_nothing(engine_cfg, registry, ray_cluster, 
         while time.monotonic() < deadline and not killed:
             for p in psutil.process_iter(["pid", "cmdline"]):
                 cmd = " ".join(p.info["cmdline"] or [])
-                if "MapWorker(MapBatches(MattingStage))" in cmd or "MattingStage" in cmd and "ray::" in cmd:
+                if "ray::" in cmd and "LayerStages" in cmd:  # an actor of the fused stages 2-6
                     done = [m for m in registry.storage.list("runs/engine/w-kill/") if "/done/" in m["Key"]]
                     if done:
                         os.kill(p.info["pid"], signal.SIGKILL)
@@ -194,7 +199,7 @@ def test_worker_killed_mid_run_loses_nothing(engine_cfg, registry, ray_cluster, 
     t.start()
     res = run_engine(engine_cfg, str(tmp_path / "in"), "w-kill", progress=False, log=lambda *_: None)
     t.join(timeout=5)
-    assert killed, "no matting worker was found to kill"
+    assert killed, "no fused-stages actor was found to kill"
     assert _sample_ids(registry, res.dataset) == _sample_ids(registry, clean.dataset)
     stats = json.loads(registry.read_bytes(registry.resolve(res.dataset), "stats.json"))
     assert stats["layers_kept"] == clean.layers_kept
@@ -209,6 +214,7 @@ def test_neural_backends_end_to_end(engine_cfg, registry, ray_cluster, tmp_path)
     refs = register_tiny_weights(registry)
     eng = engine_cfg.section("engine")
     eng.weights_cache = str(tmp_path / "cache")
+    eng.layout = "staged"  # the production shape (model stages in their own pools); auto fuses them on a CPU
     make_input(tmp_path / "in", n_synthetic=3, hostile=False)
     res = run_engine(engine_cfg, str(tmp_path / "in"), "neural", backends="neural", progress=False,
                      log=lambda *_: None)

@@ -1,0 +1,73 @@
+"""How stages 2-6 are laid out on Ray: the layout choice, the fused pool's size, and clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+
+from reflade.engine.config import EngineConfig
+from reflade.engine.pipeline import EngineError, LayerStages, fused_pool_size, resolve_layout, run_stages_plain
+from reflade.engine.synth import make_scene, scene_to_png_bytes
+
+
+def test_auto_fuses_unless_a_stage_holds_a_gpu():
+    cfg = EngineConfig()
+    assert resolve_layout(cfg, "classical") == "fused"
+    assert resolve_layout(cfg, "neural") == "fused"  # neural on a CPU cluster
+    gpu = dataclasses.replace(cfg, num_gpus=1.0)
+    assert resolve_layout(gpu, "neural") == "staged"
+    assert resolve_layout(gpu, "classical") == "fused"  # classical stages never take the GPU
+    assert resolve_layout(dataclasses.replace(gpu, layout="fused"), "neural") == "fused"
+    assert resolve_layout(dataclasses.replace(cfg, layout="staged"), "classical") == "staged"
+
+
+def test_bad_layout_and_pool_size_are_named():
+    with pytest.raises(EngineError, match=r"engine.layout must be one of auto, staged, fused, not 'pipelined'"):
+        resolve_layout(EngineConfig(layout="pipelined"), "classical")
+    with pytest.raises(EngineError, match="engine.fused_actors must be 0"):
+        fused_pool_size(EngineConfig(fused_actors=-1), 2.0)
+
+
+def test_fused_pool_size():
+    assert fused_pool_size(EngineConfig(), 2.0) == 2
+    assert fused_pool_size(EngineConfig(), 16.0) == 16
+    assert fused_pool_size(EngineConfig(), 0.5) == 1  # at least one actor
+    assert fused_pool_size(EngineConfig(fused_actors=3), 64.0) == 3
+
+
+def test_layout_is_not_part_of_the_config_hash():
+    base = EngineConfig()
+    assert dataclasses.replace(base, layout="staged", fused_actors=4).fingerprint() == base.fingerprint()
+
+
+def test_layer_stages_match_the_plain_loop():
+    """The fused actor's code path (outside Ray) gives the same kept layers as run_stages_plain."""
+    from reflade.engine.pipeline import MarkDuplicates, PreFilterStage, _frame, _rows
+
+    cfg = EngineConfig(batch_size=2)
+    records = [{"source_id": f"s{i}", "sha256": f"{i:064x}", "name": f"scene{i}.png",
+                "data": scene_to_png_bytes(make_scene(seed=700 + i))} for i in range(3)]
+    plain = run_stages_plain(records, cfg, "classical")
+    rows = [dict(r, ok=True, stage="", reason="") for r in records]
+    frame = MarkDuplicates({})(PreFilterStage(cfg)(_frame(rows)))
+    out = LayerStages("classical", cfg)(frame)
+    assert isinstance(out, pd.DataFrame)
+    fused = _rows(out)
+    assert [r["source_id"] for r in fused] == [r["source_id"] for r in plain]
+    for a, b in zip(fused, plain, strict=True):
+        assert (a["ok"], a["stage"], a["reason"]) == (b["ok"], b["stage"], b["reason"])
+        wa, wb = (pickle_loads(x["work"]) for x in (a, b))
+        assert [(lay.entity_id, lay.kind, lay.ok) for lay in wa.layers] == \
+            [(lay.entity_id, lay.kind, lay.ok) for lay in wb.layers]
+        for la, lb in zip(wa.layers, wb.layers, strict=True):
+            if la.ok:
+                assert (la.rgba == lb.rgba).all() and la.prompts == lb.prompts
+    assert any(lay.ok for r in fused for lay in pickle_loads(r["work"]).layers), "no layer kept at all"
+
+
+def pickle_loads(blob):
+    import pickle
+
+    return pickle.loads(blob)
