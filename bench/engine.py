@@ -16,10 +16,14 @@ run, on the same inputs, after an untimed warm-up of both arms (imports, pymatti
       - ``--staged``: the staged layout (scene / completion / matting actor pools, prompts and post-filter
         tasks) once per ``--cpu-actors`` x ``--batch-size`` (CPUs per actor/task sized so the pools fit on
         --cores), with idle Ray workers kept alive (``--keep-workers``, see below), for comparison.
+(c) ``--ceiling``: ``--cores`` plain processes (spawned, no Ray) run 1/cores of the images each at the same time:
+    the speed-up this machine allows any parallel layout that added nothing (cores slow each other down through
+    shared caches, memory bandwidth and SMT siblings); printed beside the Ray run's share of it.
 
 Thread counts are pinned to 1 in both arms (design.md, Pitfalls): ``OMP/MKL/OPENBLAS/NUMEXPR/NUMBA/OPENCV_FOR``
 variables are set before anything imports numpy, ``cv2.setNumThreads(1)`` and ``torch.set_num_threads(1)`` in the
-driver, and the same in every Ray worker (``runtime_env`` env_vars + a ``worker_process_setup_hook``); the counts
+driver; every Ray worker inherits the variables from the raylet this script starts (``--thread-pinning
+runtime-env``: as a job runtime_env + a ``worker_process_setup_hook`` instead, which slows actor start-up); the counts
 seen in the driver, a Ray task and a Ray actor are printed and stored.
 
 Near-duplicates: found once, from the pre-filter hashes of arm (b), and the same map is given to both arms'
@@ -334,12 +338,14 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-image outcome and per-stage time sums from the pickled ``Work`` each output row carries."""
     stage_s: dict[str, float] = defaultdict(float)
     per_image: dict[str, list] = {}
+    image_stage_s: dict[str, float] = {}
     quarantined: Counter[str] = Counter()
     layers_kept = 0
     for r in rows:
         work = pickle.loads(r["work"])
         for stage, secs in work.timings.items():
             stage_s[stage] += secs
+        image_stage_s[r["source_id"]] = sum(work.timings.values())
         kept_layers = sum(bool(lay.ok) for lay in work.layers) if r["ok"] else 0
         layers_kept += kept_layers
         code = (r["reason"] or "").split(":", 1)[0]
@@ -357,6 +363,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "stage_s": {s: stage_s.get(s, 0.0) for s in TIMED_STAGES},
         "stage_share": {s: (stage_s.get(s, 0.0) / total if total else 0.0) for s in TIMED_STAGES},
         "per_image": per_image,
+        "image_stage_s": image_stage_s,
     }
 
 
@@ -395,6 +402,48 @@ def run_plain(records: list[dict[str, Any]], ecfg: EngineConfig) -> tuple[list[d
     t0 = time.perf_counter()
     rows = run_stages_plain(records, ecfg, "classical", batch_size=ecfg.batch_size)
     return rows, time.perf_counter() - t0
+
+
+def _ceiling_child(i, records, warm, ecfg, barrier, queue) -> None:
+    """One of --cores plain processes: warm up, wait for the others, run its share, report."""
+    run_plain(warm, ecfg)
+    barrier.wait()
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    rows, _ = run_plain(records, ecfg)
+    fig = summarize(rows)
+    queue.put((i, time.perf_counter() - t0, time.process_time() - c0, fig["images"], fig["stage_time_s"]))
+
+
+def run_ceiling(records, warm, ecfg: EngineConfig, cores: int) -> dict[str, Any]:
+    """(c) the machine's ceiling: --cores plain processes (spawned, no Ray) each run 1/cores of the images at once;
+    what any parallel layout could reach here if it added nothing (it shows what cores do to each other: shared
+    caches, memory bandwidth, SMT siblings)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # not fork: OpenMP (torch, OpenCV) in this process forbids it
+    barrier, queue = ctx.Barrier(cores + 1), ctx.Queue()
+    procs = [
+        ctx.Process(target=_ceiling_child, args=(i, records[i::cores], warm, ecfg, barrier, queue))
+        for i in range(cores)
+    ]
+    for p in procs:
+        p.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    parts = [queue.get() for _ in procs]
+    wall = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    images = sum(x[3] for x in parts)
+    return {
+        "processes": cores,
+        "wall_s": wall,
+        "images": images,
+        "images_per_s": images / wall,
+        "stage_time_s": sum(x[4] for x in parts),
+        "cpu_per_image_ms": 1000 * sum(x[2] for x in parts) / images,
+    }
 
 
 def resources(cpu_actors: int, cores: float) -> tuple[float, float]:
@@ -438,10 +487,6 @@ def run_ray(
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         arrivals.append((time.perf_counter() - t0, batch.num_rows))
         tables.append(batch.select(keep))
-    # Stage time of the images that arrived after the first batch (the steady window's work).
-    steady_stage = sum(
-        sum(pickle.loads(w).timings.values()) for t in tables[1:] for w in t.column("work").to_pylist()
-    )
     wall = time.perf_counter() - t0
     try:
         stats = ds.stats()
@@ -457,7 +502,7 @@ def run_ray(
         "first": first,
         "steady": steady,
         "steady_window_s": (arrivals[-1][0] - first) if len(arrivals) > 1 else 0.0,
-        "steady_stage_s": steady_stage,
+        "first_batch_ids": set(tables[0].column("source_id").to_pylist()) if tables else set(),
         "stats": stats,
     }
 
@@ -473,8 +518,14 @@ def probe_ray_threads(ray, cpus_per_actor: float, cpus_per_task: float) -> dict[
     return {"ray_task": json.loads(task[0]["report"]), "ray_actor": json.loads(actor[0]["report"])}
 
 
-def start_ray(ray, cores: int, keep_workers: bool) -> str:
-    """A local cluster of our own (never one from RAY_ADDRESS or `ray start`); returns its temp dir."""
+def start_ray(ray, cores: int, keep_workers: bool, pinning: str = "inherit") -> str:
+    """A local cluster of our own (never one from RAY_ADDRESS or `ray start`); returns its temp dir.
+
+    ``pinning``: ``inherit`` (the raylet this process starts, and so every worker, inherits THREAD_ENV, set at
+    the top of this file before anything imported numpy; OpenCV and torch read those variables at import) or
+    ``runtime-env`` (the same variables as a job runtime_env plus a worker_process_setup_hook; Ray then starts
+    each worker through its runtime-env agent and does not reuse its pre-started workers for the actors: about
+    1 s more per actor start here). Either way ``probe_ray_threads`` checks the counts in a task and an actor."""
     # The setup hook and the probe are pickled by value, so workers need not import this file (bench/ is no
     # package); needed only when this module is imported rather than run as __main__.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -485,7 +536,11 @@ def start_ray(ray, cores: int, keep_workers: bool) -> str:
         num_cpus=cores,
         include_dashboard=False,
         _temp_dir=tmp,
-        runtime_env={"env_vars": dict(THREAD_ENV), "worker_process_setup_hook": pin_threads},
+        runtime_env=(
+            {"env_vars": dict(THREAD_ENV), "worker_process_setup_hook": pin_threads}
+            if pinning == "runtime-env"
+            else None
+        ),
         log_to_driver=True,
         logging_level="warning",
         **kw,
@@ -610,7 +665,7 @@ def write(result: dict[str, Any], out: Path) -> None:
 
 
 def _public(figures: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in figures.items() if k != "per_image"}
+    return {k: v for k, v in figures.items() if k not in ("per_image", "image_stage_s")}
 
 
 def _pick(runs: list[dict[str, Any]], **match) -> dict[str, Any] | None:
@@ -705,6 +760,11 @@ def summarize_result(result: dict[str, Any]) -> None:
         "kept_counts_match": not result["mismatches"],
         "others_load_pct": {"plain": plain["foreign_pct"], "ray": best["foreign_pct"]},
     }
+    ceiling = result.get("ceiling")
+    if ceiling:
+        ceiling["speedup"] = ceiling["images_per_s"] / plain["images_per_s"]
+        result["summary"]["ceiling_speedup"] = ceiling["speedup"]
+        result["summary"]["share_of_ceiling"] = best["speedup"] / ceiling["speedup"]
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -736,6 +796,7 @@ def run(args) -> int:
             "wait_quiet_s": args.wait_quiet,
             "quiet_below": args.quiet_below,
             "keep_workers_system_config": KEEP_WORKERS_CONFIG,
+            "thread_pinning": args.thread_pinning,
         },
         "definitions": DEFINITIONS,
         "targets": {"speedup": TARGET_SPEEDUP, "ray_overhead_pct": TARGET_OVERHEAD_PCT},
@@ -743,6 +804,8 @@ def run(args) -> int:
         "threads": {"driver": thread_report()},
         "plain": None,
         "plain_runs": [],
+        "ceiling": None,
+        "ceiling_runs": [],
         "ray": [],
         "best": None,
         "summary": None,
@@ -812,6 +875,8 @@ def run(args) -> int:
         )
         fig = summarize(out.pop("rows"))
         wall = out["wall"]
+        # Stage time of the images that arrived after the first batch (the steady window's work).
+        steady_stage = sum(t for sid, t in fig["image_stage_s"].items() if sid not in out["first_batch_ids"])
         fig.update(
             arm_figures(fig, wall, args.cores, cpu),
             setting=s,
@@ -820,10 +885,10 @@ def run(args) -> int:
             first_batch_s=out["first"],
             steady_images_per_s=out["steady"],
             steady_window_s=out["steady_window_s"],
-            steady_stage_s=out["steady_stage_s"],
+            steady_stage_s=steady_stage,
             steady_overhead_pct=(
-                100 * (out["steady_window_s"] * args.cores - out["steady_stage_s"]) / out["steady_stage_s"]
-                if out["steady_stage_s"]
+                100 * (out["steady_window_s"] * args.cores - steady_stage) / steady_stage
+                if steady_stage and out["steady_window_s"]
                 else None
             ),
             speedup=fig["images"] / wall / plain["images_per_s"],
@@ -862,15 +927,43 @@ def run(args) -> int:
         [s for s in settings if s["keep_workers"] == keep]
         for keep in sorted({s["keep_workers"] for s in settings})
     ]
+
+    def ceiling_round(rep: int) -> None:
+        quiet = meter.wait_quiet(args.wait_quiet, args.quiet_below) if args.wait_quiet > 0 else None
+        c = run_ceiling(records, warm, base, args.cores)
+        plain = result["plain"]
+        c.update(
+            repeat=rep,
+            quiet=quiet,
+            speedup=c["images_per_s"] / plain["images_per_s"],
+            contention=c["stage_time_s"] / plain["stage_time_s"],
+        )
+        result["ceiling_runs"].append(c)
+        result["ceiling"] = max(result["ceiling_runs"], key=lambda r: r["images_per_s"])
+        write(result, args.out)
+        print(
+            f"(c) ceiling: {args.cores} plain processes at once: {c['images_per_s']:.2f} images/s "
+            f"({c['wall_s']:.1f} s, {c['cpu_per_image_ms']:.0f} CPU ms/image, stage time x{c['contention']:.2f} "
+            f"of one process alone), {c['speedup']:.2f}x plain"
+        )
+
     for rep in range(args.repeat):  # rounds: plain, then every Ray setting (one cluster per configuration)
         plain_round(rep)
+        if args.ceiling:
+            ceiling_round(rep)
         for group in groups:
-            tmp = start_ray(ray, args.cores, group[0]["keep_workers"])
+            tmp = start_ray(ray, args.cores, group[0]["keep_workers"], args.thread_pinning)
             try:
+                probe = probe_ray_threads(ray, group[0]["num_cpus_per_actor"], group[0]["num_cpus_per_task"])
+                unpinned = [
+                    f"{where}: {key}={t[key]}"
+                    for where, t in probe.items()
+                    for key in ("cv2_threads", "torch_threads", "numba_threads")
+                    if t[key] != 1
+                ]
+                if unpinned:
+                    raise SystemExit("threads not pinned to 1 in the Ray workers: " + ", ".join(unpinned))
                 if rep == 0:
-                    probe = probe_ray_threads(
-                        ray, group[0]["num_cpus_per_actor"], group[0]["num_cpus_per_task"]
-                    )
                     result["threads"].setdefault("ray_task", probe["ray_task"])
                     result["threads"].setdefault("ray_actor", probe["ray_actor"])
                     print(f"threads, Ray task:            {_fmt_threads(probe['ray_task'])}")
@@ -894,6 +987,11 @@ def run(args) -> int:
             f"({'met' if sm['steady_overhead_target_met'] else 'NOT met'}); "
             f"Ray CPU overhead {sm['ray_cpu_overhead_pct']:.1f} %, CPU-bound speed-up {sm['cpu_bound_speedup']:.3f}x"
         )
+        if "ceiling_speedup" in sm:
+            print(
+                f"ceiling (c): {args.cores} plain processes reach {sm['ceiling_speedup']:.3f}x on this machine; "
+                f"the Ray pipeline reaches {sm['share_of_ceiling']:.1%} of it"
+            )
         if max(sm["others_load_pct"].values()) > 100 * args.quiet_below:
             print(
                 f"WARNING: other processes used {sm['others_load_pct']['plain']:.0f} % (plain) and "
@@ -998,6 +1096,21 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu-actors x --batch-size, for comparison (default on)",
     )
     ap.add_argument(
+        "--thread-pinning",
+        choices=("inherit", "runtime-env"),
+        default="inherit",
+        help="how the Ray workers get the pinned thread variables: inherited from the raylet this script "
+        "starts (default), or a job runtime_env + worker_process_setup_hook (slower actor start-up); the counts "
+        "are checked in a task and an actor either way",
+    )
+    ap.add_argument(
+        "--ceiling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run (c): --cores plain processes at once, each on 1/cores of the images, no Ray: the "
+        "speed-up this machine allows any parallel layout (default on)",
+    )
+    ap.add_argument(
         "--barrier",
         action="store_true",
         help="arm (a) as in production: materialize() after the pre-filter, then near-duplicates",
@@ -1041,6 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
         args.wait_quiet = 0.0
         args.stock = True
         args.staged = False
+        args.ceiling = False
         args.warmup = min(args.warmup, 2)
     if args.scenes < 0 or (args.scenes == 0 and not args.photos):
         ap.error("need at least one image: --scenes >= 1 or --photos")

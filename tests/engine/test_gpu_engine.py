@@ -153,6 +153,23 @@ def test_completion_sides_are_recorded(tmp_path, mode):
     assert f"completion sides ({mode}" in proc.stdout
 
 
+def test_bf16_weights_flow_through_every_stage(tmp_path):
+    """The GPU default (bf16 weights, bf16 autocast) checked on the CPU under CPU bf16 autocast: every model
+    and every hand-off between them (masks, latents, crops) takes bf16 weights; the default on the CPU is fp32."""
+    out = tmp_path / "bf16.json"
+    proc = _run(
+        ["--preset", "tiny", "--device", "cpu", "--scenes", "2", "--cases", "e2e", "--matting-workers", "0",
+         "--weights-dtype", "bf16", "--out", str(out)]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads(out.read_text())
+    assert result["complete"] is True and result["errors"] == {}
+    assert result["args"]["weights_dtype"] == "bf16"
+    assert result["total"]["s_per_image"] > 0 and result["total"]["holes"] > 0
+    ge = _load_script()
+    assert ge.parse_args(["--device", "cpu"]).weights_dtype == "fp32"
+
+
 def test_matting_unavailable_is_recorded_not_fatal(tmp_path):
     """A pymatting that cannot be imported (as without numba) leaves the GPU stages and the total intact."""
     fake = tmp_path / "fake"
