@@ -105,10 +105,11 @@ class EngineConfig:
     """How stages 2-6 are laid out on Ray: ``staged`` (one actor pool per model stage: scene, completion,
     matting, each ``cpu_actors``/``gpu_actors`` actors; prompts and post-filter as tasks), ``fused`` (stages 2-6
     called in sequence inside ONE actor class, ``fused_actors`` actors of ``num_cpus_per_actor`` CPUs: no
-    hand-off between stages), or ``auto``: fused for the classical backends and for neural ones without GPUs,
-    staged when a stage holds a GPU (the CPU matting pool then overlaps the GPU stages)."""
+    hand-off between stages), or ``auto``: fused for the classical backends, staged for the neural ones (their
+    models stay one copy per pool, and with GPUs the CPU matting pool overlaps the GPU stages)."""
     fused_actors: int = 0
-    """Actors of the fused layout; 0: one per CPU of the Ray cluster at the start of the run."""
+    """Actors of the fused layout; 0: ``gpu_actors`` when they take GPUs, else one per CPU of the Ray cluster at
+    the start of the run."""
 
     def fingerprint(self) -> str:
         """Hash of every field that changes what the engine outputs (resources excluded)."""

@@ -107,6 +107,21 @@ def _frame(rows: list[dict[str, Any]]):
     return pd.DataFrame(rows)
 
 
+def _load(work) -> Work:
+    """A record's ``work``: pickled bytes between processes, the object itself inside ``LayerStages``."""
+    return work if isinstance(work, Work) else pickle.loads(work)
+
+
+class _Handoff:
+    """How a stage hands its ``Work`` on: pickled (``pickle_out``, the default: the next stage may be in another
+    process) or as the object (inside one process: ``LayerStages`` turns it off for all but its last stage)."""
+
+    pickle_out = True
+
+    def _dump(self, work: Work):
+        return pickle.dumps(work) if self.pickle_out else work
+
+
 # ---------------------------------------------------------------------------------------------- stages
 _STORAGE_CACHE: dict[tuple, Any] = {}
 
@@ -210,7 +225,7 @@ def worker_registry(fields: dict[str, Any] | None, prefix: str | None):
     return Registry(worker_storage(fields), prefix or "registry")
 
 
-class _ModelStage(abc.ABC):
+class _ModelStage(_Handoff, abc.ABC):
     """A stage that holds a backend (an actor in a Ray Data actor pool). Backends that load weights read them
     from the driver's registry (``storage_fields`` and ``registry_prefix``, no credentials)."""
 
@@ -232,7 +247,7 @@ class _ModelStage(abc.ABC):
         per image; with fewer than two live images, or when that call fails, each image runs alone (so only a bad
         one is quarantined, with its error)."""
         rows = _rows(batch)
-        live = [(r, pickle.loads(r["work"])) for r in rows if r["ok"]]
+        live = [(r, _load(r["work"])) for r in rows if r["ok"]]
         if len(live) < 2:
             return _ModelStage.__call__(self, batch)
         t0 = time.perf_counter()
@@ -244,7 +259,7 @@ class _ModelStage(abc.ABC):
         for (r, work), result in zip(live, results, strict=True):
             apply(r, work, result)
             work.timings[self.stage] = work.timings.get(self.stage, 0.0) + share
-            r["work"] = pickle.dumps(work)
+            r["work"] = self._dump(work)
         return _frame(rows)
 
     @abc.abstractmethod
@@ -256,14 +271,14 @@ class _ModelStage(abc.ABC):
         for r in rows:
             if not r["ok"]:
                 continue
-            work: Work = pickle.loads(r["work"])
+            work: Work = _load(r["work"])
             t0 = time.perf_counter()
             try:
                 self.process(r, work)
             except Exception as e:  # one bad image is quarantined with the error, the run goes on
                 r.update(ok=False, stage=self.stage, reason=f"error: {type(e).__name__}: {e}")
             work.timings[self.stage] = work.timings.get(self.stage, 0.0) + time.perf_counter() - t0
-            r["work"] = pickle.dumps(work)
+            r["work"] = self._dump(work)
         return _frame(rows)
 
 
@@ -364,7 +379,7 @@ class MattingStage(_ModelStage):
         work.completions = []  # no longer needed: keep the pickles small
 
 
-class PromptStage:
+class PromptStage(_Handoff):
     """Stage 5: spatial, textual and mixed prompts at two granularities for every layer."""
 
     stage = "prompts"
@@ -379,7 +394,7 @@ class PromptStage:
         for r in rows:
             if not r["ok"]:
                 continue
-            work: Work = pickle.loads(r["work"])
+            work: Work = _load(r["work"])
             t0 = time.perf_counter()
             by_id = {e.entity_id: e for e in work.entities}
             n_in = sum(lay.ok for lay in work.layers)
@@ -398,11 +413,11 @@ class PromptStage:
                     lay.ok, lay.stage, lay.reason = False, "prompts", f"error: {type(e).__name__}: {e}"
             _count(work, "prompts", n_in, sum(lay.ok for lay in work.layers))
             work.timings["prompts"] = time.perf_counter() - t0
-            r["work"] = pickle.dumps(work)
+            r["work"] = self._dump(work)
         return _frame(rows)
 
 
-class PostFilterStage:
+class PostFilterStage(_Handoff):
     """Stage 6: reject layers that fail fidelity checks; an image with no layer left is quarantined."""
 
     stage = "postfilter"
@@ -417,7 +432,7 @@ class PostFilterStage:
         for r in rows:
             if not r["ok"]:
                 continue
-            work: Work = pickle.loads(r["work"])
+            work: Work = _load(r["work"])
             t0 = time.perf_counter()
             n_in = sum(lay.ok for lay in work.layers)
             for lay in work.layers:
@@ -435,7 +450,7 @@ class PostFilterStage:
             if kept == 0:
                 r.update(ok=False, stage="postfilter", reason="all_layers_rejected: no layer passed the checks")
             work.timings["postfilter"] = time.perf_counter() - t0
-            r["work"] = pickle.dumps(work)
+            r["work"] = self._dump(work)
         return _frame(rows)
 
 
@@ -731,10 +746,12 @@ def _run_stages(ray, todo, ecfg: EngineConfig, family, fields, run_prefix, confi
     dups = find_near_duplicates(pairs, ecfg.dup_hamming)
     ds = ds.map_batches(MarkDuplicates(dups), **task)
     layout = resolve_layout(ecfg, family)
+    gpu = family == "neural" and ecfg.num_gpus > 0
     if layout == "fused":
-        log(f"stages 2-6 fused: {fused_pool_size(ecfg)} actors x {ecfg.num_cpus_per_actor:g} CPU")
+        log(f"stages 2-6 fused: {fused_pool_size(ecfg, gpu=gpu)} actors x {ecfg.num_cpus_per_actor:g} CPU"
+            + (f" + {ecfg.num_gpus:g} GPU" if gpu else ""))
     else:
-        pool = ecfg.gpu_actors if family == "neural" and ecfg.num_gpus > 0 else ecfg.cpu_actors
+        pool = ecfg.gpu_actors if gpu else ecfg.cpu_actors
         log(f"stages 2-6 staged: scene and completion pools of {pool}, matting pool of {ecfg.cpu_actors}")
     ds = add_layer_stages(ds, ecfg, family, fields, registry_prefix, layout)
     ds = ds.map_batches(
@@ -748,20 +765,24 @@ LAYOUTS = ("auto", "staged", "fused")
 
 
 def resolve_layout(ecfg: EngineConfig, family: str) -> str:
-    """``staged`` or ``fused`` for this run (``auto``: staged only when a stage holds a GPU)."""
+    """``staged`` or ``fused`` for this run (``auto``: fused for the classical backends, staged for neural ones,
+    whose models would be loaded once per actor, that is once per CPU, in the fused layout)."""
     if ecfg.layout not in LAYOUTS:
         raise EngineError(f"engine.layout must be one of {', '.join(LAYOUTS)}, not {ecfg.layout!r}")
     if ecfg.layout != "auto":
         return ecfg.layout
-    return "staged" if family == "neural" and ecfg.num_gpus > 0 else "fused"
+    return "staged" if family == "neural" else "fused"
 
 
-def fused_pool_size(ecfg: EngineConfig, cluster_cpus: float | None = None) -> int:
-    """Actors of the fused layout: ``fused_actors``, or one per CPU of the cluster (at least one)."""
+def fused_pool_size(ecfg: EngineConfig, cluster_cpus: float | None = None, gpu: bool = False) -> int:
+    """Actors of the fused layout: ``fused_actors``; else ``gpu_actors`` when the actors take GPUs; else one per
+    CPU of the cluster (at least one)."""
     if ecfg.fused_actors < 0:
         raise EngineError(f"engine.fused_actors must be 0 (one per CPU) or more, not {ecfg.fused_actors}")
     if ecfg.fused_actors:
         return ecfg.fused_actors
+    if gpu:
+        return ecfg.gpu_actors
     if cluster_cpus is None:
         import ray
 
@@ -770,19 +791,25 @@ def fused_pool_size(ecfg: EngineConfig, cluster_cpus: float | None = None) -> in
 
 
 class LayerStages:
-    """Stages 2-6 in one actor (the fused layout): the same stage objects as the staged layout, called in
-    sequence on each batch as ``run_stages_plain`` does, so that a batch never leaves the process between
-    stages (no serialisation, no pandas/Arrow round trips, no scheduling between stages)."""
+    """Stages 2-6 in one process (the fused layout's actor, and ``run_stages_plain``): the same stage objects
+    as the staged layout, called in sequence on each batch, so that a batch never leaves the process between
+    stages: no scheduling, no Arrow round trips, and each image's ``Work`` goes from stage to stage as the
+    object itself (pickled once, by the last stage, instead of at every hand-off)."""
 
     def __init__(self, family: str, cfg: EngineConfig, storage_fields: dict[str, Any] | None = None,
                  registry_prefix: str | None = None):
         args = (family, cfg, storage_fields, registry_prefix)
         self.stages = [SceneStage(*args), CompletionStage(*args), MattingStage(*args), PromptStage(cfg),
                        PostFilterStage(cfg)]
+        for stage in self.stages[:-1]:
+            stage.pickle_out = False
 
     def __call__(self, batch):
         for stage in self.stages:
             batch = stage(batch)
+        # Images that left the run before the last stage (no entity found, say) still hold the object.
+        if "work" in batch and any(isinstance(w, Work) for w in batch["work"]):
+            batch["work"] = [pickle.dumps(w) if isinstance(w, Work) else w for w in batch["work"]]
         return batch
 
 
@@ -800,7 +827,7 @@ def add_layer_stages(ds, ecfg: EngineConfig, family: str, storage_fields: dict[s
     if layout == "fused":
         gpu = family == "neural" and ecfg.num_gpus > 0
         return ds.map_batches(LayerStages, fn_constructor_args=args,
-                              compute=ActorPoolStrategy(size=fused_pool_size(ecfg)),
+                              compute=ActorPoolStrategy(size=fused_pool_size(ecfg, gpu=gpu)),
                               num_cpus=ecfg.num_cpus_per_actor, num_gpus=ecfg.num_gpus if gpu else 0,
                               batch_format="pandas", batch_size=bs)
     if layout != "staged":
@@ -834,15 +861,10 @@ def run_stages_plain(records: list[dict[str, Any]], ecfg: EngineConfig, family: 
     done = [r for f in frames for r in _rows(f)]
     pairs = [(r["source_id"], int(r["phash"])) for r in done if r["ok"] and int(r["phash"])]
     mark = MarkDuplicates(find_near_duplicates(pairs, ecfg.dup_hamming))
-    args = (family, ecfg, storage_fields, registry_prefix)
-    stages = [mark, SceneStage(*args), CompletionStage(*args), MattingStage(*args),
-              PromptStage(ecfg), PostFilterStage(ecfg)]
+    layers = LayerStages(family, ecfg, storage_fields, registry_prefix)
     out = []
     for i in range(0, len(done), bs):
-        frame = _frame(done[i:i + bs])
-        for stage in stages:
-            frame = stage(frame)
-        out += _rows(frame)
+        out += _rows(layers(mark(_frame(done[i:i + bs]))))
     return out
 
 

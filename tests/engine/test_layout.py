@@ -8,14 +8,20 @@ import pandas as pd
 import pytest
 
 from reflade.engine.config import EngineConfig
-from reflade.engine.pipeline import EngineError, LayerStages, fused_pool_size, resolve_layout, run_stages_plain
+from reflade.engine.pipeline import (
+    EngineError,
+    LayerStages,
+    fused_pool_size,
+    resolve_layout,
+    run_stages_plain,
+)
 from reflade.engine.synth import make_scene, scene_to_png_bytes
 
 
-def test_auto_fuses_unless_a_stage_holds_a_gpu():
+def test_auto_fuses_the_classical_stages_only():
     cfg = EngineConfig()
     assert resolve_layout(cfg, "classical") == "fused"
-    assert resolve_layout(cfg, "neural") == "fused"  # neural on a CPU cluster
+    assert resolve_layout(cfg, "neural") == "staged"  # one copy of each model per pool, not one per CPU
     gpu = dataclasses.replace(cfg, num_gpus=1.0)
     assert resolve_layout(gpu, "neural") == "staged"
     assert resolve_layout(gpu, "classical") == "fused"  # classical stages never take the GPU
@@ -35,6 +41,7 @@ def test_fused_pool_size():
     assert fused_pool_size(EngineConfig(), 16.0) == 16
     assert fused_pool_size(EngineConfig(), 0.5) == 1  # at least one actor
     assert fused_pool_size(EngineConfig(fused_actors=3), 64.0) == 3
+    assert fused_pool_size(EngineConfig(gpu_actors=2), 64.0, gpu=True) == 2  # one per GPU actor, not per CPU
 
 
 def test_layout_is_not_part_of_the_config_hash():
@@ -71,3 +78,31 @@ def pickle_loads(blob):
     import pickle
 
     return pickle.loads(blob)
+
+
+def test_layer_stages_hand_on_objects_and_return_pickles():
+    """Inside LayerStages each stage hands the next the Work object; what leaves is pickled bytes for every
+    image, also those that left the run early (quarantined by the scene stage, say)."""
+    import pickle
+
+    from reflade.engine.pipeline import MarkDuplicates, PreFilterStage, Work, _frame, _rows
+
+    cfg = EngineConfig()
+    stages = LayerStages("classical", cfg)
+    assert [s.pickle_out for s in stages.stages] == [False, False, False, False, True]
+    records = [{"source_id": "scene", "sha256": "a" * 64, "name": "scene.png",
+                "data": scene_to_png_bytes(make_scene(seed=701))}]
+    rows = [dict(r, ok=True, stage="", reason="") for r in records]
+    frame = MarkDuplicates({})(PreFilterStage(cfg)(_frame(rows)))
+    # One image that the scene stage will drop: its work has no pixels (the stage quarantines it with the error).
+    flat = frame.iloc[[0]].copy()
+    flat["source_id"] = "flat"
+    w = pickle.loads(flat["work"].iloc[0])
+    w.image_png = b"not a png"
+    flat["work"] = [pickle.dumps(w)]
+    out = _rows(stages(pd.concat([frame, flat], ignore_index=True)))
+    assert all(isinstance(r["work"], bytes) for r in out)
+    assert isinstance(pickle.loads(out[0]["work"]), Work)
+    by_id = {r["source_id"]: r for r in out}
+    assert by_id["scene"]["ok"] and not by_id["flat"]["ok"]
+    assert by_id["flat"]["stage"] == "scene" and by_id["flat"]["reason"].startswith("error:"), by_id["flat"]

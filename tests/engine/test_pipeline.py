@@ -214,7 +214,7 @@ def test_neural_backends_end_to_end(engine_cfg, registry, ray_cluster, tmp_path)
     refs = register_tiny_weights(registry)
     eng = engine_cfg.section("engine")
     eng.weights_cache = str(tmp_path / "cache")
-    eng.layout = "staged"  # the production shape (model stages in their own pools); auto fuses them on a CPU
+    eng.layout = "staged"  # what auto picks for neural backends, said explicitly
     make_input(tmp_path / "in", n_synthetic=3, hostile=False)
     res = run_engine(engine_cfg, str(tmp_path / "in"), "neural", backends="neural", progress=False,
                      log=lambda *_: None)
