@@ -21,7 +21,7 @@ from reflade.engine.schema import SCHEMA_VERSION, SchemaError, decode_image, enc
 
 def checkerboard(h: int, w: int, cell: int = 8) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
-    light = ((yy // cell + xx // cell) % 2 == 0)
+    light = (yy // cell + xx // cell) % 2 == 0
     return np.where(light[..., None], 204, 153).astype(np.uint8).repeat(3, axis=2)
 
 
@@ -73,12 +73,33 @@ def export_rows(rows: list[dict[str, Any]], dest: Path) -> int:
             else:
                 q["mask"] = None
             prompts.append(q)
-        meta = {k: row[k] for k in ("schema_version", "sample_id", "source_id", "source_sha256", "width", "height",
-                                    "kind", "category", "split", "scores", "provenance")}
+        meta = {
+            k: row[k]
+            for k in (
+                "schema_version",
+                "sample_id",
+                "source_id",
+                "source_sha256",
+                "width",
+                "height",
+                "kind",
+                "category",
+                "split",
+                "scores",
+                "provenance",
+            )
+        }
         meta["prompts"] = prompts
         (folder / "sample.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-        index.append({"sample_id": row["sample_id"], "path": str(folder.relative_to(dest)), "kind": row["kind"],
-                      "category": row["category"], "split": row["split"]})
+        index.append(
+            {
+                "sample_id": row["sample_id"],
+                "path": str(folder.relative_to(dest)),
+                "kind": row["kind"],
+                "category": row["category"],
+                "split": row["split"],
+            }
+        )
     (dest / "index.json").write_text(json.dumps(index, indent=1))
     return len(rows)
 
@@ -106,13 +127,21 @@ def import_folder(src: Path, split: str | None = "quality") -> list[dict[str, An
                 prompts.append(q)
             image = decode_image((folder / "image.png").read_bytes(), "RGB")
             row = {
-                "schema_version": meta.get("schema_version", SCHEMA_VERSION), "sample_id": meta["sample_id"],
-                "source_id": meta["source_id"], "source_sha256": meta["source_sha256"],
-                "image": encode_png(image), "width": image.shape[1], "height": image.shape[0],
+                "schema_version": meta.get("schema_version", SCHEMA_VERSION),
+                "sample_id": meta["sample_id"],
+                "source_id": meta["source_id"],
+                "source_sha256": meta["source_sha256"],
+                "image": encode_png(image),
+                "width": image.shape[1],
+                "height": image.shape[0],
                 "layer": (folder / "layer.png").read_bytes(),
-                "visible_mask": (folder / "visible_mask.png").read_bytes(), "kind": meta["kind"],
-                "category": meta["category"], "prompts": prompts, "split": split or meta["split"],
-                "scores": meta.get("scores") or {}, "provenance": meta.get("provenance") or {},
+                "visible_mask": (folder / "visible_mask.png").read_bytes(),
+                "kind": meta["kind"],
+                "category": meta["category"],
+                "prompts": prompts,
+                "split": split or meta["split"],
+                "scores": meta.get("scores") or {},
+                "provenance": meta.get("provenance") or {},
             }
         except (OSError, KeyError, json.JSONDecodeError) as e:
             raise SchemaError(f"sample folder {folder}: {type(e).__name__}: {e}") from None

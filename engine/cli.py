@@ -12,9 +12,12 @@ import typer
 
 from reflade.platform.cli import console, get_config
 
-engine_app = typer.Typer(help="The data engine: raw photos -> six stages on Ray Data -> a dataset version.",
-                         no_args_is_help=True)
-data_app = typer.Typer(help="Datasets for people: export, import a curated folder, statistics.", no_args_is_help=True)
+engine_app = typer.Typer(
+    help="The data engine: raw photos -> six stages on Ray Data -> a dataset version.", no_args_is_help=True
+)
+data_app = typer.Typer(
+    help="Datasets for people: export, import a curated folder, statistics.", no_args_is_help=True
+)
 
 
 @engine_app.callback()
@@ -25,16 +28,24 @@ def _engine_group() -> None:
 
 @engine_app.command("run")
 def run(
-    input: Annotated[str, typer.Option("--input", "-i", help="Folder, s3:// prefix, manifest file or registry ref.")],
+    input: Annotated[
+        str, typer.Option("--input", "-i", help="Folder, s3:// prefix, manifest file or registry ref.")
+    ],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name to register (dataset/NAME).")],
-    backends: Annotated[str, typer.Option(help="Backend family: classical (CPU, no weights) or neural.")] = "classical",
+    backends: Annotated[
+        str, typer.Option(help="Backend family: classical (CPU, no weights) or neural.")
+    ] = "classical",
     limit: Annotated[int | None, typer.Option(help="At most this many inputs.")] = None,
-    synthetic: Annotated[int, typer.Option(help="Also add this many synthetic scenes (exact ground truth).")] = 0,
+    synthetic: Annotated[
+        int, typer.Option(help="Also add this many synthetic scenes (exact ground truth).")
+    ] = 0,
     synthetic_size: Annotated[int, typer.Option(help="Side of the synthetic scenes, pixels.")] = 256,
     synthetic_split: Annotated[
         str | None,
-        typer.Option(help="Split of the synthetic rows: train, test, quality, or hash (whole scenes by id, "
-                     "engine.synthetic_test_fraction to test). Default: the configuration's (test)."),
+        typer.Option(
+            help="Split of the synthetic rows: train, test, quality, or hash (whole scenes by id, "
+            "engine.synthetic_test_fraction to test). Default: the configuration's (test)."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run's figures as JSON.")] = False,
 ) -> None:
@@ -42,8 +53,17 @@ def run(
     from reflade.engine.pipeline import run_engine, stage_table
 
     cfg = get_config()
-    result = run_engine(cfg, input, dataset, backends=backends, limit=limit, synthetic=synthetic,
-                        synthetic_size=synthetic_size, synthetic_split=synthetic_split, log=console.print)
+    result = run_engine(
+        cfg,
+        input,
+        dataset,
+        backends=backends,
+        limit=limit,
+        synthetic=synthetic,
+        synthetic_size=synthetic_size,
+        synthetic_split=synthetic_split,
+        log=console.print,
+    )
     if as_json:
         print(json.dumps(result.as_dict(), indent=1, default=str))
         return
@@ -102,8 +122,12 @@ def export(
 def import_(
     src: Annotated[Path, typer.Argument(help="A folder written by `reflade data export` (curated by hand).")],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name to register.")],
-    split: Annotated[str, typer.Option(help="Split given to every row ('keep': each sample's own).")] = "quality",
-    parent: Annotated[list[str] | None, typer.Option("--parent", help="Lineage: the dataset it was curated from.")] = None,
+    split: Annotated[
+        str, typer.Option(help="Split given to every row ('keep': each sample's own).")
+    ] = "quality",
+    parent: Annotated[
+        list[str] | None, typer.Option("--parent", help="Lineage: the dataset it was curated from.")
+    ] = None,
 ) -> None:
     """Read a browsable folder back, validate every sample, and register it as a dataset version."""
     from reflade.engine.browse import import_folder
@@ -113,8 +137,13 @@ def import_(
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "shards").mkdir()
         write_shard(rows, str(Path(tmp) / "shards" / "imported.parquet"))
-        v = _registry().create("dataset", dataset, tmp, parents=parent or [],
-                               metadata={"imported_from": str(src.resolve()), "rows": len(rows)})
+        v = _registry().create(
+            "dataset",
+            dataset,
+            tmp,
+            parents=parent or [],
+            metadata={"imported_from": str(src.resolve()), "rows": len(rows)},
+        )
     console.print(f"{'reused' if v.reused else 'registered'} {v.ref}: {len(rows)} rows, split {split}")
 
 
@@ -134,8 +163,12 @@ def stats_(
         print(json.dumps(s, indent=1))
         return
     console.print(f"{ref}: {s['rows']} rows from {s['sources']} source images")
-    for title, key in (("split", "by_split"), ("kind", "by_kind"), ("category", "by_category"),
-                       ("prompt type", "by_prompt_type")):
+    for title, key in (
+        ("split", "by_split"),
+        ("kind", "by_kind"),
+        ("category", "by_category"),
+        ("prompt type", "by_prompt_type"),
+    ):
         table = Table(title, "rows")
         for k, v in s[key].items():
             table.add_row(str(k), str(v))

@@ -66,8 +66,22 @@ class EngineConfig:
     captions of each entity's crop make the fine text prompts. Empty: no captioner, template text only."""
     caption_max_new_tokens: int = 16
     """Most tokens the captioner generates per entity (greedy decoding)."""
-    vocabulary: list[str] = field(default_factory=lambda: [
-        "person", "cat", "dog", "car", "bicycle", "chair", "table", "bottle", "cup", "book", "plant", "ball"])
+    vocabulary: list[str] = field(
+        default_factory=lambda: [
+            "person",
+            "cat",
+            "dog",
+            "car",
+            "bicycle",
+            "chair",
+            "table",
+            "bottle",
+            "cup",
+            "book",
+            "plant",
+            "ball",
+        ]
+    )
     """Category words the detector is queried with ("a photo of a <word>"); neural labels come from here."""
     detector_threshold: float = 0.1
     """Detector boxes scoring below this (sigmoid, 0-1) are dropped (see detector_fallback)."""
@@ -113,7 +127,20 @@ class EngineConfig:
 
     def fingerprint(self) -> str:
         """Hash of every field that changes what the engine outputs (resources excluded)."""
-        data = {k: v for k, v in asdict(self).items()
-                if k not in ("batch_size", "cpu_actors", "gpu_actors", "num_gpus", "num_cpus_per_actor",
-                             "num_cpus_per_task", "weights_cache", "layout", "fused_actors")}
+        data = {
+            k: v
+            for k, v in asdict(self).items()
+            if k
+            not in (
+                "batch_size",
+                "cpu_actors",
+                "gpu_actors",
+                "num_gpus",
+                "num_cpus_per_actor",
+                "num_cpus_per_task",
+                "weights_cache",
+                "layout",
+                "fused_actors",
+            )
+        }
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -18,8 +18,17 @@ def engine_step(cfg, registry, timer, made, console) -> None:
         jobs = Jobs(cfg)
         # Half the synthetic scenes (whole scenes, by id) to train, so the training step has exact ground truth
         # to learn from; the other half stays in test for evaluation.
-        args = ["run", "--input", made["photos"], "--dataset", DEMO_DATASET, "--synthetic", str(DEMO_SYNTHETIC),
-                "--synthetic-split", "hash"]
+        args = [
+            "run",
+            "--input",
+            made["photos"],
+            "--dataset",
+            DEMO_DATASET,
+            "--synthetic",
+            str(DEMO_SYNTHETIC),
+            "--synthetic-split",
+            "hash",
+        ]
         job_id = jobs.submit("engine", args)
         console.print(f"submitted engine job {job_id}: reflade engine {' '.join(args)}")
         for chunk in jobs.follow(job_id):
@@ -31,5 +40,7 @@ def engine_step(cfg, registry, timer, made, console) -> None:
         v = registry.resolve(f"dataset/{DEMO_DATASET}")
         stats = json.loads(registry.read_bytes(v, "stats.json"))
         made["dataset"] = v.ref
-        console.print(f"{v.ref}: {stats['layers_kept']} layers ({stats['synthetic_rows']} synthetic), "
-                      f"{stats['images_quarantined']} images quarantined")
+        console.print(
+            f"{v.ref}: {stats['layers_kept']} layers ({stats['synthetic_rows']} synthetic), "
+            f"{stats['images_quarantined']} images quarantined"
+        )

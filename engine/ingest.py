@@ -72,7 +72,9 @@ def _sha_file(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def ingest_folder(folder: Path, storage: Storage, limit: int | None = None, progress: bool | None = None) -> IngestResult:
+def ingest_folder(
+    folder: Path, storage: Storage, limit: int | None = None, progress: bool | None = None
+) -> IngestResult:
     from tqdm.auto import tqdm
 
     if not folder.is_dir():
@@ -94,7 +96,9 @@ def ingest_folder(folder: Path, storage: Storage, limit: int | None = None, prog
         return _item(sha, key, p.relative_to(folder).as_posix(), size), True
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        bar = tqdm(total=len(files), desc="ingest", unit="file", disable=not show_progress(progress), leave=False)
+        bar = tqdm(
+            total=len(files), desc="ingest", unit="file", disable=not show_progress(progress), leave=False
+        )
         for item, new in pool.map(one, files):
             items.append(item)
             uploaded += new
@@ -177,8 +181,9 @@ def ingest_registry(ref: str, registry: Registry, limit: int | None = None) -> I
     return IngestResult(items, 0, len(items), f"registry {v.ref}", [v.ref])
 
 
-def ingest(source: str, storage: Storage, registry: Registry, limit: int | None = None,
-           progress: bool | None = None) -> IngestResult:
+def ingest(
+    source: str, storage: Storage, registry: Registry, limit: int | None = None, progress: bool | None = None
+) -> IngestResult:
     """Resolve SOURCE (folder, s3:// prefix, manifest file, or registry reference) to raw objects."""
     if source.startswith("s3://"):
         if source.endswith((".json", ".jsonl", ".parquet")):

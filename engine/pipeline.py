@@ -231,8 +231,13 @@ class _ModelStage(_Handoff, abc.ABC):
 
     stage = ""
 
-    def __init__(self, family: str, cfg: EngineConfig, storage_fields: dict[str, Any] | None = None,
-                 registry_prefix: str | None = None):
+    def __init__(
+        self,
+        family: str,
+        cfg: EngineConfig,
+        storage_fields: dict[str, Any] | None = None,
+        registry_prefix: str | None = None,
+    ):
         self.family = family
         self.cfg = cfg
         self.registry = worker_registry(storage_fields, registry_prefix) if family == "neural" else None
@@ -349,7 +354,9 @@ class CompletionStage(_ModelStage):
             work.completions = completions
             _count(work, "completion", 2 * len(work.entities), 2 * len(completions))
 
-        return self._batched(batch, lambda works: complete_batch([w.image for w in works], [w.entities for w in works]), apply)
+        return self._batched(
+            batch, lambda works: complete_batch([w.image for w in works], [w.entities for w in works]), apply
+        )
 
 
 class MattingStage(_ModelStage):
@@ -401,10 +408,14 @@ class PromptStage(_Handoff):
             for lay in work.layers:
                 if not lay.ok:
                     continue
-                rng = np.random.default_rng(int(r["sha256"][:12], 16) + 7919 * lay.entity_id + (lay.kind == "background"))
+                rng = np.random.default_rng(
+                    int(r["sha256"][:12], 16) + 7919 * lay.entity_id + (lay.kind == "background")
+                )
                 try:
                     ent = by_id[lay.entity_id]
-                    lay.prompts = make_prompts(ent, ent.mask, work.image.shape[:2], rng, self.cfg, kind=lay.kind)
+                    lay.prompts = make_prompts(
+                        ent, ent.mask, work.image.shape[:2], rng, self.cfg, kind=lay.kind
+                    )
                     if ent.caption is not None:  # 1: the fine text is the captioner's; 0: the template's
                         lay.scores["caption_used"] = float(caption_text(ent, lay.kind) is not None)
                     if not lay.prompts:
@@ -448,7 +459,9 @@ class PostFilterStage(_Handoff):
             kept = sum(lay.ok for lay in work.layers)
             _count(work, "postfilter", n_in, kept)
             if kept == 0:
-                r.update(ok=False, stage="postfilter", reason="all_layers_rejected: no layer passed the checks")
+                r.update(
+                    ok=False, stage="postfilter", reason="all_layers_rejected: no layer passed the checks"
+                )
             work.timings["postfilter"] = time.perf_counter() - t0
             r["work"] = self._dump(work)
         return _frame(rows)
@@ -457,8 +470,15 @@ class PostFilterStage(_Handoff):
 class ShardWriter:
     """Write one batch of images as a layer shard, a quarantine shard and a ``done`` marker (last)."""
 
-    def __init__(self, storage_fields: dict[str, Any], run_prefix: str, config_hash: str, backends: dict[str, str],
-                 weights: list[str], test_fraction: float):
+    def __init__(
+        self,
+        storage_fields: dict[str, Any],
+        run_prefix: str,
+        config_hash: str,
+        backends: dict[str, str],
+        weights: list[str],
+        test_fraction: float,
+    ):
         self.fields = storage_fields
         self.run_prefix = run_prefix
         self.config_hash = config_hash
@@ -494,9 +514,14 @@ class ShardWriter:
         name = shard_name([r["source_id"] for r in rows])
         self._write(name, layer_rows, quarantine)
         summary = {
-            "shard": name, "images": len(rows), "images_kept": sum(bool(r["ok"]) for r in rows),
-            "layers_kept": len(layer_rows), "layers_rejected": sum(1 for q in quarantine if q["entity_id"] is not None),
-            "source_ids": [r["source_id"] for r in rows], "counts": dict(counts), "timings": dict(timings),
+            "shard": name,
+            "images": len(rows),
+            "images_kept": sum(bool(r["ok"]) for r in rows),
+            "layers_kept": len(layer_rows),
+            "layers_rejected": sum(1 for q in quarantine if q["entity_id"] is not None),
+            "source_ids": [r["source_id"] for r in rows],
+            "counts": dict(counts),
+            "timings": dict(timings),
         }
         # The marker goes last: its presence means both shards are complete.
         self.storage.put_json(f"{self.run_prefix}done/{name}.json", summary)
@@ -505,21 +530,42 @@ class ShardWriter:
     def _row(self, r, work, lay: LayerOut, sid: str, split: str) -> dict[str, Any]:
         h, w = work.image.shape[:2]
         return {
-            "schema_version": SCHEMA_VERSION, "sample_id": sid, "source_id": r["source_id"],
-            "source_sha256": r["sha256"], "image": work.image_png, "width": w, "height": h,
-            "layer": encode_png(lay.rgba), "visible_mask": encode_png(lay.visible_mask), "kind": lay.kind,
-            "category": lay.category, "prompts": lay.prompts, "split": split,
+            "schema_version": SCHEMA_VERSION,
+            "sample_id": sid,
+            "source_id": r["source_id"],
+            "source_sha256": r["sha256"],
+            "image": work.image_png,
+            "width": w,
+            "height": h,
+            "layer": encode_png(lay.rgba),
+            "visible_mask": encode_png(lay.visible_mask),
+            "kind": lay.kind,
+            "category": lay.category,
+            "prompts": lay.prompts,
+            "split": split,
             "scores": {**work.scores, **lay.scores},
-            "provenance": {"engine_version": ENGINE_VERSION, "config_hash": self.config_hash,
-                           "backends": self.backends, "weights": self.weights},
+            "provenance": {
+                "engine_version": ENGINE_VERSION,
+                "config_hash": self.config_hash,
+                "backends": self.backends,
+                "weights": self.weights,
+            },
         }
 
     @staticmethod
     def _q(r, stage, reason, entity_id, kind, sample_id) -> dict[str, Any]:
         reason = reason or ""
-        return {"source_id": r["source_id"], "source_sha256": r["sha256"], "name": r["name"], "stage": stage or "",
-                "reason_code": reason.split(":", 1)[0], "reason": reason, "entity_id": entity_id, "kind": kind,
-                "sample_id": sample_id}
+        return {
+            "source_id": r["source_id"],
+            "source_sha256": r["sha256"],
+            "name": r["name"],
+            "stage": stage or "",
+            "reason_code": reason.split(":", 1)[0],
+            "reason": reason,
+            "entity_id": entity_id,
+            "kind": kind,
+            "sample_id": sample_id,
+        }
 
     def _write(self, name: str, layer_rows: list[dict[str, Any]], quarantine: list[dict[str, Any]]) -> None:
         import pyarrow as pa
@@ -527,14 +573,20 @@ class ShardWriter:
 
         fs = self.storage.fs
         table = rows_to_table(layer_rows, validate=True)
-        pq.write_table(table, self.storage.path(f"{self.run_prefix}staged/{name}.parquet"), filesystem=fs,
-                       compression="zstd")
+        pq.write_table(
+            table,
+            self.storage.path(f"{self.run_prefix}staged/{name}.parquet"),
+            filesystem=fs,
+            compression="zstd",
+        )
         qt = pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA)
         pq.write_table(qt, self.storage.path(f"{self.run_prefix}quarantine/{name}.parquet"), filesystem=fs)
 
 
 # ---------------------------------------------------------------------------------------------- synthetic rows
-def synthetic_rows(scene, scene_id: str, config_hash: str, split: str, cfg: EngineConfig) -> list[dict[str, Any]]:
+def synthetic_rows(
+    scene, scene_id: str, config_hash: str, split: str, cfg: EngineConfig
+) -> list[dict[str, Any]]:
     """Rows with exact ground truth from one synthetic scene (foreground and background per object)."""
     from reflade.engine.stages.prompts import make_prompts
     from reflade.engine.synth import scene_to_png_bytes
@@ -547,10 +599,23 @@ def synthetic_rows(scene, scene_id: str, config_hash: str, split: str, cfg: Engi
     for obj in scene.objects:
         cy, cx = np.argwhere(obj.visible_mask).mean(axis=0)
         horiz = "left" if cx < w / 3 else "right" if cx > 2 * w / 3 else "center"
-        ent = Entity(obj.entity_id, obj.box, obj.visible_mask, obj.category, 1.0, "synthetic",
-                     {"color": obj.color_name, "position": horiz,
-                      "size": "small" if obj.amodal_mask.mean() < 0.05 else "large" if obj.amodal_mask.mean() > 0.2
-                      else "medium"})
+        ent = Entity(
+            obj.entity_id,
+            obj.box,
+            obj.visible_mask,
+            obj.category,
+            1.0,
+            "synthetic",
+            {
+                "color": obj.color_name,
+                "position": horiz,
+                "size": "small"
+                if obj.amodal_mask.mean() < 0.05
+                else "large"
+                if obj.amodal_mask.mean() > 0.2
+                else "medium",
+            },
+        )
         for kind in ("foreground", "background"):
             rng = np.random.default_rng(int(sha[:12], 16) + 7919 * obj.entity_id + (kind == "background"))
             if kind == "foreground":
@@ -559,16 +624,30 @@ def synthetic_rows(scene, scene_id: str, config_hash: str, split: str, cfg: Engi
                 bg = scene.without(obj.entity_id)
                 layer = np.dstack([bg, np.full((h, w), 255, np.uint8)])
                 visible = ~obj.visible_mask
-            rows.append({
-                "schema_version": SCHEMA_VERSION,
-                "sample_id": make_sample_id(sha, obj.entity_id, kind, config_hash),
-                "source_id": sha[:16], "source_sha256": sha, "image": png, "width": w, "height": h,
-                "layer": encode_png(layer), "visible_mask": encode_png(visible), "kind": kind,
-                "category": obj.category, "prompts": make_prompts(ent, obj.visible_mask, (h, w), rng, cfg, kind=kind),
-                "split": split, "scores": {"occluded_fraction": float(obj.occluded_fraction)},
-                "provenance": {"engine_version": ENGINE_VERSION, "config_hash": config_hash,
-                               "backends": {"synthetic": f"exact:{scene_id}"}, "weights": []},
-            })
+            rows.append(
+                {
+                    "schema_version": SCHEMA_VERSION,
+                    "sample_id": make_sample_id(sha, obj.entity_id, kind, config_hash),
+                    "source_id": sha[:16],
+                    "source_sha256": sha,
+                    "image": png,
+                    "width": w,
+                    "height": h,
+                    "layer": encode_png(layer),
+                    "visible_mask": encode_png(visible),
+                    "kind": kind,
+                    "category": obj.category,
+                    "prompts": make_prompts(ent, obj.visible_mask, (h, w), rng, cfg, kind=kind),
+                    "split": split,
+                    "scores": {"occluded_fraction": float(obj.occluded_fraction)},
+                    "provenance": {
+                        "engine_version": ENGINE_VERSION,
+                        "config_hash": config_hash,
+                        "backends": {"synthetic": f"exact:{scene_id}"},
+                        "weights": [],
+                    },
+                }
+            )
     return rows
 
 
@@ -660,7 +739,9 @@ def run_engine(
         raise EngineError(f"unknown backends {backends!r} (known: {', '.join(FAMILIES)})")
     ecfg: EngineConfig = cfg.section("engine") if "engine" in cfg.sections else EngineConfig()
     if ecfg.synthetic_split not in ("train", "test", "quality", "hash"):
-        raise EngineError(f"synthetic_split must be train, test, quality or hash, not {ecfg.synthetic_split!r}")
+        raise EngineError(
+            f"synthetic_split must be train, test, quality or hash, not {ecfg.synthetic_split!r}"
+        )
     if not 0.0 <= ecfg.synthetic_test_fraction <= 1.0:
         raise EngineError(f"synthetic_test_fraction must be in [0, 1], not {ecfg.synthetic_test_fraction}")
     resolve_layout(ecfg, backends)  # a bad layout fails before anything is uploaded
@@ -671,13 +752,17 @@ def run_engine(
     registry = Registry(storage, cfg.registry.prefix)
 
     inp = ingest(source, storage, registry, limit=limit, progress=progress)
-    log(f"input: {len(inp.items)} files from {inp.description} ({inp.uploaded} uploaded, "
-        f"{inp.already_there} already in the bucket)")
+    log(
+        f"input: {len(inp.items)} files from {inp.description} ({inp.uploaded} uploaded, "
+        f"{inp.already_there} already in the bucket)"
+    )
     weights = weights_refs(backends, ecfg)
     weights = [registry.resolve(w).ref for w in weights]
     config_hash = ecfg.fingerprint()
     run_id = hashlib.sha256(
-        json.dumps([dataset, inp.content_hash(), config_hash, backends, weights, synthetic, synthetic_size]).encode()
+        json.dumps(
+            [dataset, inp.content_hash(), config_hash, backends, weights, synthetic, synthetic_size]
+        ).encode()
     ).hexdigest()[:16]
     run_prefix = f"runs/engine/{dataset}/{run_id}/"
     log(f"run {run_id} under s3://{storage.bucket}/{run_prefix}")
@@ -705,13 +790,43 @@ def run_engine(
         backend_names["captioner"] = "neural"  # its exact weights version is in provenance.weights
     fields = _storage_fields(cfg)
     if todo:
-        _run_stages(ray, todo, ecfg, backends, fields, run_prefix, config_hash, backend_names, weights,
-                    find_near_duplicates, done_ids, storage, progress, log, cfg.registry.prefix)
+        _run_stages(
+            ray,
+            todo,
+            ecfg,
+            backends,
+            fields,
+            run_prefix,
+            config_hash,
+            backend_names,
+            weights,
+            find_near_duplicates,
+            done_ids,
+            storage,
+            progress,
+            log,
+            cfg.registry.prefix,
+        )
     if synthetic:
         _write_synthetic(storage, run_prefix, synthetic, synthetic_size, config_hash, ecfg, log)
 
-    return _commit(storage, registry, run_prefix, run_id, dataset, inp, exact_dups, config_hash, backends,
-                   weights, ecfg, synthetic, skipped, t_start, log)
+    return _commit(
+        storage,
+        registry,
+        run_prefix,
+        run_id,
+        dataset,
+        inp,
+        exact_dups,
+        config_hash,
+        backends,
+        weights,
+        ecfg,
+        synthetic,
+        skipped,
+        t_start,
+        log,
+    )
 
 
 def _done_markers(storage, run_prefix: str) -> dict[str, dict[str, Any]]:
@@ -722,13 +837,38 @@ def _done_markers(storage, run_prefix: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _run_stages(ray, todo, ecfg: EngineConfig, family, fields, run_prefix, config_hash, backend_names, weights,
-                find_near_duplicates, done_ids, storage, progress, log, registry_prefix) -> None:
+def _run_stages(
+    ray,
+    todo,
+    ecfg: EngineConfig,
+    family,
+    fields,
+    run_prefix,
+    config_hash,
+    backend_names,
+    weights,
+    find_near_duplicates,
+    done_ids,
+    storage,
+    progress,
+    log,
+    registry_prefix,
+) -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(progress) if progress is not None else ctx.enable_progress_bars
-    items = [{"source_id": it.source_id, "sha256": it.sha256, "key": it.key, "name": it.name, "ok": True,
-              "stage": "", "reason": ""} for it in todo]
+    items = [
+        {
+            "source_id": it.source_id,
+            "sha256": it.sha256,
+            "key": it.key,
+            "name": it.name,
+            "ok": True,
+            "stage": "",
+            "reason": "",
+        }
+        for it in todo
+    ]
     bs = ecfg.batch_size
     # Cheap stages run as tasks (callable instances); stages that hold a backend run in actor pools. On a
     # small node every pool's actors must fit beside the read tasks (design.md, Pitfalls).
@@ -741,15 +881,18 @@ def _run_stages(ray, todo, ecfg: EngineConfig, family, fields, run_prefix, confi
     ds = ds.materialize()
     hashes = [h for h in ds.select_columns(["source_id", "phash", "ok"]).take_all() if h["ok"]]
     order = {it.source_id: i for i, it in enumerate(todo)}
-    pairs = sorted(((h["source_id"], int(h["phash"])) for h in hashes if int(h["phash"])),
-                   key=lambda p: order[p[0]])
+    pairs = sorted(
+        ((h["source_id"], int(h["phash"])) for h in hashes if int(h["phash"])), key=lambda p: order[p[0]]
+    )
     dups = find_near_duplicates(pairs, ecfg.dup_hamming)
     ds = ds.map_batches(MarkDuplicates(dups), **task)
     layout = resolve_layout(ecfg, family)
     gpu = family == "neural" and ecfg.num_gpus > 0
     if layout == "fused":
-        log(f"stages 2-6 fused: {fused_pool_size(ecfg, gpu=gpu)} actors x {ecfg.num_cpus_per_actor:g} CPU"
-            + (f" + {ecfg.num_gpus:g} GPU" if gpu else ""))
+        log(
+            f"stages 2-6 fused: {fused_pool_size(ecfg, gpu=gpu)} actors x {ecfg.num_cpus_per_actor:g} CPU"
+            + (f" + {ecfg.num_gpus:g} GPU" if gpu else "")
+        )
     else:
         pool = ecfg.gpu_actors if gpu else ecfg.cpu_actors
         log(f"stages 2-6 staged: scene and completion pools of {pool}, matting pool of {ecfg.cpu_actors}")
@@ -796,11 +939,21 @@ class LayerStages:
     stages: no scheduling, no Arrow round trips, and each image's ``Work`` goes from stage to stage as the
     object itself (pickled once, by the last stage, instead of at every hand-off)."""
 
-    def __init__(self, family: str, cfg: EngineConfig, storage_fields: dict[str, Any] | None = None,
-                 registry_prefix: str | None = None):
+    def __init__(
+        self,
+        family: str,
+        cfg: EngineConfig,
+        storage_fields: dict[str, Any] | None = None,
+        registry_prefix: str | None = None,
+    ):
         args = (family, cfg, storage_fields, registry_prefix)
-        self.stages = [SceneStage(*args), CompletionStage(*args), MattingStage(*args), PromptStage(cfg),
-                       PostFilterStage(cfg)]
+        self.stages = [
+            SceneStage(*args),
+            CompletionStage(*args),
+            MattingStage(*args),
+            PromptStage(cfg),
+            PostFilterStage(cfg),
+        ]
         for stage in self.stages[:-1]:
             stage.pickle_out = False
 
@@ -813,8 +966,14 @@ class LayerStages:
         return batch
 
 
-def add_layer_stages(ds, ecfg: EngineConfig, family: str, storage_fields: dict[str, Any] | None = None,
-                     registry_prefix: str | None = None, layout: str | None = None):
+def add_layer_stages(
+    ds,
+    ecfg: EngineConfig,
+    family: str,
+    storage_fields: dict[str, Any] | None = None,
+    registry_prefix: str | None = None,
+    layout: str | None = None,
+):
     """Append stages 2-6 (scene, completion, matting, prompts, post-filter) to a Ray dataset of pre-filtered
     image records, in the layout ``layout`` (default: ``resolve_layout``). Staged: model stages in actor pools
     (GPU pools for neural backends when ``num_gpus`` > 0), prompts and post-filter as tasks. Fused: one actor
@@ -826,30 +985,47 @@ def add_layer_stages(ds, ecfg: EngineConfig, family: str, storage_fields: dict[s
     args = (family, ecfg, storage_fields, registry_prefix)
     if layout == "fused":
         gpu = family == "neural" and ecfg.num_gpus > 0
-        return ds.map_batches(LayerStages, fn_constructor_args=args,
-                              compute=ActorPoolStrategy(size=fused_pool_size(ecfg, gpu=gpu)),
-                              num_cpus=ecfg.num_cpus_per_actor, num_gpus=ecfg.num_gpus if gpu else 0,
-                              batch_format="pandas", batch_size=bs)
+        return ds.map_batches(
+            LayerStages,
+            fn_constructor_args=args,
+            compute=ActorPoolStrategy(size=fused_pool_size(ecfg, gpu=gpu)),
+            num_cpus=ecfg.num_cpus_per_actor,
+            num_gpus=ecfg.num_gpus if gpu else 0,
+            batch_format="pandas",
+            batch_size=bs,
+        )
     if layout != "staged":
         raise EngineError(f"unknown layout {layout!r} (staged or fused)")
     task = {"num_cpus": ecfg.num_cpus_per_task, "batch_format": "pandas", "batch_size": bs}
     gpu = family == "neural" and ecfg.num_gpus > 0
-    model = {"num_cpus": ecfg.num_cpus_per_actor, "num_gpus": ecfg.num_gpus if gpu else 0,
-             "batch_format": "pandas", "batch_size": bs}
+    model = {
+        "num_cpus": ecfg.num_cpus_per_actor,
+        "num_gpus": ecfg.num_gpus if gpu else 0,
+        "batch_format": "pandas",
+        "batch_size": bs,
+    }
     cpu_actor = {"num_cpus": ecfg.num_cpus_per_actor, "batch_format": "pandas", "batch_size": bs}
     pool = ecfg.gpu_actors if gpu else ecfg.cpu_actors
     ds = ds.map_batches(SceneStage, fn_constructor_args=args, compute=ActorPoolStrategy(size=pool), **model)
-    ds = ds.map_batches(CompletionStage, fn_constructor_args=args, compute=ActorPoolStrategy(size=pool), **model)
+    ds = ds.map_batches(
+        CompletionStage, fn_constructor_args=args, compute=ActorPoolStrategy(size=pool), **model
+    )
     # Matting is CPU work: its own pool, so that it overlaps the GPU stages.
-    ds = ds.map_batches(MattingStage, fn_constructor_args=args,
-                        compute=ActorPoolStrategy(size=ecfg.cpu_actors), **cpu_actor)
+    ds = ds.map_batches(
+        MattingStage, fn_constructor_args=args, compute=ActorPoolStrategy(size=ecfg.cpu_actors), **cpu_actor
+    )
     ds = ds.map_batches(PromptStage(ecfg), **task)
     return ds.map_batches(PostFilterStage(ecfg), **task)
 
 
-def run_stages_plain(records: list[dict[str, Any]], ecfg: EngineConfig, family: str = "classical",
-                     batch_size: int | None = None, storage_fields: dict[str, Any] | None = None,
-                     registry_prefix: str | None = None) -> list[dict[str, Any]]:
+def run_stages_plain(
+    records: list[dict[str, Any]],
+    ecfg: EngineConfig,
+    family: str = "classical",
+    batch_size: int | None = None,
+    storage_fields: dict[str, Any] | None = None,
+    registry_prefix: str | None = None,
+) -> list[dict[str, Any]]:
     """The same stage code in one process, no Ray: records with ``source_id``, ``sha256``, ``name`` and the raw
     ``data`` bytes in, per-image records (with the pickled ``work``) out. The baseline of ``bench/engine.py``."""
     from reflade.engine.stages.prefilter import find_near_duplicates
@@ -857,14 +1033,14 @@ def run_stages_plain(records: list[dict[str, Any]], ecfg: EngineConfig, family: 
     bs = batch_size or ecfg.batch_size
     rows = [dict(r, ok=True, stage="", reason="") for r in records]
     pre = PreFilterStage(ecfg)
-    frames = [pre(_frame(rows[i:i + bs])) for i in range(0, len(rows), bs)]
+    frames = [pre(_frame(rows[i : i + bs])) for i in range(0, len(rows), bs)]
     done = [r for f in frames for r in _rows(f)]
     pairs = [(r["source_id"], int(r["phash"])) for r in done if r["ok"] and int(r["phash"])]
     mark = MarkDuplicates(find_near_duplicates(pairs, ecfg.dup_hamming))
     layers = LayerStages(family, ecfg, storage_fields, registry_prefix)
     out = []
     for i in range(0, len(done), bs):
-        out += _rows(layers(mark(_frame(done[i:i + bs]))))
+        out += _rows(layers(mark(_frame(done[i : i + bs]))))
     return out
 
 
@@ -881,35 +1057,71 @@ def _write_synthetic(storage, run_prefix, n, size, config_hash, ecfg, log) -> No
     made = 0
     for start in range(0, n, per_shard):
         # Texture backgrounds: the bundled photos are real-photo inputs, and test rows must not share them.
-        scenes = [(i, make_scene(seed=100_000 + i, size=(size, size), background="texture"))
-                  for i in range(start, min(n, start + per_shard))]
+        scenes = [
+            (i, make_scene(seed=100_000 + i, size=(size, size), background="texture"))
+            for i in range(start, min(n, start + per_shard))
+        ]
         ids = [f"synthetic-{i:06d}" for i, _ in scenes]
         if all(i in done_ids for i in ids):
             continue
         rows = []
         for (_, scene), sid in zip(scenes, ids, strict=True):
             split = ecfg.synthetic_split
-            if split == "hash":  # whole scenes per split, by id: the same scene lands in the same split every run
+            if (
+                split == "hash"
+            ):  # whole scenes per split, by id: the same scene lands in the same split every run
                 split = split_for(hashlib.sha256(sid.encode()).hexdigest(), ecfg.synthetic_test_fraction)
             for row in synthetic_rows(scene, sid, config_hash, split, ecfg):
                 row["source_id"] = sid
                 rows.append(row)
         name = shard_name(ids)
         fs = storage.fs
-        pq.write_table(rows_to_table(rows), storage.path(f"{run_prefix}staged/{name}.parquet"), filesystem=fs,
-                       compression="zstd")
-        pq.write_table(pa.Table.from_pylist([], schema=QUARANTINE_SCHEMA),
-                       storage.path(f"{run_prefix}quarantine/{name}.parquet"), filesystem=fs)
-        storage.put_json(f"{run_prefix}done/{name}.json", {
-            "shard": name, "images": len(ids), "images_kept": len(ids), "layers_kept": len(rows),
-            "layers_rejected": 0, "source_ids": ids, "counts": {}, "timings": {}, "synthetic": True,
-        })
+        pq.write_table(
+            rows_to_table(rows),
+            storage.path(f"{run_prefix}staged/{name}.parquet"),
+            filesystem=fs,
+            compression="zstd",
+        )
+        pq.write_table(
+            pa.Table.from_pylist([], schema=QUARANTINE_SCHEMA),
+            storage.path(f"{run_prefix}quarantine/{name}.parquet"),
+            filesystem=fs,
+        )
+        storage.put_json(
+            f"{run_prefix}done/{name}.json",
+            {
+                "shard": name,
+                "images": len(ids),
+                "images_kept": len(ids),
+                "layers_kept": len(rows),
+                "layers_rejected": 0,
+                "source_ids": ids,
+                "counts": {},
+                "timings": {},
+                "synthetic": True,
+            },
+        )
         made += len(rows)
     log(f"synthetic: {n} scenes staged ({made} new rows)")
 
 
-def _commit(storage, registry, run_prefix, run_id, dataset, inp, exact_dups, config_hash, family, weights, ecfg,
-            synthetic, skipped, t_start, log) -> RunResult:
+def _commit(
+    storage,
+    registry,
+    run_prefix,
+    run_id,
+    dataset,
+    inp,
+    exact_dups,
+    config_hash,
+    family,
+    weights,
+    ecfg,
+    synthetic,
+    skipped,
+    t_start,
+    log,
+) -> RunResult:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -959,7 +1171,9 @@ def _commit(storage, registry, run_prefix, run_id, dataset, inp, exact_dups, con
                 layers_out += table.num_rows + sum(e is not None for e in qt.column("entity_id").to_pylist())
             ids = table.column("sample_id").to_pylist()
             if seen_samples.intersection(ids) or len(set(ids)) != len(ids):
-                raise EngineError(f"shard {name} repeats samples of another source: the staged data is corrupt")
+                raise EngineError(
+                    f"shard {name} repeats samples of another source: the staged data is corrupt"
+                )
             seen_samples.update(ids)
             layer_sources.update(table.column("source_id").to_pylist())
             layers_kept += table.num_rows
@@ -969,10 +1183,23 @@ def _commit(storage, registry, run_prefix, run_id, dataset, inp, exact_dups, con
                 pq.write_table(table, out / "shards" / f"{name}.parquet", compression="zstd")
             q_tables.append(qt)
         if repeated:
-            log(f"{repeated} images were staged twice (a killed attempt's worker finished late); kept one copy each")
-        extra = [{"source_id": it.source_id, "source_sha256": it.sha256, "name": it.name, "stage": "ingest",
-                  "reason_code": "duplicate_of", "reason": f"duplicate_of: same bytes as {orig.name}",
-                  "entity_id": None, "kind": None, "sample_id": None} for it, orig in exact_dups]
+            log(
+                f"{repeated} images were staged twice (a killed attempt's worker finished late); kept one copy each"
+            )
+        extra = [
+            {
+                "source_id": it.source_id,
+                "source_sha256": it.sha256,
+                "name": it.name,
+                "stage": "ingest",
+                "reason_code": "duplicate_of",
+                "reason": f"duplicate_of: same bytes as {orig.name}",
+                "entity_id": None,
+                "kind": None,
+                "sample_id": None,
+            }
+            for it, orig in exact_dups
+        ]
         q = pa.concat_tables([*q_tables, pa.Table.from_pylist(extra, schema=QUARANTINE_SCHEMA)])
         q_rows = q.to_pylist()
         image_q = [r for r in q_rows if r["entity_id"] is None]
@@ -997,39 +1224,76 @@ def _commit(storage, registry, run_prefix, run_id, dataset, inp, exact_dups, con
         for stage in STAGES:
             if stage in counts:
                 unit = "images" if stage in IMAGE_STAGES else "layers"
-                stage_rows.append(StageRow(stage, unit, counts[stage][0], counts[stage][1], timings.get(stage, 0.0)))
+                stage_rows.append(
+                    StageRow(stage, unit, counts[stage][0], counts[stage][1], timings.get(stage, 0.0))
+                )
         result = RunResult(
-            dataset=None, run_id=run_id, images_in=images_in, images_kept=images_kept,
-            images_quarantined=images_q, layers_out=layers_out, layers_kept=layers_kept,
-            layers_rejected=len(layer_q), synthetic_rows=synthetic_rows_n, skipped_done=skipped,
-            uploaded=inp.uploaded, wall_s=0.0, stages=stage_rows, quarantine_reasons=dict(reasons),
+            dataset=None,
+            run_id=run_id,
+            images_in=images_in,
+            images_kept=images_kept,
+            images_quarantined=images_q,
+            layers_out=layers_out,
+            layers_kept=layers_kept,
+            layers_rejected=len(layer_q),
+            synthetic_rows=synthetic_rows_n,
+            skipped_done=skipped,
+            uploaded=inp.uploaded,
+            wall_s=0.0,
+            stages=stage_rows,
+            quarantine_reasons=dict(reasons),
         )
         # Only what the committed data says: a re-run of a finished run then reproduces the same bytes and the
         # registry returns the existing version.
-        stats = {k: v for k, v in result.as_dict().items()
-                 if k not in ("dataset", "wall_s", "skipped_done", "uploaded", "reused")}
+        stats = {
+            k: v
+            for k, v in result.as_dict().items()
+            if k not in ("dataset", "wall_s", "skipped_done", "uploaded", "reused")
+        }
         (out / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
         input_ref = registry.create(
-            "raw-manifest", f"{dataset}-input", files={"manifest.json": manifest_path},
-            parents=inp.parents, metadata={"description": inp.description, "count": len(inp.items)},
+            "raw-manifest",
+            f"{dataset}-input",
+            files={"manifest.json": manifest_path},
+            parents=inp.parents,
+            metadata={"description": inp.description, "count": len(inp.items)},
         )
         if layers_kept == 0:
-            raise EngineError("no layer survived the engine: nothing to register (see the quarantine reasons)")
+            raise EngineError(
+                "no layer survived the engine: nothing to register (see the quarantine reasons)"
+            )
         version = registry.create(
-            "dataset", dataset, out, parents=[input_ref.ref, *weights],
-            metadata={"schema_version": SCHEMA_VERSION, "engine_version": ENGINE_VERSION,
-                      "config_hash": config_hash, "backends": family, "run_id": run_id,
-                      "engine_config": ecfg.__dict__, "rows": layers_kept},
-            metrics={"images_in": images_in, "images_kept": images_kept, "layers_kept": layers_kept,
-                     "layers_rejected": len(layer_q),
-                     "prefilter_pass": counts["prefilter"][1] / counts["prefilter"][0] if counts["prefilter"][0] else 0,
-                     "end_to_end": layers_kept / layers_out if layers_out else 0},
+            "dataset",
+            dataset,
+            out,
+            parents=[input_ref.ref, *weights],
+            metadata={
+                "schema_version": SCHEMA_VERSION,
+                "engine_version": ENGINE_VERSION,
+                "config_hash": config_hash,
+                "backends": family,
+                "run_id": run_id,
+                "engine_config": ecfg.__dict__,
+                "rows": layers_kept,
+            },
+            metrics={
+                "images_in": images_in,
+                "images_kept": images_kept,
+                "layers_kept": layers_kept,
+                "layers_rejected": len(layer_q),
+                "prefilter_pass": counts["prefilter"][1] / counts["prefilter"][0]
+                if counts["prefilter"][0]
+                else 0,
+                "end_to_end": layers_kept / layers_out if layers_out else 0,
+            },
         )
     result.dataset = version.ref
     result.reused = version.reused
     result.wall_s = time.monotonic() - t_start
-    log(f"{'reused' if version.reused else 'registered'} {version.ref}: {layers_kept} layers "
-        f"({synthetic_rows_n} synthetic), {images_q} images quarantined")
+    log(
+        f"{'reused' if version.reused else 'registered'} {version.ref}: {layers_kept} layers "
+        f"({synthetic_rows_n} synthetic), {images_q} images quarantined"
+    )
     return result
 
 
@@ -1037,18 +1301,29 @@ def stage_table(result: RunResult):
     """A rich table: per stage in, out, kept %, seconds, units/s, and the paper's figures beside ours."""
     from rich.table import Table
 
-    table = Table("stage", "unit", "in", "out", "kept %", "seconds", "per s", "paper", title="data engine stages")
+    table = Table(
+        "stage", "unit", "in", "out", "kept %", "seconds", "per s", "paper", title="data engine stages"
+    )
     for s in result.stages:
         paper = f"{PAPER_PREFILTER_PASS:.1%} pass" if s.stage == "prefilter" else ""
         rate = f"{s.n_in / s.seconds:.1f}" if s.seconds else "-"
-        table.add_row(s.stage, s.unit, str(s.n_in), str(s.n_out), f"{100 * s.kept:.1f}", f"{s.seconds:.1f}", rate,
-                      paper)
+        table.add_row(
+            s.stage, s.unit, str(s.n_in), str(s.n_out), f"{100 * s.kept:.1f}", f"{s.seconds:.1f}", rate, paper
+        )
     # End to end over the layers the engine made (synthetic rows are exact and skip the stages).
     made = result.layers_out - result.synthetic_rows
     kept = result.layers_kept - result.synthetic_rows
     end = kept / made if made else 0.0
-    table.add_row("[bold]end to end", "layers", str(made), str(kept), f"{100 * end:.1f}",
-                  f"{result.wall_s:.1f}", "", f"~{PAPER_END_TO_END:.0%} survive")
+    table.add_row(
+        "[bold]end to end",
+        "layers",
+        str(made),
+        str(kept),
+        f"{100 * end:.1f}",
+        f"{result.wall_s:.1f}",
+        "",
+        f"~{PAPER_END_TO_END:.0%} survive",
+    )
     return table
 
 

@@ -131,7 +131,9 @@ def validate_prompt(p: dict[str, Any], width: int, height: int, row: dict[str, A
         raise _fail(row, f"prompt keys {sorted(p)} != {sorted(keys)}")
     parts = str(p["type"]).split("+")
     if not parts or any(t not in PROMPT_BASE_TYPES for t in parts):
-        raise _fail(row, f"prompt type {p['type']!r}: expected one of {PROMPT_BASE_TYPES} or a '+'-joined mix")
+        raise _fail(
+            row, f"prompt type {p['type']!r}: expected one of {PROMPT_BASE_TYPES} or a '+'-joined mix"
+        )
     if p["granularity"] not in GRANULARITIES:
         raise _fail(row, f"prompt granularity {p['granularity']!r} not in {GRANULARITIES}")
     for pt in p["points"] or []:
@@ -213,10 +215,12 @@ def _normalise(row: dict[str, Any]) -> dict[str, Any]:
     }
     out["prompts"] = [
         {
-            "type": p["type"], "granularity": p["granularity"],
+            "type": p["type"],
+            "granularity": p["granularity"],
             "points": [[int(v) for v in pt] for pt in p.get("points") or []],
             "box": None if p.get("box") is None else [int(v) for v in p["box"]],
-            "mask": p.get("mask"), "text": p.get("text"),
+            "mask": p.get("mask"),
+            "text": p.get("text"),
         }
         for p in row["prompts"]
     ]
@@ -260,7 +264,9 @@ def check_table(table: pa.Table) -> None:
     if table.num_rows:
         versions = set(table.column("schema_version").to_pylist())
         if versions - {SCHEMA_VERSION}:
-            raise SchemaError(f"rows with schema_version {sorted(versions)}; this reader knows {SCHEMA_VERSION}")
+            raise SchemaError(
+                f"rows with schema_version {sorted(versions)}; this reader knows {SCHEMA_VERSION}"
+            )
 
 
 def write_shard(rows: Iterable[dict[str, Any]], path: str, filesystem=None, *, validate: bool = True) -> int:

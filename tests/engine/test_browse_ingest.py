@@ -19,8 +19,15 @@ def test_export_then_import_round_trips(tmp_path):
     rows = [make_row(i, kind) for i in range(3) for kind in ("foreground", "background")]
     assert export_rows(rows, tmp_path / "x") == 6
     sample = tmp_path / "x" / "train" / "foreground" / rows[0]["sample_id"]
-    for name in ("image.png", "layer.png", "layer_on_checkerboard.png", "visible_mask.png", "prompts.png",
-                 "sample.json", "prompt_2_mask.png"):
+    for name in (
+        "image.png",
+        "layer.png",
+        "layer_on_checkerboard.png",
+        "visible_mask.png",
+        "prompts.png",
+        "sample.json",
+        "prompt_2_mask.png",
+    ):
         assert (sample / name).is_file(), name
     checker = decode_image((sample / "layer_on_checkerboard.png").read_bytes())
     assert checker.shape == (32, 48, 3) and len({tuple(p) for p in checker[0, :16]}) >= 2  # checker visible
@@ -47,7 +54,11 @@ def test_import_refuses_a_broken_sample(tmp_path):
 
 
 def test_stats_counts():
-    rows = [make_row(i, kind, split) for i, split in ((0, "train"), (1, "test")) for kind in ("foreground", "background")]
+    rows = [
+        make_row(i, kind, split)
+        for i, split in ((0, "train"), (1, "test"))
+        for kind in ("foreground", "background")
+    ]
     s = stats(rows)
     assert s["rows"] == 4 and s["sources"] == 2
     assert s["by_split"] == {"train": 2, "test": 2}
@@ -57,8 +68,10 @@ def test_stats_counts():
 
 def test_data_cli_export_import_stats(registry, storage_config, tmp_path, monkeypatch, capsys):
     for var, value in {
-        "REFLADE_STORAGE_ENDPOINT": storage_config.endpoint, "REFLADE_STORAGE_BUCKET": storage_config.bucket,
-        "AWS_ACCESS_KEY_ID": storage_config.access_key_id, "AWS_SECRET_ACCESS_KEY": storage_config.secret_access_key,
+        "REFLADE_STORAGE_ENDPOINT": storage_config.endpoint,
+        "REFLADE_STORAGE_BUCKET": storage_config.bucket,
+        "AWS_ACCESS_KEY_ID": storage_config.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": storage_config.secret_access_key,
         "REFLADE_REGISTRY_PREFIX": registry.prefix.rstrip("/"),
     }.items():
         monkeypatch.setenv(var, value)
@@ -70,7 +83,9 @@ def test_data_cli_export_import_stats(registry, storage_config, tmp_path, monkey
     assert cli_main(["data", "export", v.ref, str(tmp_path / "export")]) == 0
     # A person curates: drops one sample.
     shutil.rmtree(next((tmp_path / "export").rglob("sample.json")).parent)
-    assert cli_main(["data", "import", str(tmp_path / "export"), "--dataset", "curated", "--parent", v.ref]) == 0
+    assert (
+        cli_main(["data", "import", str(tmp_path / "export"), "--dataset", "curated", "--parent", v.ref]) == 0
+    )
     curated = load_rows(registry, "dataset/curated")
     assert len(curated) == 2 and {r["split"] for r in curated} == {"quality"}
     assert registry.children(v.ref) == ["dataset/curated@1"]
@@ -95,7 +110,9 @@ def test_ingest_forms(storage, registry, tmp_path):
     assert sorted(i.size for i in by_prefix.items) == [2, 3]
 
     manifest = tmp_path / "m.json"
-    manifest.write_text(json.dumps([{"key": prefix + "x.jpg", "name": "ex"}, {"uri": storage.uri(prefix + "y.jpg")}]))
+    manifest.write_text(
+        json.dumps([{"key": prefix + "x.jpg", "name": "ex"}, {"uri": storage.uri(prefix + "y.jpg")}])
+    )
     by_manifest = ingest(str(manifest), storage, registry)
     assert [i.name for i in by_manifest.items] == ["ex", prefix + "y.jpg"]
     assert by_manifest.items[0].sha256 == by_prefix.items[0].sha256

@@ -30,7 +30,9 @@ def test_auto_fuses_the_classical_stages_only():
 
 
 def test_bad_layout_and_pool_size_are_named():
-    with pytest.raises(EngineError, match=r"engine.layout must be one of auto, staged, fused, not 'pipelined'"):
+    with pytest.raises(
+        EngineError, match=r"engine.layout must be one of auto, staged, fused, not 'pipelined'"
+    ):
         resolve_layout(EngineConfig(layout="pipelined"), "classical")
     with pytest.raises(EngineError, match="engine.fused_actors must be 0"):
         fused_pool_size(EngineConfig(fused_actors=-1), 2.0)
@@ -54,8 +56,15 @@ def test_layer_stages_match_the_plain_loop():
     from reflade.engine.pipeline import MarkDuplicates, PreFilterStage, _frame, _rows
 
     cfg = EngineConfig(batch_size=2)
-    records = [{"source_id": f"s{i}", "sha256": f"{i:064x}", "name": f"scene{i}.png",
-                "data": scene_to_png_bytes(make_scene(seed=700 + i))} for i in range(3)]
+    records = [
+        {
+            "source_id": f"s{i}",
+            "sha256": f"{i:064x}",
+            "name": f"scene{i}.png",
+            "data": scene_to_png_bytes(make_scene(seed=700 + i)),
+        }
+        for i in range(3)
+    ]
     plain = run_stages_plain(records, cfg, "classical")
     rows = [dict(r, ok=True, stage="", reason="") for r in records]
     frame = MarkDuplicates({})(PreFilterStage(cfg)(_frame(rows)))
@@ -66,8 +75,9 @@ def test_layer_stages_match_the_plain_loop():
     for a, b in zip(fused, plain, strict=True):
         assert (a["ok"], a["stage"], a["reason"]) == (b["ok"], b["stage"], b["reason"])
         wa, wb = (pickle_loads(x["work"]) for x in (a, b))
-        assert [(lay.entity_id, lay.kind, lay.ok) for lay in wa.layers] == \
-            [(lay.entity_id, lay.kind, lay.ok) for lay in wb.layers]
+        assert [(lay.entity_id, lay.kind, lay.ok) for lay in wa.layers] == [
+            (lay.entity_id, lay.kind, lay.ok) for lay in wb.layers
+        ]
         for la, lb in zip(wa.layers, wb.layers, strict=True):
             if la.ok:
                 assert (la.rgba == lb.rgba).all() and la.prompts == lb.prompts
@@ -90,8 +100,14 @@ def test_layer_stages_hand_on_objects_and_return_pickles():
     cfg = EngineConfig()
     stages = LayerStages("classical", cfg)
     assert [s.pickle_out for s in stages.stages] == [False, False, False, False, True]
-    records = [{"source_id": "scene", "sha256": "a" * 64, "name": "scene.png",
-                "data": scene_to_png_bytes(make_scene(seed=701))}]
+    records = [
+        {
+            "source_id": "scene",
+            "sha256": "a" * 64,
+            "name": "scene.png",
+            "data": scene_to_png_bytes(make_scene(seed=701)),
+        }
+    ]
     rows = [dict(r, ok=True, stage="", reason="") for r in records]
     frame = MarkDuplicates({})(PreFilterStage(cfg)(_frame(rows)))
     # One image that the scene stage will drop: its work has no pixels (the stage quarantines it with the error).

@@ -90,7 +90,9 @@ def _quarantine(registry: Registry, ref: str) -> list[dict]:
 
 def test_engine_run_end_to_end(engine_cfg, registry, ray_cluster, tmp_path):
     expect = make_input(tmp_path / "in")
-    res = run_engine(engine_cfg, str(tmp_path / "in"), "e2e", synthetic=2, progress=False, log=lambda *_: None)
+    res = run_engine(
+        engine_cfg, str(tmp_path / "in"), "e2e", synthetic=2, progress=False, log=lambda *_: None
+    )
     assert res.images_in == len(expect) + 2
     assert res.images_kept + res.images_quarantined == res.images_in
     assert res.layers_kept + res.layers_rejected == res.layers_out
@@ -124,7 +126,9 @@ def test_engine_run_end_to_end(engine_cfg, registry, ray_cluster, tmp_path):
     assert v.metrics["images_in"] == res.images_in
 
     # The same command again: nothing uploaded, nothing redone, the same version.
-    again = run_engine(engine_cfg, str(tmp_path / "in"), "e2e", synthetic=2, progress=False, log=lambda *_: None)
+    again = run_engine(
+        engine_cfg, str(tmp_path / "in"), "e2e", synthetic=2, progress=False, log=lambda *_: None
+    )
     assert again.uploaded == 0 and again.reused and again.dataset == res.dataset
     assert again.skipped_done == len(expect) - 1  # the exact copy is one source
 
@@ -133,19 +137,34 @@ def _sample_ids(registry, ref) -> set[str]:
     return {r["sample_id"] for r in load_rows(registry, ref)}
 
 
-def test_killed_run_resumes_without_duplicates(engine_cfg, registry, ray_cluster, seaweed, credentials_file, tmp_path):
+def test_killed_run_resumes_without_duplicates(
+    engine_cfg, registry, ray_cluster, seaweed, credentials_file, tmp_path
+):
     make_input(tmp_path / "in", n_synthetic=10, hostile=False)
     clean = run_engine(engine_cfg, str(tmp_path / "in"), "clean", progress=False, log=lambda *_: None)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "REFLADE_", "RAY_ADDRESS"))}
     env.update(
-        REFLADE_STORAGE_ENDPOINT=seaweed.endpoint, REFLADE_STORAGE_BUCKET=engine_cfg.storage.bucket,
-        AWS_SHARED_CREDENTIALS_FILE=str(credentials_file), REFLADE_REGISTRY_PREFIX=engine_cfg.registry.prefix,
-        REFLADE_ENGINE_BATCH_SIZE="1", REFLADE_RAY_NUM_CPUS="2", REFLADE_HOME=str(tmp_path / "home"),
+        REFLADE_STORAGE_ENDPOINT=seaweed.endpoint,
+        REFLADE_STORAGE_BUCKET=engine_cfg.storage.bucket,
+        AWS_SHARED_CREDENTIALS_FILE=str(credentials_file),
+        REFLADE_REGISTRY_PREFIX=engine_cfg.registry.prefix,
+        REFLADE_ENGINE_BATCH_SIZE="1",
+        REFLADE_RAY_NUM_CPUS="2",
+        REFLADE_HOME=str(tmp_path / "home"),
     )
-    cmd = [str(Path(sys.executable).parent / "reflade"), "engine", "run", "--input", str(tmp_path / "in"),
-           "--dataset", "killed"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [
+        str(Path(sys.executable).parent / "reflade"),
+        "engine",
+        "run",
+        "--input",
+        str(tmp_path / "in"),
+        "--dataset",
+        "killed",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     storage = registry.storage
     deadline = time.monotonic() + 300
     markers = []
@@ -216,8 +235,9 @@ def test_neural_backends_end_to_end(engine_cfg, registry, ray_cluster, tmp_path)
     eng.weights_cache = str(tmp_path / "cache")
     eng.layout = "staged"  # what auto picks for neural backends, said explicitly
     make_input(tmp_path / "in", n_synthetic=3, hostile=False)
-    res = run_engine(engine_cfg, str(tmp_path / "in"), "neural", backends="neural", progress=False,
-                     log=lambda *_: None)
+    res = run_engine(
+        engine_cfg, str(tmp_path / "in"), "neural", backends="neural", progress=False, log=lambda *_: None
+    )
     assert res.images_kept + res.images_quarantined == res.images_in
     assert res.layers_kept > 0
     rows = load_rows(registry, res.dataset)

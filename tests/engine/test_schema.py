@@ -46,26 +46,68 @@ def make_row(i: int = 0, kind: str = "foreground", split: str = "train") -> dict
         visible = ~mask
     sha = hashlib.sha256(str(i).encode()).hexdigest()
     return {
-        "schema_version": SCHEMA_VERSION, "sample_id": make_sample_id(sha, 0, kind, "cfg"), "source_id": sha[:16],
-        "source_sha256": sha, "image": encode_png(image), "width": w, "height": h, "layer": encode_png(layer),
-        "visible_mask": encode_png(visible), "kind": kind, "category": "mug",
+        "schema_version": SCHEMA_VERSION,
+        "sample_id": make_sample_id(sha, 0, kind, "cfg"),
+        "source_id": sha[:16],
+        "source_sha256": sha,
+        "image": encode_png(image),
+        "width": w,
+        "height": h,
+        "layer": encode_png(layer),
+        "visible_mask": encode_png(visible),
+        "kind": kind,
+        "category": "mug",
         "prompts": [
-            {"type": "point", "granularity": "fine", "points": [[12, 10, 1], [2, 2, 0]], "box": None, "mask": None,
-             "text": None},
-            {"type": "text+box", "granularity": "coarse", "points": [], "box": [10, 8, 30, 20], "mask": None,
-             "text": "the red mug on the left"},
-            {"type": "mask", "granularity": "fine", "points": [], "box": None, "mask": encode_png(mask), "text": None},
+            {
+                "type": "point",
+                "granularity": "fine",
+                "points": [[12, 10, 1], [2, 2, 0]],
+                "box": None,
+                "mask": None,
+                "text": None,
+            },
+            {
+                "type": "text+box",
+                "granularity": "coarse",
+                "points": [],
+                "box": [10, 8, 30, 20],
+                "mask": None,
+                "text": "the red mug on the left",
+            },
+            {
+                "type": "mask",
+                "granularity": "fine",
+                "points": [],
+                "box": None,
+                "mask": encode_png(mask),
+                "text": None,
+            },
         ],
-        "split": split, "scores": {"sharpness": 120.5}, "provenance": {
-            "engine_version": "0.1.0", "config_hash": "cfg", "backends": {"scene": "classical"}, "weights": []},
+        "split": split,
+        "scores": {"sharpness": 120.5},
+        "provenance": {
+            "engine_version": "0.1.0",
+            "config_hash": "cfg",
+            "backends": {"scene": "classical"},
+            "weights": [],
+        },
     }
 
 
 def test_sample_id_is_deterministic_and_distinct():
     a = make_sample_id("ab" * 32, 1, "foreground", "c1")
     assert a == make_sample_id("ab" * 32, 1, "foreground", "c1")
-    assert len({a, make_sample_id("ab" * 32, 1, "background", "c1"), make_sample_id("ab" * 32, 2, "foreground", "c1"),
-                make_sample_id("ab" * 32, 1, "foreground", "c2")}) == 4
+    assert (
+        len(
+            {
+                a,
+                make_sample_id("ab" * 32, 1, "background", "c1"),
+                make_sample_id("ab" * 32, 2, "foreground", "c1"),
+                make_sample_id("ab" * 32, 1, "foreground", "c2"),
+            }
+        )
+        == 4
+    )
 
 
 def test_round_trip_through_parquet(tmp_path):
@@ -95,13 +137,20 @@ def test_round_trip_through_parquet(tmp_path):
         (lambda r: r["prompts"][1].update(box=[30, 8, 10, 20]), "half-open"),
         (lambda r: r["prompts"][1].update(type="text+lasso"), "prompt type"),
         (lambda r: r["prompts"][1].update(text=None), "text prompt without text"),
-        (lambda r: r["prompts"][2].update(mask=encode_png(np.zeros((5, 5), bool))), "does not match the image"),
+        (
+            lambda r: r["prompts"][2].update(mask=encode_png(np.zeros((5, 5), bool))),
+            "does not match the image",
+        ),
         (lambda r: r.update(prompts=[]), "no prompts"),
         (lambda r: r.pop("category"), "missing columns"),
         (lambda r: r.update(width=47), "does not match the image 47x32"),
         (lambda r: r.update(width=47, prompts=r["prompts"][:2]), "expected (32, 47, 3) RGB"),
-        (lambda r: r.update(layer=encode_png(np.full((32, 48, 4), 7, np.uint8) * np.array([1, 1, 1, 0], np.uint8))),
-         "RGB != 0 where alpha = 0"),
+        (
+            lambda r: r.update(
+                layer=encode_png(np.full((32, 48, 4), 7, np.uint8) * np.array([1, 1, 1, 0], np.uint8))
+            ),
+            "RGB != 0 where alpha = 0",
+        ),
     ],
 )
 def test_invalid_rows_are_named(mutate, message):
@@ -146,6 +195,8 @@ def test_registry_readers_plain_and_ray(registry, tmp_path, ray_cluster):
     ds = read_dataset(registry, f"{v.ref}:test")
     rows = ds.take_all()
     assert len(rows) == 2 and {r["split"] for r in rows} == {"test"}
-    other = registry.create("weights", "not-a-dataset", files={"w.bin": tmp_path / "ds" / "shards" / "a.parquet"})
+    other = registry.create(
+        "weights", "not-a-dataset", files={"w.bin": tmp_path / "ds" / "shards" / "a.parquet"}
+    )
     with pytest.raises(SchemaError, match="not a dataset"):
         load_rows(registry, other.ref)

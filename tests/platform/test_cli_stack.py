@@ -339,8 +339,20 @@ def test_engine_runs_as_a_job(stack, tmp_path):
     for name in ("coffee", "chelsea"):
         Image.fromarray(getattr(skimage.data, name)()).save(photos / f"{name}.png")
     run("registry", "import", "raw-images", "two-photos", str(photos))
-    out = run("jobs", "submit", "engine", "--follow", "--", "run", "--input", "raw-images/two-photos",
-              "--dataset", "jobbed", "--synthetic", "2").stdout
+    out = run(
+        "jobs",
+        "submit",
+        "engine",
+        "--follow",
+        "--",
+        "run",
+        "--input",
+        "raw-images/two-photos",
+        "--dataset",
+        "jobbed",
+        "--synthetic",
+        "2",
+    ).stdout
     assert "SUCCEEDED" in out and "data engine stages" in out
     shown = json.loads(run("registry", "show", "dataset/jobbed", "--json").stdout)
     assert shown["metrics"]["images_in"] == 4
