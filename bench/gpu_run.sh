@@ -2,7 +2,9 @@
 # The device check of both GPU scripts in one call (README: "GPU checks"). Run on the lent GPU machine from the
 # repository root with the wheels in .whl (diffusers, segment-anything, pymatting, importlib-metadata and
 # lazy-importer; see the README) carried; writes the JSON and logs under $OUT (default bench/results).
-#   bash bench/gpu_run.sh [check-seconds] [engine-seconds]
+#   bash bench/gpu_run.sh [check-seconds] [engine-seconds] [engine-fp32-seconds]
+# A limit of 0 skips that run. The third (default 0) reruns the engine's end-to-end case with fp32 weights under
+# bf16 autocast (the setting of the runs before bf16 weights became the default): the baseline on the same card.
 set -u
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -12,6 +14,16 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout "${1:-300}" python3 bench/gpu_check.py --out "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"
-timeout "${2:-250}" python3 bench/gpu_engine.py --scenes 8 --out "$OUT/gpu_engine.json" 2>&1 | tee "$OUT/gpu_engine.log"
+run() {  # run SECONDS NAME COMMAND...: skipped when SECONDS is 0
+  local seconds=$1 name=$2
+  shift 2
+  if [ "$seconds" -gt 0 ]; then
+    timeout "$seconds" "$@" --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
+  else
+    echo "skipped: $name"
+  fi
+}
+run "${1:-300}" gpu_check python3 bench/gpu_check.py
+run "${2:-250}" gpu_engine python3 bench/gpu_engine.py --scenes 8
+run "${3:-0}" gpu_engine_fp32 python3 bench/gpu_engine.py --scenes 8 --cases e2e --weights-dtype fp32
 exit 0
