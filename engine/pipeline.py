@@ -744,9 +744,7 @@ def run_engine(
         )
     if not 0.0 <= ecfg.synthetic_test_fraction <= 1.0:
         raise EngineError(f"synthetic_test_fraction must be in [0, 1], not {ecfg.synthetic_test_fraction}")
-    resolve_layout(ecfg, backends)  # a bad layout fails before anything is uploaded
-    if ecfg.fused_actors < 0:
-        raise EngineError(f"engine.fused_actors must be 0 (one per CPU) or more, not {ecfg.fused_actors}")
+    resolve_layout(ecfg, backends)  # a bad layout or pool size fails before anything is uploaded
     t_start = time.monotonic()
     storage = Storage.from_config(cfg)
     registry = Registry(storage, cfg.registry.prefix)
@@ -887,7 +885,7 @@ def _run_stages(
     dups = find_near_duplicates(pairs, ecfg.dup_hamming)
     ds = ds.map_batches(MarkDuplicates(dups), **task)
     layout = resolve_layout(ecfg, family)
-    gpu = family == "neural" and ecfg.num_gpus > 0
+    gpu = _uses_gpu(ecfg, family)
     if layout == "fused":
         log(
             f"stages 2-6 fused: {fused_pool_size(ecfg, gpu=gpu)} actors x {ecfg.num_cpus_per_actor:g} CPU"
@@ -907,11 +905,22 @@ def _run_stages(
 LAYOUTS = ("auto", "staged", "fused")
 
 
+def _uses_gpu(ecfg: EngineConfig, family: str) -> bool:
+    """Whether the model stages' actors take GPUs (neural backends with ``num_gpus`` > 0)."""
+    return family == "neural" and ecfg.num_gpus > 0
+
+
+def _check_layout_settings(ecfg: EngineConfig) -> None:
+    if ecfg.layout not in LAYOUTS:
+        raise EngineError(f"engine.layout must be one of {', '.join(LAYOUTS)}, not {ecfg.layout!r}")
+    if ecfg.fused_actors < 0:
+        raise EngineError(f"engine.fused_actors must be 0 (one per CPU) or more, not {ecfg.fused_actors}")
+
+
 def resolve_layout(ecfg: EngineConfig, family: str) -> str:
     """``staged`` or ``fused`` for this run (``auto``: fused for the classical backends, staged for neural ones,
     whose models would be loaded once per actor, that is once per CPU, in the fused layout)."""
-    if ecfg.layout not in LAYOUTS:
-        raise EngineError(f"engine.layout must be one of {', '.join(LAYOUTS)}, not {ecfg.layout!r}")
+    _check_layout_settings(ecfg)
     if ecfg.layout != "auto":
         return ecfg.layout
     return "staged" if family == "neural" else "fused"
@@ -920,8 +929,7 @@ def resolve_layout(ecfg: EngineConfig, family: str) -> str:
 def fused_pool_size(ecfg: EngineConfig, cluster_cpus: float | None = None, gpu: bool = False) -> int:
     """Actors of the fused layout: ``fused_actors``; else ``gpu_actors`` when the actors take GPUs; else one per
     CPU of the cluster (at least one)."""
-    if ecfg.fused_actors < 0:
-        raise EngineError(f"engine.fused_actors must be 0 (one per CPU) or more, not {ecfg.fused_actors}")
+    _check_layout_settings(ecfg)
     if ecfg.fused_actors:
         return ecfg.fused_actors
     if gpu:
@@ -983,8 +991,8 @@ def add_layer_stages(
     bs = ecfg.batch_size
     layout = layout or resolve_layout(ecfg, family)
     args = (family, ecfg, storage_fields, registry_prefix)
+    gpu = _uses_gpu(ecfg, family)
     if layout == "fused":
-        gpu = family == "neural" and ecfg.num_gpus > 0
         return ds.map_batches(
             LayerStages,
             fn_constructor_args=args,
@@ -997,7 +1005,6 @@ def add_layer_stages(
     if layout != "staged":
         raise EngineError(f"unknown layout {layout!r} (staged or fused)")
     task = {"num_cpus": ecfg.num_cpus_per_task, "batch_format": "pandas", "batch_size": bs}
-    gpu = family == "neural" and ecfg.num_gpus > 0
     model = {
         "num_cpus": ecfg.num_cpus_per_actor,
         "num_gpus": ecfg.num_gpus if gpu else 0,

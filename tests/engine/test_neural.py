@@ -30,6 +30,8 @@ from reflade.engine.config import EngineConfig
 from reflade.engine.types import Completion, Entity
 from reflade.platform.registry import IntegrityError, Registry, RegistryError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _scene(seed: int, h: int, w: int) -> np.ndarray:
     """A textured background with a few overlapping filled shapes (HxWx3 uint8)."""
@@ -55,17 +57,6 @@ def _hull(mask: np.ndarray) -> np.ndarray:
     out = np.zeros(mask.shape, np.uint8)
     cv2.fillConvexPoly(out, cv2.convexHull(cv2.findNonZero(mask.astype(np.uint8))), 1)
     return out.astype(bool)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: OpenMP's spinning barriers collapse when the suite shares 2 cores with Ray."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

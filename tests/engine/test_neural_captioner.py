@@ -34,16 +34,7 @@ from reflade.engine.stages.prompts import (
 from reflade.engine.types import Entity
 from reflade.platform.registry import Registry
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread, as in test_neural.py (the suite shares 2 cores with Ray)."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
