@@ -88,7 +88,7 @@ import time
 import traceback
 import types
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -1243,6 +1243,8 @@ class Bench:
             },
             "breakdown_s": res["breakdown"],
             "breakdown_s_per_image": {k: v / n for k, v in res["breakdown"].items()},
+            "cpu_overlap": a.cpu_overlap,
+            "cpu_overlapped_s_per_image": {k: v / n for k, v in res["cpu_overlapped"].items()},
             "gpu_done_s": res["gpu_done_s"],
             "matting_tail_s": res["wall_s"] - res["gpu_done_s"],
             "matting_job_s": res["matting_job_s"],
@@ -1257,20 +1259,53 @@ class Bench:
 
         e, a = self.engine, self.args
         bd: dict[str, float] = {}
+        cpu_bg: dict[str, float] = {}  # seconds the CPU thread spent (overlapped, not on the GPU's path)
         per_side: dict[int, dict[str, float]] = {}
-        futures = []
+        futures: list = []  # matting futures
+        pastes: list = []  # CPU-thread jobs: (matting futures, seconds) of the scenes they pasted
         queues: dict[int, list[tuple[dict[str, Any], int, np.ndarray, np.ndarray]]] = {}
         n_holes = 0
+        groups = [
+            (scenes[g : g + a.batch], holes_list[g : g + a.batch]) for g in range(0, len(scenes), a.batch)
+        ]
+        cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="e2e-cpu") if a.cpu_overlap else None
+
+        def prep(group, group_holes):
+            t0 = time.perf_counter()
+            owl = np.stack([e.owl_input(s.image) for s in group])
+            sam_in = [e.sam_input(s.image) for s in group]
+            sam = np.stack([x for x, _ in sam_in])
+            prepared = [
+                prepare_holes(s.image, hs, e.side_for) if hs else None
+                for s, hs in zip(group, group_holes, strict=True)
+            ]
+            return owl, sam_in, sam, prepared, time.perf_counter() - t0
+
+        def later(fn, *args) -> Future:
+            """On the CPU thread with --cpu-overlap, else here and now (a finished future)."""
+            if cpu is not None:
+                return cpu.submit(fn, *args)
+            done: Future = Future()
+            done.set_result(fn(*args))
+            return done
+
         e.sync()
         start = time.perf_counter()
-        for g in range(0, len(scenes), a.batch):
-            group = scenes[g : g + a.batch]
-            group_holes = holes_list[g : g + a.batch]
-            t = time.perf_counter()
-            owl_px = torch.from_numpy(np.stack([e.owl_input(s.image) for s in group])).to(self.device)
-            sam_in = [e.sam_input(s.image) for s in group]
-            sam_px = torch.from_numpy(np.stack([x for x, _ in sam_in])).to(self.device)
+        t = start
+        pending = later(prep, *groups[0])
+        if cpu is None:
             t = e._lap(bd, "cpu_prep", t)
+        for i, (group, group_holes) in enumerate(groups):
+            t = time.perf_counter()
+            owl, sam_in, sam, prepared, prep_s = pending.result()
+            # The next group's CPU work runs on the thread while this group is on the GPU.
+            if i + 1 < len(groups):
+                pending = later(prep, *groups[i + 1])
+            if cpu is not None:
+                cpu_bg["cpu_prep"] = cpu_bg.get("cpu_prep", 0.0) + prep_s
+            owl_px = torch.from_numpy(owl).to(self.device)
+            sam_px = torch.from_numpy(sam).to(self.device)
+            t = e._lap(bd, "cpu_prep" if cpu is None else "cpu_wait", t)
             boxes = e.detect(owl_px)
             t = e._lap(bd, "owlv2", t)
             emb = e.encode_images(sam_px)
@@ -1282,11 +1317,6 @@ class Bench:
                     e.decode_masks(emb[k : k + 1], boxes[k] * e.sam_size, sam_in[k][1], s.image.shape[:2])
                 )
             t = e._lap(bd, "sam_decoder", t)
-            prepared = [
-                prepare_holes(s.image, hs, e.side_for) if hs else None
-                for s, hs in zip(group, group_holes, strict=True)
-            ]
-            t = e._lap(bd, "cpu_prep", t)
             if a.completion_schedule == "queue":
                 # Holes wait in one queue per sampling side, across groups; a side runs as soon as it holds a
                 # full transformer batch, the rest after the last group. A scene is pasted and goes to matting
@@ -1309,7 +1339,7 @@ class Bench:
                 for side in sorted(queues):
                     while len(queues[side]) >= a.sd3_batch:
                         batch, queues[side] = queues[side][: a.sd3_batch], queues[side][a.sd3_batch :]
-                        futures += self._complete_queued(batch, steps, bd, per_side, matting)
+                        pastes.append(self._complete_queued(batch, steps, bd, per_side, matting, later))
                 continue
             todo = [p for p in prepared if p is not None]
             if todo:
@@ -1317,36 +1347,52 @@ class Bench:
                 hmask = [m for p in todo for m in p[1]]
                 n_holes += len(crops)
                 samples = e.complete_by_side(crops, hmask, steps, bd, per_side)
-                t = time.perf_counter()
-                k = 0
+                finished, k0 = [], 0
                 for s, hs, p in zip(group, group_holes, prepared, strict=True):
-                    if p is None:
-                        continue
-                    background, layer = s.image.copy(), s.image.copy()
-                    for (kind, hole), box in zip(hs, p[2], strict=True):
-                        paste(background if kind == "background" else layer, samples[k], hole, box)
-                        k += 1
-                t = e._lap(bd, "cpu_paste", t)
+                    if p is not None:
+                        finished.append((s, hs, p[2], samples[k0 : k0 + len(hs)]))
+                        k0 += len(hs)
+                pastes.append(later(self._paste_and_matte, finished, matting))
             if matting:
-                futures += [f for s in group for f in self._matte(s)]
-                e._lap(bd, "matting_submit", t)
+                futures += [f for s, p in zip(group, prepared, strict=True) if p is None for f in self._matte(s)]
         for side in sorted(queues):  # the partial batches left after the last group
             for i in range(0, len(queues[side]), a.sd3_batch):
-                futures += self._complete_queued(
-                    queues[side][i : i + a.sd3_batch], steps, bd, per_side, matting
+                pastes.append(
+                    self._complete_queued(queues[side][i : i + a.sd3_batch], steps, bd, per_side, matting, later)
                 )
         e.sync()
         gpu_done = time.perf_counter() - start
+        for job in pastes:
+            more, paste_s = job.result()
+            futures += more
+            into = bd if cpu is None else cpu_bg
+            into["cpu_paste"] = into.get("cpu_paste", 0.0) + paste_s
         results = [self.pool.collect(f.result()) for f in futures]
         wall = time.perf_counter() - start
+        if cpu is not None:
+            cpu.shutdown(wait=True)
         return {
             "wall_s": wall,
             "gpu_done_s": gpu_done,
             "breakdown": bd,
+            "cpu_overlapped": cpu_bg,
             "per_side": per_side,
             "holes": n_holes,
             "matting_job_s": [r["seconds"] for r in results],
         }
+
+    def _paste_and_matte(self, finished, matting: bool) -> tuple[list, float]:
+        """Paste each finished scene's completed holes (its background and amodal layer images) and submit its
+        matting; returns (matting futures, seconds). Runs on the CPU thread with --cpu-overlap."""
+        t0 = time.perf_counter()
+        futures = []
+        for scene, holes, boxes, samples in finished:
+            background, layer = scene.image.copy(), scene.image.copy()
+            for (kind, hole), box, sample in zip(holes, boxes, samples, strict=True):
+                paste(background if kind == "background" else layer, sample, hole, box)
+            if matting:
+                futures += self._matte(scene)
+        return futures, time.perf_counter() - t0
 
     def _matte(self, scene) -> list:
         """Matting futures of one scene: one per layer (``--matting-unit layer``) or one for the scene."""
@@ -1354,8 +1400,9 @@ class Bench:
             return self.pool.submit_layers(scene)
         return [self.pool.submit(scene)]
 
-    def _complete_queued(self, batch, steps: int, bd, per_side, matting: bool) -> list:
-        """One transformer batch of queued holes (all of one side); pastes and submits the scenes it finishes."""
+    def _complete_queued(self, batch, steps: int, bd, per_side, matting: bool, later) -> Future:
+        """One transformer batch of queued holes (all of one side); the scenes it finishes go to
+        ``_paste_and_matte`` through ``later`` (the CPU thread with --cpu-overlap)."""
         e = self.engine
         lap: dict[str, float] = {}
         samples = e.complete(
@@ -1367,26 +1414,13 @@ class Bench:
         for key, seconds in lap.items():
             bd[key] = bd.get(key, 0.0) + seconds
             bucket[key] = bucket.get(key, 0.0) + seconds
-        t = time.perf_counter()
-        done = []
+        finished = []
         for (state, k, _, _), sample in zip(batch, samples, strict=True):
             state["samples"][k] = sample
             state["left"] -= 1
             if state["left"] == 0:
-                done.append(state)
-        futures = []
-        for state in done:
-            scene = state["scene"]
-            background, layer = scene.image.copy(), scene.image.copy()
-            for (kind, hole), box, sample in zip(
-                state["holes"], state["boxes"], state["samples"], strict=True
-            ):
-                paste(background if kind == "background" else layer, sample, hole, box)
-        t = e._lap(bd, "cpu_paste", t)
-        if matting:
-            futures = [f for state in done for f in self._matte(state["scene"])]
-            e._lap(bd, "matting_submit", t)
-        return futures
+                finished.append((state["scene"], state["holes"], state["boxes"], state["samples"]))
+        return later(self._paste_and_matte, finished, matting)
 
     # ------------------------------------------------------------ run
     def run(self) -> int:
@@ -1574,6 +1608,9 @@ def print_table(result: dict[str, Any], args: argparse.Namespace) -> None:
         print(
             f"  e2e per image: {bd}; matting tail {_fmt(total['matting_tail_s'])} total; matting: {total['matting']}"
         )
+        if total.get("cpu_overlap"):
+            bg = ", ".join(f"{k} {_fmt(v)}" for k, v in total["cpu_overlapped_s_per_image"].items())
+            print(f"  on the CPU thread, overlapping the GPU (per image): {bg}")
         if comparable:
             print(f"  end to end {verdict} the {_fmt(target)} per image target")
     elif "e2e" in result.get("errors", {}):
@@ -1680,6 +1717,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stored weights; both run under bf16 autocast on CUDA; auto (the default): bf16 on CUDA, as a "
         "production engine serves them, fp32 on the CPU; bf16 on the CPU runs under CPU bf16 autocast (slow: "
         "a check of the dtype flow, not a timing)",
+    )
+    p.add_argument(
+        "--cpu-overlap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="e2e: the CPU pre- and post-processing (model inputs and hole crops of the next group, pasting the "
+        "completed holes, submitting matting) runs on a thread while the GPU works, as the Ray pipeline's CPU "
+        "stages run in their own actors (default); --no-cpu-overlap runs it in line, between GPU stages",
     )
     p.add_argument(
         "--matting-workers",

@@ -2,9 +2,10 @@
 # The device check of both GPU scripts in one call (README: "GPU checks"). Run on the lent GPU machine from the
 # repository root with the wheels in .whl (diffusers, segment-anything, pymatting, importlib-metadata and
 # lazy-importer; see the README) carried; writes the JSON and logs under $OUT (default bench/results).
-#   bash bench/gpu_run.sh [check-seconds] [engine-seconds] [engine-fp32-seconds]
-# A limit of 0 skips that run. The third (default 0) reruns the engine's end-to-end case with fp32 weights under
-# bf16 autocast (the setting of the runs before bf16 weights became the default): the baseline on the same card.
+#   bash bench/gpu_run.sh [check-seconds] [engine-seconds] [engine-serial-seconds] [engine-fp32-seconds]
+# A limit of 0 skips that run. The engine runs over 16 scenes (the count). The third (default 0) reruns
+# the engine's end-to-end case with --no-cpu-overlap (CPU pre/post-processing in line, between GPU stages) and the
+# fourth (default 0) with fp32 weights under bf16 autocast: baselines on the same card.
 set -u
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -24,6 +25,7 @@ run() {  # run SECONDS NAME COMMAND...: skipped when SECONDS is 0
   fi
 }
 run "${1:-300}" gpu_check python3 bench/gpu_check.py
-run "${2:-250}" gpu_engine python3 bench/gpu_engine.py --scenes 8
-run "${3:-0}" gpu_engine_fp32 python3 bench/gpu_engine.py --scenes 8 --cases e2e --weights-dtype fp32
+run "${2:-300}" gpu_engine python3 bench/gpu_engine.py
+run "${3:-0}" gpu_engine_serial python3 bench/gpu_engine.py --cases e2e --no-cpu-overlap
+run "${4:-0}" gpu_engine_fp32 python3 bench/gpu_engine.py --cases e2e --weights-dtype fp32
 exit 0

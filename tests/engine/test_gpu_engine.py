@@ -54,6 +54,7 @@ def test_help_explains_every_option():
         "--completion-sides",
         "--bucket-step",
         "--min-side",
+        "--cpu-overlap",
     ):
         assert option in proc.stdout
     assert "ViT-H" in proc.stdout and "SD3" in proc.stdout and "OWLv2" in proc.stdout
@@ -151,6 +152,37 @@ def test_completion_sides_are_recorded(tmp_path, mode):
         assert all(32 <= int(side) <= 64 and int(side) % 16 == 0 for side in expected)
         assert (completion["bucket_step"], completion["min_side"], completion["max_side"]) == (16, 32, 64)
     assert f"completion sides ({mode}" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("overlap", "schedule"), [(True, "queue"), (False, "queue"), (True, "group"), (False, "group")]
+)
+def test_cpu_overlap_moves_cpu_work_off_the_gpu_path(tmp_path, overlap, schedule):
+    """--cpu-overlap (the default) does the same CPU work on a thread: every hole completed and pasted, every
+    layer matted; the main thread's breakdown has only the wait, the thread's seconds are recorded apart."""
+    out = tmp_path / "e2e.json"
+    proc = _run(
+        ["--preset", "tiny", "--device", "cpu", "--scenes", "3", "--cases", "e2e", "--matting-workers", "1",
+         "--completion-schedule", schedule, "--cpu-overlap" if overlap else "--no-cpu-overlap",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads(out.read_text())
+    total = result["total"]
+    assert result["complete"] is True and total["cpu_overlap"] is overlap
+    layers = round(result["scenes"]["objects_per_image"] * result["scenes"]["count"])
+    assert len(total["matting_job_s"]) == layers > 3  # every layer of every scene matted, once
+    assert total["holes"] == sum(result["scenes"]["holes"]) > 0
+    breakdown, thread = total["breakdown_s"], total["cpu_overlapped_s_per_image"]
+    if overlap:
+        assert "cpu_wait" in breakdown and "cpu_prep" not in breakdown and "cpu_paste" not in breakdown
+        assert thread["cpu_prep"] > 0 and thread["cpu_paste"] > 0
+        assert "on the CPU thread, overlapping the GPU" in proc.stdout
+    else:
+        assert breakdown["cpu_prep"] > 0 and breakdown["cpu_paste"] > 0 and "cpu_wait" not in breakdown
+        assert thread == {}
+    for stage in ("owlv2", "sam_encoder", "sam_decoder", "vae_encode", "sd3_transformer", "vae_decode"):
+        assert breakdown[stage] > 0, stage
 
 
 def test_bf16_weights_flow_through_every_stage(tmp_path):
