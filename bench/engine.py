@@ -97,6 +97,7 @@ from reflade.engine.pipeline import (  # noqa: E402
     PreFilterStage,
     add_layer_stages,
     fused_pool_size,
+    input_blocks,
     resolve_layout,
     run_stages_plain,
 )
@@ -479,7 +480,7 @@ def run_ray(
     ray, records, setting: dict[str, Any], ecfg: EngineConfig, dups: dict[str, str] | None
 ) -> dict[str, Any]:
     """One execution: the output rows, wall time, time to the first batch, steady throughput, Ray Data's stats."""
-    n_blocks = max(1, min(len(records), 64, -(-len(records) // ecfg.batch_size)))
+    n_blocks = input_blocks(len(records), ecfg.batch_size)  # as the engine splits its input
     keep = ["source_id", "ok", "stage", "reason", "work"]
     tables, arrivals = [], []
     t0 = time.perf_counter()

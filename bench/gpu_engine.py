@@ -1354,11 +1354,15 @@ class Bench:
                         k0 += len(hs)
                 pastes.append(later(self._paste_and_matte, finished, matting))
             if matting:
-                futures += [f for s, p in zip(group, prepared, strict=True) if p is None for f in self._matte(s)]
+                futures += [
+                    f for s, p in zip(group, prepared, strict=True) if p is None for f in self._matte(s)
+                ]
         for side in sorted(queues):  # the partial batches left after the last group
             for i in range(0, len(queues[side]), a.sd3_batch):
                 pastes.append(
-                    self._complete_queued(queues[side][i : i + a.sd3_batch], steps, bd, per_side, matting, later)
+                    self._complete_queued(
+                        queues[side][i : i + a.sd3_batch], steps, bd, per_side, matting, later
+                    )
                 )
         e.sync()
         gpu_done = time.perf_counter() - start

@@ -871,8 +871,7 @@ def _run_stages(
     # Cheap stages run as tasks (callable instances); stages that hold a backend run in actor pools. On a
     # small node every pool's actors must fit beside the read tasks (design.md, Pitfalls).
     task = {"num_cpus": ecfg.num_cpus_per_task, "batch_format": "pandas", "batch_size": bs}
-    n_blocks = max(1, min(len(items), 64, (len(items) + bs - 1) // bs))
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+    ds = ray.data.from_items(items, override_num_blocks=input_blocks(len(items), bs))
     ds = ds.map_batches(ReadRaw(fields), **task)
     ds = ds.map_batches(PreFilterStage(ecfg), **task)
     # Near-duplicates need every hash: a barrier on the (small, capped) pre-filtered images.
@@ -903,6 +902,16 @@ def _run_stages(
 
 
 LAYOUTS = ("auto", "staged", "fused")
+
+# Input blocks of one batch each, up to this many. An actor takes a whole block per task, so the run's last block
+# decides how long one actor works while the others idle: with blocks of one batch that tail is one batch. (Blocks
+# were once capped at 64: a 1,028-image run then had blocks of 16 images and a 5 s tail on one of two cores.)
+MAX_INPUT_BLOCKS = 4096
+
+
+def input_blocks(n_items: int, batch_size: int) -> int:
+    """Blocks to split ``n_items`` input rows into: one per ``batch_size`` rows, at most ``MAX_INPUT_BLOCKS``."""
+    return max(1, min(n_items, MAX_INPUT_BLOCKS, -(-n_items // max(1, batch_size))))
 
 
 def _uses_gpu(ecfg: EngineConfig, family: str) -> bool:

@@ -9,9 +9,11 @@ import pytest
 
 from reflade.engine.config import EngineConfig
 from reflade.engine.pipeline import (
+    MAX_INPUT_BLOCKS,
     EngineError,
     LayerStages,
     fused_pool_size,
+    input_blocks,
     resolve_layout,
     run_stages_plain,
 )
@@ -44,6 +46,16 @@ def test_fused_pool_size():
     assert fused_pool_size(EngineConfig(), 0.5) == 1  # at least one actor
     assert fused_pool_size(EngineConfig(fused_actors=3), 64.0) == 3
     assert fused_pool_size(EngineConfig(gpu_actors=2), 64.0, gpu=True) == 2  # one per GPU actor, not per CPU
+
+
+def test_input_blocks_hold_one_batch_each():
+    """Blocks of one batch (an actor takes a whole block per task, so the run's straggler tail is one batch),
+    capped for very large inputs, never zero."""
+    assert input_blocks(1028, 4) == 257  # was 64 blocks of 16 images under the old cap
+    assert input_blocks(9, 4) == 3 and input_blocks(8, 4) == 2
+    assert input_blocks(3, 4) == 1 and input_blocks(0, 4) == 1
+    assert input_blocks(5, 1) == 5
+    assert input_blocks(10**7, 4) == MAX_INPUT_BLOCKS
 
 
 def test_layout_is_not_part_of_the_config_hash():
