@@ -43,7 +43,10 @@ keeps the figures already measured:
         side runs whenever it holds a full ``--sd3-batch``, the partial batches after the last group, and a scene
         goes to matting as soon as its last hole is done; ``group``: each group's holes, one bucket of equal
         sides after another, before the next group), matting submitted to the pool (``--matting-unit``: one job
-        per layer, the default, or one per scene); the wall time from the first image to the last matted layer,
+        per layer, the default, or one per scene); with ``--cpu-overlap`` (the default) the CPU work (the next
+        group's model inputs and hole crops, pasting completed holes, submitting matting) runs on a thread while
+        the GPU works, as the Ray pipeline's CPU stages run in their own actors (``--no-cpu-overlap``: in line,
+        between GPU stages); the wall time from the first image to the last matted layer,
         divided by the number of scenes, is the total. The warm-up
         (excluded) runs the first group and one batch of every sampling side once.
 
@@ -53,7 +56,8 @@ The JSON and the table record the sampling sides (holes per side, ``scenes.compl
 Precision: bf16 autocast on CUDA over bf16 weights (``--weights-dtype auto``, the default: as a production
 engine serves them; half the weights' memory, and no fp32->bf16 casts of the weights in the steps: the
 decomposition benchmark measured 28 steps at 1024 px in 1.05 s over bf16 weights against 1.53 s over fp32 weights
-under autocast); ``--weights-dtype fp32`` keeps fp32 weights under autocast (the runs before 2026-11-27), fp32 on
+under autocast, though in this script's e2e case, at a transformer batch of 8, an H100 gave only 1%: 4.04 against
+4.09 s per image); ``--weights-dtype fp32`` keeps fp32 weights under autocast (the runs before 2026-11-27), fp32 on
 the CPU unless ``--weights-dtype bf16`` (CPU bf16 autocast: a dtype-flow check, not a timing); everything under
 ``torch.inference_mode()``.
 
@@ -1291,10 +1295,9 @@ class Bench:
 
         e.sync()
         start = time.perf_counter()
-        t = start
         pending = later(prep, *groups[0])
         if cpu is None:
-            t = e._lap(bd, "cpu_prep", t)
+            e._lap(bd, "cpu_prep", start)
         for i, (group, group_holes) in enumerate(groups):
             t = time.perf_counter()
             owl, sam_in, sam, prepared, prep_s = pending.result()
