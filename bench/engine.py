@@ -47,6 +47,11 @@ go quiet. Definitions (also written into the JSON, "definitions"):
   steady ovh %  = the same over the steady window of (a), from the first output batch to the last, with the stage
                   time of the images that arrived in it: the per-image overhead without the run's fixed start-up
                   (cluster, actors, first batch);
+  fixed ovh     = whole-run overhead - steady ovh % * stage time, in core-seconds: the cost per run (actor processes
+                  started, their imports, the first batch), with the image count from which the whole-run overhead
+                  would fall under the target at the steady rate;
+  cluster idle  = CPU used by the driver and Ray's daemons and service actors while no dataset runs (5 s measured
+                  before the timed run), as a share of a core and of the run's stage time;
   cpu ms/img    = CPU seconds of this process tree per image; cpu overhead % = (a) against (b);
   contention    = stage time (a) / stage time (b);
   speed-up      = images/s (a) / images/s (b); targets: >= 1.6 on 2 cores, Ray overhead < 5 %.
@@ -110,6 +115,9 @@ TIMED_STAGES = ("prefilter", "scene", "completion", "matting", "prompts", "postf
 WARMUP_SEED0 = 100_000  # warm-up scenes use seeds from here: never among the timed seeds
 TARGET_SPEEDUP = 1.6
 TARGET_OVERHEAD_PCT = 5.0
+IDLE_PROBE_S = 5.0  # before each timed Ray run: how long the idle cluster's own CPU use is measured
+SAMPLE_INTERVAL_S = 1.0  # CpuMeter: how often it reads the process tree (a process that exits between two
+# readings loses at most this long of its CPU from the figures; the stage actors live to the end of a run)
 KEEP_WORKERS_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
 DEFINITIONS = {
     "stage_time_s": "sum over images of Work.timings (stage code only, wall clock: "
@@ -131,7 +139,7 @@ DEFINITIONS = {
     "wall_s": "ray: from from_items() to the last output batch (actor start-up included); plain: the whole call",
     "first_batch_s": "ray: from from_items() to the first output batch",
     "steady_images_per_s": "ray: images after the first output batch / time from the first to the last batch",
-    "cpu_by_process": "ray: CPU seconds per process title (sampled every 0.25 s; a worker is named by its last "
+    "cpu_by_process": "ray: CPU seconds per process title (sampled every 1 s; a worker is named by its last "
     "title, ray::IDLE for a task worker between tasks)",
     "cpu_bound_speedup": "cores * mean own_cpu_per_image_ms(plain) / own_cpu_per_image_ms(ray): the speed-up on "
     "a quiet machine if no core idled (an upper bound; unbiased by other processes, which "
@@ -139,6 +147,16 @@ DEFINITIONS = {
     "steady_overhead_pct": "ray: 100 * (steady window * cores - stage time of the images that arrived in it) / "
     "that stage time; the steady window runs from the first output batch to the last (cluster and actor "
     "start-up, a fixed cost per run, excluded)",
+    "fixed_overhead_core_s": "ray: (wall_s * cores - stage_time_s) - steady_overhead_pct / 100 * stage_time_s: the "
+    "part of the whole run's overhead that the steady per-image rate does not explain, a cost per run (starting the "
+    "actors' processes and imports before the first batch)",
+    "break_even_images": "ray: images from which the whole-run overhead would fall under the target at this run's "
+    "steady per-image overhead: fixed_overhead_core_s / ((target - steady_overhead_pct) / 100 * stage_time_s / "
+    "images); null when the steady overhead is not under the target",
+    "cluster_idle_cores": "ray: CPU seconds per second used by this process tree (the driver, Ray's daemons and its "
+    "service actors) while no dataset runs, measured for IDLE_PROBE_S just before the timed run",
+    "cluster_background_pct": "ray: 100 * cluster_idle_cores * wall_s / stage_time_s: the share of the overhead "
+    "that the idle cluster's own processes would take over this run's wall time, whatever the pipeline",
     "best": "the run compared: the engine defaults (EngineConfig(), stock Ray), else the fastest Ray run; "
     "plain: the fastest plain run",
 }
@@ -201,7 +219,9 @@ class CpuMeter:
         self._lock = threading.Lock()
 
     def _tree(self) -> dict[int, tuple[str, float]]:
-        """pid -> (title, CPU seconds) of this process and its descendants."""
+        """pid -> (title, CPU seconds) of this process and its descendants. One walk costs about 3 ms of CPU here
+        (psutil reads every process of the machine to find the descendants), and the sampler competes with the
+        Ray arm's workers for the cores: hence SAMPLE_INTERVAL_S."""
         out = {}
         for p in [self.root, *self.root.children(recursive=True)]:
             try:
@@ -229,7 +249,7 @@ class CpuMeter:
         self._thread.start()
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.25):
+        while not self._stop.wait(SAMPLE_INTERVAL_S):
             tree = self._tree()
             with self._lock:
                 self._seen.update(tree)
@@ -383,6 +403,24 @@ def arm_figures(summary: dict[str, Any], wall: float, cores: float, cpu: dict[st
         "idle_pct": 100 * cpu["idle_cpu_s"] / capacity if capacity else 0.0,
         "foreign_pct": 100 * cpu["foreign_load"],
         "cpu": cpu,
+    }
+
+
+def overhead_parts(fig: dict[str, Any], idle_cores: float) -> dict[str, Any]:
+    """A Ray run's overhead split into a cost per run and a cost per image, and the idle cluster's share of it
+    (see DEFINITIONS: fixed_overhead_core_s, break_even_images, cluster_idle_cores, cluster_background_pct)."""
+    stage, n = fig["stage_time_s"], fig["images"]
+    total = fig["wall_s"] * fig["cores"] - stage
+    steady = fig.get("steady_overhead_pct")
+    fixed = total - steady / 100 * stage if steady is not None else None
+    break_even = None
+    if fixed is not None and steady < TARGET_OVERHEAD_PCT and n and stage:
+        break_even = max(n, math.ceil(fixed / ((TARGET_OVERHEAD_PCT - steady) / 100 * stage / n)))
+    return {
+        "fixed_overhead_core_s": fixed,
+        "break_even_images": break_even,
+        "cluster_idle_cores": idle_cores,
+        "cluster_background_pct": 100 * idle_cores * fig["wall_s"] / stage if stage else None,
     }
 
 
@@ -749,6 +787,10 @@ def summarize_result(result: dict[str, Any]) -> None:
         "ray_overhead_pct": best["overhead_pct"],
         "ray_steady_overhead_pct": best["steady_overhead_pct"],
         "ray_cpu_overhead_pct": best["cpu_overhead_pct"],
+        "ray_fixed_overhead_core_s": best.get("fixed_overhead_core_s"),
+        "break_even_images": best.get("break_even_images"),
+        "cluster_idle_cores": best.get("cluster_idle_cores"),
+        "cluster_background_pct": best.get("cluster_background_pct"),
         "cpu_bound_speedup": best["cpu_bound_speedup"],
         "best_setting": best["setting"],
         "compared_is_engine_defaults": bool(best["setting"].get("defaults")),
@@ -871,6 +913,9 @@ def run(args) -> int:
         with warnings.catch_warnings():  # the warm-up's 2 blocks cannot feed 2 actors: Ray Data says so
             warnings.filterwarnings("ignore", message=".*only received.*input", category=UserWarning)
             run_ray(ray, warm, s, ecfg, {})
+        time.sleep(1.0)  # the warm-up's actors exit
+        _, idle_cpu, _ = meter.measure(lambda: time.sleep(IDLE_PROBE_S))
+        idle_cores = idle_cpu["own_cpu_s"] / idle_cpu["wall_s"]
         out, cpu, by_title, quiet = timed(
             lambda: run_ray(ray, records, s, ecfg, None if s["barrier"] else state["dups"])
         )
@@ -898,6 +943,7 @@ def run(args) -> int:
             ray_data_stats=out["stats"],
         )
         fig["parallel_efficiency"] = fig["speedup"] / args.cores
+        fig.update(overhead_parts(fig, idle_cores))
         fig["cpu_overhead_pct"] = (
             100 * (fig["own_cpu_per_image_ms"] - state["plain_cpu"]) / state["plain_cpu"]
         )
@@ -988,6 +1034,20 @@ def run(args) -> int:
             f"({'met' if sm['steady_overhead_target_met'] else 'NOT met'}); "
             f"Ray CPU overhead {sm['ray_cpu_overhead_pct']:.1f} %, CPU-bound speed-up {sm['cpu_bound_speedup']:.3f}x"
         )
+        if sm.get("ray_fixed_overhead_core_s") is not None:
+            be = sm["break_even_images"]
+            print(
+                f"of the Ray overhead, {sm['ray_fixed_overhead_core_s']:.1f} core-s is a cost per run (start-up to the "
+                f"first batch: {result['best']['first_batch_s']:.1f} s), the rest {_fmt_pct(sm['ray_steady_overhead_pct'])}"
+                f" per image; "
+                + (
+                    f"at that rate the whole-run overhead falls under {TARGET_OVERHEAD_PCT:g} % from about {be} images"
+                    if be
+                    else "the per-image rate alone is over the target"
+                )
+                + f"; the idle cluster's own processes use {100 * sm['cluster_idle_cores']:.1f} % of a core "
+                f"({_fmt_pct(sm['cluster_background_pct'])} of this run's stage time)"
+            )
         if "ceiling_speedup" in sm:
             print(
                 f"ceiling (c): {args.cores} plain processes reach {sm['ceiling_speedup']:.3f}x on this machine; "

@@ -72,6 +72,20 @@ def test_bench_engine_quick(tmp_path):
             100 * (best["steady_window_s"] * best["cores"] - best["steady_stage_s"]) / best["steady_stage_s"]
         )
         assert 0 < best["steady_stage_s"] < best["stage_time_s"]
+        # The whole-run overhead splits into a cost per run and the steady per-image rate.
+        total = best["wall_s"] * best["cores"] - best["stage_time_s"]
+        assert best["fixed_overhead_core_s"] == pytest.approx(
+            total - best["steady_overhead_pct"] / 100 * best["stage_time_s"]
+        )
+        if best["break_even_images"] is not None:
+            assert best["steady_overhead_pct"] < result["targets"]["ray_overhead_pct"]
+            assert best["break_even_images"] >= best["images"]
+    # The idle cluster's own CPU use, measured before the timed run (Ray's daemons always use some).
+    assert 0 < best["cluster_idle_cores"] < best["cores"]
+    assert best["cluster_background_pct"] == pytest.approx(
+        100 * best["cluster_idle_cores"] * best["wall_s"] / best["stage_time_s"]
+    )
+    assert result["summary"]["cluster_idle_cores"] == best["cluster_idle_cores"]
 
     # Threads pinned in the driver (plain arm) and in the Ray workers.
     for where in ("driver", "ray_task", "ray_actor"):
