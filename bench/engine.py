@@ -98,6 +98,7 @@ import numpy as np  # noqa: E402
 
 from reflade.engine.config import EngineConfig  # noqa: E402
 from reflade.engine.pipeline import (  # noqa: E402
+    LayerStages,
     MarkDuplicates,
     PreFilterStage,
     add_layer_stages,
@@ -496,8 +497,84 @@ def resources(cpu_actors: int, cores: float) -> tuple[float, float]:
     return per, per
 
 
+class TimedLayerStages(LayerStages):
+    """``LayerStages`` that appends the wall-clock times (``time.time()``) of its constructor and of each call to a
+    file of its own under ``log_dir`` (set on the class before the dataset is built: the class is pickled by value,
+    its attributes with it). Used by ``--timeline`` only: the figures of a run without it never include this."""
+
+    log_dir = ""
+
+    def __init__(self, *args):
+        t = time.time()
+        super().__init__(*args)
+        self._log = os.path.join(self.log_dir, f"{os.getpid()}.txt")
+        self._append(f"init {t} {time.time()}\n")
+
+    def _append(self, line: str) -> None:
+        with open(self._log, "a") as f:
+            f.write(line)
+
+    def __call__(self, batch):
+        t = time.time()
+        out = super().__call__(batch)
+        self._append(f"call {t} {time.time()}\n")
+        return out
+
+
+def actor_timeline(log_dir: str, t0_epoch: float, wall: float) -> list[dict[str, Any]]:
+    """Per fused actor, from ``TimedLayerStages``' files: when its constructor started (seconds after the run
+    started) and how long it took, its first call and the mean of the later ones, the mean gap between calls (the
+    pre-filter and MarkDuplicates, fused before it in the same task, included), and how long it sat idle at the end
+    of the run."""
+    out = []
+    for f in sorted(Path(log_dir).glob("*.txt")):
+        init, calls = None, []
+        for line in f.read_text().splitlines():
+            kind, a, b = line.split()
+            if kind == "init":
+                init = (float(a), float(b))
+            else:
+                calls.append((float(a), float(b)))
+        if init is None:
+            continue
+        gaps = [calls[i + 1][0] - calls[i][1] for i in range(len(calls) - 1)]
+        later = [b - a for a, b in calls[1:]]
+        out.append(
+            {
+                "constructor_start_s": init[0] - t0_epoch,
+                "constructor_s": init[1] - init[0],
+                "calls": len(calls),
+                "first_call_start_s": calls[0][0] - t0_epoch if calls else None,
+                "first_call_s": calls[0][1] - calls[0][0] if calls else None,
+                "later_call_mean_s": sum(later) / len(later) if later else None,
+                "busy_s": sum(b - a for a, b in calls),
+                "gap_mean_ms": 1000 * sum(gaps) / len(gaps) if gaps else None,
+                "idle_at_end_s": wall - (calls[-1][1] - t0_epoch) if calls else wall,
+            }
+        )
+    return out
+
+
+def _fmt_timeline(tl: list[dict[str, Any]]) -> str:
+    def f(key: str, scale: float = 1.0, fmt: str = ".2f") -> str:
+        return "/".join("-" if a[key] is None else format(a[key] * scale, fmt) for a in tl)
+
+    return (
+        f"actors' timeline (s after the run started): constructor at {f('constructor_start_s')} taking "
+        f"{f('constructor_s')}, first call at {f('first_call_start_s')} taking {f('first_call_s')} (later calls "
+        f"{f('later_call_mean_s')}), gap between calls {f('gap_mean_ms', fmt='.0f')} ms, idle at the end "
+        f"{f('idle_at_end_s')}"
+    )
+
+
 def build_dataset(
-    ray, records, setting: dict[str, Any], ecfg: EngineConfig, dups: dict[str, str] | None, n_blocks: int
+    ray,
+    records,
+    setting: dict[str, Any],
+    ecfg: EngineConfig,
+    dups: dict[str, str] | None,
+    n_blocks: int,
+    fused_class: type | None = None,
 ):
     """from_items -> pre-filter (task) -> [barrier + dedup] -> MarkDuplicates (task) -> stages 2-6."""
     task = {"num_cpus": ecfg.num_cpus_per_task, "batch_format": "pandas", "batch_size": ecfg.batch_size}
@@ -511,18 +588,28 @@ def build_dataset(
         hashes.sort(key=lambda h: order[h["source_id"]])
         dups = near_duplicates(hashes, ecfg)
     ds = ds.map_batches(MarkDuplicates(dups), **task)
-    return add_layer_stages(ds, ecfg, "classical", layout=setting["layout"])
+    return add_layer_stages(ds, ecfg, "classical", layout=setting["layout"], fused_class=fused_class)
 
 
 def run_ray(
-    ray, records, setting: dict[str, Any], ecfg: EngineConfig, dups: dict[str, str] | None
+    ray,
+    records,
+    setting: dict[str, Any],
+    ecfg: EngineConfig,
+    dups: dict[str, str] | None,
+    timeline: bool = False,
 ) -> dict[str, Any]:
-    """One execution: the output rows, wall time, time to the first batch, steady throughput, Ray Data's stats."""
+    """One execution: the output rows, wall time, time to the first batch, steady throughput, Ray Data's stats
+    (and with ``timeline``, fused layout only, the actors' timeline: ``actor_timeline``)."""
     n_blocks = input_blocks(len(records), ecfg.batch_size)  # as the engine splits its input
     keep = ["source_id", "ok", "stage", "reason", "work"]
     tables, arrivals = [], []
+    log_dir = tempfile.mkdtemp(prefix="rlb-tl-") if timeline and setting["layout"] == "fused" else None
+    if log_dir:
+        TimedLayerStages.log_dir = log_dir
+    t0_epoch = time.time()
     t0 = time.perf_counter()
-    ds = build_dataset(ray, records, setting, ecfg, dups, n_blocks)
+    ds = build_dataset(ray, records, setting, ecfg, dups, n_blocks, TimedLayerStages if log_dir else None)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         arrivals.append((time.perf_counter() - t0, batch.num_rows))
         tables.append(batch.select(keep))
@@ -535,8 +622,14 @@ def run_ray(
     steady = None
     if len(arrivals) > 1 and arrivals[-1][0] > first:
         steady = sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - first)
+    tl = None
+    if log_dir:
+        time.sleep(0.5)  # the actors' last lines
+        tl = actor_timeline(log_dir, t0_epoch, wall)
+        shutil.rmtree(log_dir, ignore_errors=True)
     return {
         "rows": [r for t in tables for r in t.to_pylist()],
+        "timeline": tl,
         "wall": wall,
         "first": first,
         "steady": steady,
@@ -917,7 +1010,7 @@ def run(args) -> int:
         _, idle_cpu, _ = meter.measure(lambda: time.sleep(IDLE_PROBE_S))
         idle_cores = idle_cpu["own_cpu_s"] / idle_cpu["wall_s"]
         out, cpu, by_title, quiet = timed(
-            lambda: run_ray(ray, records, s, ecfg, None if s["barrier"] else state["dups"])
+            lambda: run_ray(ray, records, s, ecfg, None if s["barrier"] else state["dups"], args.timeline)
         )
         fig = summarize(out.pop("rows"))
         wall = out["wall"]
@@ -942,6 +1035,8 @@ def run(args) -> int:
             cpu_by_process=by_title,
             ray_data_stats=out["stats"],
         )
+        if out["timeline"] is not None:
+            fig["actor_timeline"] = out["timeline"]
         fig["parallel_efficiency"] = fig["speedup"] / args.cores
         fig.update(overhead_parts(fig, idle_cores))
         fig["cpu_overhead_pct"] = (
@@ -962,6 +1057,8 @@ def run(args) -> int:
             f"{fig['foreign_pct']:.0f} % of the machine), {fig['speedup']:.2f}x plain"
             + ("" if not diffs else f", {len(diffs)} MISMATCHES")
         )
+        if out["timeline"]:
+            print(_fmt_timeline(out["timeline"]))
         time.sleep(1.0)  # let the finished run's actors exit before the next one starts
         return not diffs
 
@@ -1170,6 +1267,13 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="also run (c): --cores plain processes at once, each on 1/cores of the images, no Ray: the "
         "speed-up this machine allows any parallel layout (default on)",
+    )
+    ap.add_argument(
+        "--timeline",
+        action="store_true",
+        help="fused runs: time the actors' constructor and every call (a LayerStages subclass appends the times to "
+        "a file per actor) and report where the run's start and end go (JSON: actor_timeline); off by default, so "
+        "that the compared figures never include it",
     )
     ap.add_argument(
         "--barrier",

@@ -990,11 +990,13 @@ def add_layer_stages(
     storage_fields: dict[str, Any] | None = None,
     registry_prefix: str | None = None,
     layout: str | None = None,
+    fused_class: type | None = None,
 ):
     """Append stages 2-6 (scene, completion, matting, prompts, post-filter) to a Ray dataset of pre-filtered
     image records, in the layout ``layout`` (default: ``resolve_layout``). Staged: model stages in actor pools
     (GPU pools for neural backends when ``num_gpus`` > 0), prompts and post-filter as tasks. Fused: one actor
-    pool (``fused_pool_size``) running all five stages on each batch."""
+    pool (``fused_pool_size``) running all five stages on each batch, as ``fused_class`` (default
+    ``LayerStages``; a subclass with the same constructor, for instance one that times its calls)."""
     from ray.data import ActorPoolStrategy
 
     bs = ecfg.batch_size
@@ -1003,7 +1005,7 @@ def add_layer_stages(
     gpu = _uses_gpu(ecfg, family)
     if layout == "fused":
         return ds.map_batches(
-            LayerStages,
+            fused_class or LayerStages,
             fn_constructor_args=args,
             compute=ActorPoolStrategy(size=fused_pool_size(ecfg, gpu=gpu)),
             num_cpus=ecfg.num_cpus_per_actor,

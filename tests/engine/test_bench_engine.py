@@ -27,7 +27,7 @@ def test_bench_engine_quick(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "engine.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(ROOT / "bench" / "engine.py"), "--quick", "--timeline", "--out", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -86,6 +86,18 @@ def test_bench_engine_quick(tmp_path):
         100 * best["cluster_idle_cores"] * best["wall_s"] / best["stage_time_s"]
     )
     assert result["summary"]["cluster_idle_cores"] == best["cluster_idle_cores"]
+
+    # --timeline: both fused actors were built and timed, and together they ran every input block once.
+    tl = best["actor_timeline"]
+    assert len(tl) == best["setting"]["actors"] == 2
+    assert sum(a["calls"] for a in tl) == 4  # 16 images in blocks of one batch (4)
+    assert "actors' timeline" in proc.stdout
+    for a in tl:
+        assert 0 < a["constructor_start_s"] < best["wall_s"] and a["constructor_s"] > 0
+        if a["calls"]:
+            assert a["first_call_start_s"] >= a["constructor_start_s"] + a["constructor_s"]
+            assert 0 < a["busy_s"] <= best["wall_s"]
+            assert -0.05 <= a["idle_at_end_s"] < best["wall_s"]
 
     # Threads pinned in the driver (plain arm) and in the Ray workers.
     for where in ("driver", "ray_task", "ray_actor"):
