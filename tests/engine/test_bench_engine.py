@@ -87,9 +87,10 @@ def test_bench_engine_quick(tmp_path):
     )
     assert result["summary"]["cluster_idle_cores"] == best["cluster_idle_cores"]
 
-    # --timeline: both fused actors were built and timed, and together they ran every input block once.
+    # --timeline: the fused actors were timed (on a loaded machine the second may still be starting when the first
+    # has run all four blocks), and together they ran every input block once.
     tl = best["actor_timeline"]
-    assert len(tl) == best["setting"]["actors"] == 2
+    assert 1 <= len(tl) <= best["setting"]["actors"] == 2
     assert sum(a["calls"] for a in tl) == 4  # 16 images in blocks of one batch (4)
     assert "actors' timeline" in proc.stdout
     for a in tl:
