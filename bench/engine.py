@@ -609,11 +609,17 @@ def run_ray(
         TimedLayerStages.log_dir = log_dir
     t0_epoch = time.time()
     t0 = time.perf_counter()
-    ds = build_dataset(ray, records, setting, ecfg, dups, n_blocks, TimedLayerStages if log_dir else None)
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        arrivals.append((time.perf_counter() - t0, batch.num_rows))
-        tables.append(batch.select(keep))
-    wall = time.perf_counter() - t0
+    try:
+        ds = build_dataset(ray, records, setting, ecfg, dups, n_blocks, TimedLayerStages if log_dir else None)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            arrivals.append((time.perf_counter() - t0, batch.num_rows))
+            tables.append(batch.select(keep))
+        wall = time.perf_counter() - t0
+        # An actor writes a call's line before it returns the batch: every line is there once the last batch is.
+        tl = actor_timeline(log_dir, t0_epoch, wall) if log_dir else None
+    finally:
+        if log_dir:
+            shutil.rmtree(log_dir, ignore_errors=True)
     try:
         stats = ds.stats()
     except Exception as e:  # stats are a diagnosis aid, never a reason to lose the figures
@@ -622,11 +628,6 @@ def run_ray(
     steady = None
     if len(arrivals) > 1 and arrivals[-1][0] > first:
         steady = sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - first)
-    tl = None
-    if log_dir:
-        time.sleep(0.5)  # the actors' last lines
-        tl = actor_timeline(log_dir, t0_epoch, wall)
-        shutil.rmtree(log_dir, ignore_errors=True)
     return {
         "rows": [r for t in tables for r in t.to_pylist()],
         "timeline": tl,
