@@ -7,8 +7,9 @@ run, on the same inputs, after an untimed warm-up of both arms (imports, pymatti
 (b) plain: ``run_stages_plain(records, ecfg, "classical")``: every stage, one process, one thread (first in each
     round of ``--repeat``, with no Ray cluster up);
 (a) Ray Data on a local cluster this script starts (``num_cpus = --cores``, its own short temp dir):
-    ``from_items`` (PNG bytes inline) -> ``PreFilterStage`` (task) -> ``MarkDuplicates`` (task) ->
-    ``add_layer_stages(ds, ecfg, "classical")`` (the engine's own pipeline), consumed with ``iter_batches``.
+    ``from_items`` (PNG bytes inline, largest first, as the engine orders its input) -> ``PreFilterStage`` (task)
+    -> ``MarkDuplicates`` (task) -> ``add_layer_stages(ds, ecfg, "classical")`` (the engine's own pipeline),
+    consumed with ``iter_batches``.
     Run once per setting:
       - ``defaults`` (the run compared with (b)): ``EngineConfig()`` on stock Ray: layout ``auto``, which on a
         CPU cluster is ``fused`` (stages 2-6 in one actor class ``LayerStages``, one actor per CPU, 0.5 CPU
@@ -104,6 +105,7 @@ from reflade.engine.pipeline import (  # noqa: E402
     add_layer_stages,
     fused_pool_size,
     input_blocks,
+    largest_first,
     resolve_layout,
     run_stages_plain,
 )
@@ -576,8 +578,13 @@ def build_dataset(
     n_blocks: int,
     fused_class: type | None = None,
 ):
-    """from_items -> pre-filter (task) -> [barrier + dedup] -> MarkDuplicates (task) -> stages 2-6."""
+    """from_items (largest first, as the engine) -> pre-filter (task) -> [barrier + dedup] -> MarkDuplicates
+    (task) -> stages 2-6."""
     task = {"num_cpus": ecfg.num_cpus_per_task, "batch_format": "pandas", "batch_size": ecfg.batch_size}
+    # In the order the engine feeds its stages (largest first; setting "order": "given" keeps the input order,
+    # for comparison); near-duplicates stay resolved in input order either way.
+    if setting.get("order", "largest") == "largest":
+        records = largest_first(records, lambda r: len(r["data"]))
     items = [dict(r, ok=True, stage="", reason="") for r in records]
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
     ds = ds.map_batches(PreFilterStage(ecfg), **task)
@@ -730,6 +737,7 @@ def _setting_label(s: dict[str, Any]) -> str:
         )
     label = ("defaults: " if s.get("defaults") else "") + label
     label += "" if s["keep_workers"] else " stock"
+    label += " input order" if s.get("order") == "given" else ""
     return label + (" +barrier" if s.get("barrier") else "")
 
 
@@ -818,6 +826,7 @@ def _pick(runs: list[dict[str, Any]], **match) -> dict[str, Any] | None:
             "cpu_overhead_pct",
             "cpu_bound_speedup",
             "foreign_pct",
+            "fixed_overhead_core_s",
         )
     }
 
@@ -838,8 +847,11 @@ def make_settings(args) -> list[dict[str, Any]]:
                 "batch_size": d.batch_size,
                 "keep_workers": False,
                 "barrier": args.barrier,
+                "order": "largest",
             }
         )
+        if args.given_order:  # the same, fed in input order instead of largest first
+            out.append(dict(out[-1], defaults=False, order="given"))
     if args.staged:  # the staged layout (one pool per model stage), for comparison
         for bs in args.batch_size:
             for actors in args.cpu_actors:
@@ -855,6 +867,7 @@ def make_settings(args) -> list[dict[str, Any]]:
                         "batch_size": bs,
                         "keep_workers": args.keep_workers,
                         "barrier": args.barrier,
+                        "order": "largest",
                     }
                 )
     return sorted(out, key=lambda s: s["keep_workers"])  # stable: one cluster per configuration
@@ -889,6 +902,7 @@ def summarize_result(result: dict[str, Any]) -> None:
         "best_setting": best["setting"],
         "compared_is_engine_defaults": bool(best["setting"].get("defaults")),
         "fastest_staged": _pick(result["ray"], layout="staged"),
+        "fastest_given_order": _pick(result["ray"], order="given"),
         "speedup_target_met": best["speedup"] >= TARGET_SPEEDUP,
         "overhead_target_met": best["overhead_pct"] < TARGET_OVERHEAD_PCT,
         "steady_overhead_target_met": best["steady_overhead_pct"] is not None
@@ -1275,6 +1289,12 @@ def main(argv: list[str] | None = None) -> int:
         help="fused runs: time the actors' constructor and every call (a LayerStages subclass appends the times to "
         "a file per actor) and report where the run's start and end go (JSON: actor_timeline); off by default, so "
         "that the compared figures never include it",
+    )
+    ap.add_argument(
+        "--given-order",
+        action="store_true",
+        help="also run the defaults with the images in input order (the bundled photos last) instead of largest "
+        "first, as the engine feeds them: what the ordering does to the run's tail",
     )
     ap.add_argument(
         "--barrier",

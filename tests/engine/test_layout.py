@@ -14,6 +14,7 @@ from reflade.engine.pipeline import (
     LayerStages,
     fused_pool_size,
     input_blocks,
+    largest_first,
     resolve_layout,
     run_stages_plain,
 )
@@ -56,6 +57,15 @@ def test_input_blocks_hold_one_batch_each():
     assert input_blocks(3, 4) == 1 and input_blocks(0, 4) == 1
     assert input_blocks(5, 1) == 5
     assert input_blocks(10**7, 4) == MAX_INPUT_BLOCKS
+
+
+def test_largest_first_orders_work_by_size_ties_in_input_order():
+    """The run feeds its stages the largest files first, so that it ends on small ones (a short tail)."""
+    items = [("a", 10), ("b", 300), ("c", 10), ("d", 50), ("e", 300)]
+    before = list(items)
+    assert largest_first(items, lambda it: it[1]) == [("b", 300), ("e", 300), ("d", 50), ("a", 10), ("c", 10)]
+    assert items == before  # a new list; the caller's order (near-duplicates are resolved in it) is untouched
+    assert largest_first([], lambda it: it[1]) == []
 
 
 def test_layout_is_not_part_of_the_config_hash():

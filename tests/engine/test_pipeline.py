@@ -4,6 +4,7 @@ without duplicates; a Ray worker killed mid-run loses nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -55,6 +56,14 @@ def make_input(folder: Path, n_synthetic: int = 6, hostile: bool = True) -> dict
         expect["copy_of_coffee.png"] = "duplicate_of"
         (folder / "astronaut_again.jpg").write_bytes(_jpeg(skimage.data.astronaut(), 70))
         expect["astronaut_again.jpg"] = "duplicate_of"
+        # Later in input order than chelsea.png but a larger file, so the engine processes it first (largest
+        # first): near-duplicates must still be resolved in input order, keeping chelsea.png.
+        chelsea = Image.fromarray(skimage.data.chelsea())
+        big = chelsea.resize((chelsea.width * 2, chelsea.height * 2), Image.BICUBIC)
+        buf = io.BytesIO()
+        big.save(buf, format="PNG")
+        (folder / "chelsea_big.png").write_bytes(buf.getvalue())
+        expect["chelsea_big.png"] = "duplicate_of"
         (folder / "notes.jpg").write_text("this is not a picture")
         expect["notes.jpg"] = "not_an_image"
         (folder / "empty.png").write_bytes(b"")
@@ -118,6 +127,9 @@ def test_engine_run_end_to_end(engine_cfg, registry, ray_cluster, tmp_path):
             continue
         assert name in by_name, f"{name} was not quarantined"
         assert by_name[name]["reason_code"] == what, (name, by_name[name]["reason"])
+    kept_chelsea = hashlib.sha256((tmp_path / "in" / "chelsea.png").read_bytes()).hexdigest()[:16]
+    assert kept_chelsea in by_name["chelsea_big.png"]["reason"], by_name["chelsea_big.png"]["reason"]
+    assert "chelsea.png" not in by_name
 
     # Lineage: the dataset was built from the registered input manifest.
     v = registry.resolve(res.dataset)
