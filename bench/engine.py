@@ -873,6 +873,22 @@ def make_settings(args) -> list[dict[str, Any]]:
     return sorted(out, key=lambda s: s["keep_workers"])  # stable: one cluster per configuration
 
 
+def paired_speedups(result: dict[str, Any]) -> list[float]:
+    """Per round of ``--repeat``: the compared setting's images/s over the same round's plain run (minutes apart,
+    so a slow drift of the machine's speed hits both); the headline speed-up compares the fastest of each arm."""
+    runs = result["ray"]
+    defaults = [r for r in runs if r["setting"].get("defaults")] or runs
+    if not defaults:
+        return []
+    key = defaults[0]["setting"]
+    plain_by_round = {p["repeat"]: p for p in result.get("plain_runs", [])}
+    return [
+        r["images_per_s"] / plain_by_round[r["repeat"]]["images_per_s"]
+        for r in runs
+        if r["setting"] == key and r["repeat"] in plain_by_round
+    ]
+
+
 def summarize_result(result: dict[str, Any]) -> None:
     """The comparison: the fastest plain run against the engine's defaults (else the fastest Ray run)."""
     plain = result["plain"]
@@ -903,6 +919,7 @@ def summarize_result(result: dict[str, Any]) -> None:
         "compared_is_engine_defaults": bool(best["setting"].get("defaults")),
         "fastest_staged": _pick(result["ray"], layout="staged"),
         "fastest_given_order": _pick(result["ray"], order="given"),
+        "paired_speedups": paired_speedups(result),
         "speedup_target_met": best["speedup"] >= TARGET_SPEEDUP,
         "overhead_target_met": best["overhead_pct"] < TARGET_OVERHEAD_PCT,
         "steady_overhead_target_met": best["steady_overhead_pct"] is not None
@@ -1159,6 +1176,14 @@ def run(args) -> int:
                 )
                 + f"; the idle cluster's own processes use {100 * sm['cluster_idle_cores']:.1f} % of a core "
                 f"({_fmt_pct(sm['cluster_background_pct'])} of this run's stage time)"
+            )
+        if len(sm.get("paired_speedups") or []) > 1:
+            print(
+                "speed-up per round (the compared setting over the same round's plain run): "
+                + ", ".join(f"{x:.3f}x" for x in sm["paired_speedups"])
+                + "; plain ran at "
+                + ", ".join(f"{p['images_per_s']:.2f}" for p in result["plain_runs"])
+                + " images/s"
             )
         if "ceiling_speedup" in sm:
             print(

@@ -67,6 +67,9 @@ def test_bench_engine_quick(tmp_path):
     # The run compared is the engine's own pipeline with its defaults: fused stages, one actor per CPU.
     assert best["setting"]["defaults"] and best["setting"]["layout"] == "fused"
     assert best["setting"]["actors"] == 2 and result["summary"]["compared_is_engine_defaults"]
+    assert best["setting"]["order"] == "largest"  # fed as the engine feeds its stages
+    # One round: its plain run is the one compared, so the paired ratio is the headline speed-up.
+    assert result["summary"]["paired_speedups"] == [pytest.approx(best["images_per_s"] / plain["images_per_s"])]
     if best["steady_overhead_pct"] is not None:
         assert best["steady_overhead_pct"] == pytest.approx(
             100 * (best["steady_window_s"] * best["cores"] - best["steady_stage_s"]) / best["steady_stage_s"]
