@@ -500,9 +500,10 @@ def resources(cpu_actors: int, cores: float) -> tuple[float, float]:
 
 
 class TimedLayerStages(LayerStages):
-    """``LayerStages`` that appends the wall-clock times (``time.time()``) of its constructor and of each call to a
-    file of its own under ``log_dir`` (set on the class before the dataset is built: the class is pickled by value,
-    its attributes with it). Used by ``--timeline`` only: the figures of a run without it never include this."""
+    """``LayerStages`` that appends the wall-clock times (``time.time()``) of its constructor and of each call (with
+    the calling thread's CPU time, ``time.thread_time()``) to a file of its own under ``log_dir`` (set on the class
+    before the dataset is built: the class is pickled by value, its attributes with it). Used by ``--timeline``
+    only: the figures of a run without it never include this."""
 
     log_dir = ""
 
@@ -517,26 +518,28 @@ class TimedLayerStages(LayerStages):
             f.write(line)
 
     def __call__(self, batch):
-        t = time.time()
+        t, c = time.time(), time.thread_time()
         out = super().__call__(batch)
-        self._append(f"call {t} {time.time()}\n")
+        self._append(f"call {t} {time.time()} {time.thread_time() - c}\n")
         return out
 
 
 def actor_timeline(log_dir: str, t0_epoch: float, wall: float) -> list[dict[str, Any]]:
     """Per fused actor, from ``TimedLayerStages``' files: when its constructor started (seconds after the run
     started) and how long it took, its first call and the mean of the later ones, the mean gap between calls (the
-    pre-filter and MarkDuplicates, fused before it in the same task, included), and how long it sat idle at the end
-    of the run."""
+    pre-filter and MarkDuplicates, fused before it in the same task, included), how long it sat idle at the end
+    of the run, and the CPU time of the calling thread during the calls (``busy_cpu_s``: under ``busy_s`` when
+    other processes or the actor's own Ray threads took the core)."""
     out = []
     for f in sorted(Path(log_dir).glob("*.txt")):
-        init, calls = None, []
+        init, calls, cpu = None, [], 0.0
         for line in f.read_text().splitlines():
-            kind, a, b = line.split()
+            kind, a, b, *rest = line.split()
             if kind == "init":
                 init = (float(a), float(b))
             else:
                 calls.append((float(a), float(b)))
+                cpu += float(rest[0])
         if init is None:
             continue
         gaps = [calls[i + 1][0] - calls[i][1] for i in range(len(calls) - 1)]
@@ -550,6 +553,7 @@ def actor_timeline(log_dir: str, t0_epoch: float, wall: float) -> list[dict[str,
                 "first_call_s": calls[0][1] - calls[0][0] if calls else None,
                 "later_call_mean_s": sum(later) / len(later) if later else None,
                 "busy_s": sum(b - a for a, b in calls),
+                "busy_cpu_s": cpu,
                 "gap_mean_ms": 1000 * sum(gaps) / len(gaps) if gaps else None,
                 "idle_at_end_s": wall - (calls[-1][1] - t0_epoch) if calls else wall,
             }
@@ -565,7 +569,8 @@ def _fmt_timeline(tl: list[dict[str, Any]]) -> str:
         f"actors' timeline (s after the run started): constructor at {f('constructor_start_s')} taking "
         f"{f('constructor_s')}, first call at {f('first_call_start_s')} taking {f('first_call_s')} (later calls "
         f"{f('later_call_mean_s')}), gap between calls {f('gap_mean_ms', fmt='.0f')} ms, idle at the end "
-        f"{f('idle_at_end_s')}"
+        f"{f('idle_at_end_s')}; CPU of the calling thread / wall of the calls "
+        + "/".join(f"{a['busy_cpu_s'] / a['busy_s']:.2f}" if a["busy_s"] else "-" for a in tl)
     )
 
 

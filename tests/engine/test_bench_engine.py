@@ -69,7 +69,9 @@ def test_bench_engine_quick(tmp_path):
     assert best["setting"]["actors"] == 2 and result["summary"]["compared_is_engine_defaults"]
     assert best["setting"]["order"] == "largest"  # fed as the engine feeds its stages
     # One round: its plain run is the one compared, so the paired ratio is the headline speed-up.
-    assert result["summary"]["paired_speedups"] == [pytest.approx(best["images_per_s"] / plain["images_per_s"])]
+    assert result["summary"]["paired_speedups"] == [
+        pytest.approx(best["images_per_s"] / plain["images_per_s"])
+    ]
     if best["steady_overhead_pct"] is not None:
         assert best["steady_overhead_pct"] == pytest.approx(
             100 * (best["steady_window_s"] * best["cores"] - best["steady_stage_s"]) / best["steady_stage_s"]
@@ -101,6 +103,8 @@ def test_bench_engine_quick(tmp_path):
         if a["calls"]:
             assert a["first_call_start_s"] >= a["constructor_start_s"] + a["constructor_s"]
             assert 0 < a["busy_s"] <= best["wall_s"]
+            # CPU of the calling thread during the calls: never more than their wall time.
+            assert 0 < a["busy_cpu_s"] <= a["busy_s"] + 0.05
             assert -0.05 <= a["idle_at_end_s"] < best["wall_s"]
 
     # Threads pinned in the driver (plain arm) and in the Ray workers.
