@@ -881,15 +881,11 @@ def make_settings(args) -> list[dict[str, Any]]:
 def paired_speedups(result: dict[str, Any]) -> list[float]:
     """Per round of ``--repeat``: the compared setting's images/s over the same round's plain run (minutes apart,
     so a slow drift of the machine's speed hits both); the headline speed-up compares the fastest of each arm."""
-    runs = result["ray"]
-    defaults = [r for r in runs if r["setting"].get("defaults")] or runs
-    if not defaults:
-        return []
-    key = defaults[0]["setting"]
+    key = result["best"]["setting"]
     plain_by_round = {p["repeat"]: p for p in result.get("plain_runs", [])}
     return [
         r["images_per_s"] / plain_by_round[r["repeat"]]["images_per_s"]
-        for r in runs
+        for r in result["ray"]
         if r["setting"] == key and r["repeat"] in plain_by_round
     ]
 

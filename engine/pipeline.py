@@ -909,7 +909,8 @@ def largest_first(items: list, size: Callable[[Any], int]) -> list:
     Actors take blocks in order, so the last blocks decide how long one actor works on while the others have
     nothing left (the run's tail). Ending on the small images shortens that tail; a big photo that came last
     would keep one core busy for seconds alone. Only the order of work changes: near-duplicates are still
-    resolved in input order (the first one is kept), and shard names and sample ids do not depend on order."""
+    resolved in input order (the first one is kept), sample ids do not depend on the order, and a re-run skips
+    done sources by id whichever shard holds them."""
     return [it for _, it in sorted(enumerate(items), key=lambda p: (-size(p[1]), p[0]))]
 
 

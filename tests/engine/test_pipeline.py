@@ -60,9 +60,7 @@ def make_input(folder: Path, n_synthetic: int = 6, hostile: bool = True) -> dict
         # first): near-duplicates must still be resolved in input order, keeping chelsea.png.
         chelsea = Image.fromarray(skimage.data.chelsea())
         big = chelsea.resize((chelsea.width * 2, chelsea.height * 2), Image.BICUBIC)
-        buf = io.BytesIO()
-        big.save(buf, format="PNG")
-        (folder / "chelsea_big.png").write_bytes(buf.getvalue())
+        (folder / "chelsea_big.png").write_bytes(_png(np.asarray(big)))
         expect["chelsea_big.png"] = "duplicate_of"
         (folder / "notes.jpg").write_text("this is not a picture")
         expect["notes.jpg"] = "not_an_image"
