@@ -17,6 +17,10 @@ run, on the same inputs, after an untimed warm-up of both arms (imports, pymatti
       - ``--staged``: the staged layout (scene / completion / matting actor pools, prompts and post-filter
         tasks) once per ``--cpu-actors`` x ``--batch-size`` (CPUs per actor/task sized so the pools fit on
         --cores), with idle Ray workers kept alive (``--keep-workers``, see below), for comparison.
+(f) ``--floor`` (on by default): after each run of the defaults, the same pipeline shape (``from_items`` of the same
+    records in the same blocks, one actor pool of the same size) with stage code that only sleeps each image's stage
+    time from that run: what Ray Data alone costs on this node for that schedule (core time left unused, and CPU
+    of its own processes), and how much of the run's overhead the engine's pipeline adds above it.
 (c) ``--ceiling``: ``--cores`` plain processes (spawned, no Ray) run 1/cores of the images each at the same time:
     the speed-up this machine allows any parallel layout that added nothing (cores slow each other down through
     shared caches, memory bandwidth and SMT siblings); printed beside the Ray run's share of it.
@@ -53,6 +57,9 @@ go quiet. Definitions (also written into the JSON, "definitions"):
                   would fall under the target at the steady rate;
   cluster idle  = CPU used by the driver and Ray's daemons and service actors while no dataset runs (5 s measured
                   before the timed run), as a share of a core and of the run's stage time;
+  floor         = (f)'s unused core time, (wall * cores - slept) / slept: the overhead Ray Data alone leaves on
+                  this schedule, a lower bound for the run's overhead; and, apart, the CPU of every process but its
+                  actors (driver, daemons, service actors) / slept, which on busy cores slows the stage code;
   cpu ms/img    = CPU seconds of this process tree per image; cpu overhead % = (a) against (b);
   contention    = stage time (a) / stage time (b);
   speed-up      = images/s (a) / images/s (b); targets: >= 1.6 on 2 cores, Ray overhead < 5 %.
@@ -160,6 +167,20 @@ DEFINITIONS = {
     "service actors) while no dataset runs, measured for IDLE_PROBE_S just before the timed run",
     "cluster_background_pct": "ray: 100 * cluster_idle_cores * wall_s / stage_time_s: the share of the overhead "
     "that the idle cluster's own processes would take over this run's wall time, whatever the pipeline",
+    "floor": "ray, defaults runs with --floor: the same Ray Data pipeline shape (from_items of the same records in "
+    "the same blocks, one actor pool of the same size, CPUs and batch size) with stage code that only sleeps each "
+    "image's stage time from the run just measured: no CPU, no output but the ids. What Ray Data costs on this "
+    "node whatever the stages do",
+    "floor_idle_pct": "floor: 100 * (wall_s * cores - slept_s) / slept_s: the core time the floor run left unused "
+    "(the pool's start-up with Ray Data's imports, scheduling, gaps between batches, the tail); the same formula as "
+    "overhead_pct, so a lower bound for it: the floor of the overhead the target is judged by",
+    "floor_cpu_pct": "floor: 100 * CPU seconds of every process of the tree but the pool's actors (the driver with "
+    "Ray Data's executor, Ray's daemons and service actors, this script's 1 Hz sampler) / slept_s. In the floor "
+    "run it uses cores the sleeping stages leave free; in a measured run, whose cores are busy, it takes them from "
+    "the stage code, whose times (wall clock) then include the wait: it shows up in contention and in the speed-up, "
+    "not in overhead_pct",
+    "above_floor_pct": "overhead_pct - floor_idle_pct: the part of the whole-run overhead that the engine's pipeline "
+    "adds above Ray Data's own (its imports and first calls, moving its records, pickling)",
     "best": "the run compared: the engine defaults (EngineConfig(), stock Ray), else the fastest Ray run; "
     "plain: the fastest plain run",
 }
@@ -574,6 +595,69 @@ def _fmt_timeline(tl: list[dict[str, Any]]) -> str:
     )
 
 
+class SleepStages:
+    """``--floor``: stands in for the pre-filter and stages 2-6 in the fused actor. Sleeps, for each batch, the
+    stage time its images took in the run just measured; uses no CPU and returns only the ids, so what is left of
+    the run is Ray Data's own cost."""
+
+    def __init__(self, seconds: dict[str, float]):
+        self.seconds = seconds
+
+    def __call__(self, batch):
+        import pandas as pd
+
+        ids = list(batch["source_id"])
+        time.sleep(sum(self.seconds.get(i, 0.0) for i in ids))
+        return pd.DataFrame({"source_id": ids})
+
+
+def run_floor(ray, records, seconds: dict[str, float], ecfg: EngineConfig, actors: int) -> dict[str, Any]:
+    """The floor run (see DEFINITIONS, "floor"): from_items in the engine's order and blocks -> one actor pool of
+    ``SleepStages`` sized as the fused pool, consumed like ``run_ray``."""
+    from ray.data import ActorPoolStrategy
+
+    n_blocks = input_blocks(len(records), ecfg.batch_size)
+    items = largest_first([dict(r) for r in records], lambda r: len(r["data"]))
+    t0 = time.perf_counter()
+    ds = ray.data.from_items(items, override_num_blocks=n_blocks).map_batches(
+        SleepStages,
+        fn_constructor_args=(seconds,),
+        compute=ActorPoolStrategy(size=actors),
+        num_cpus=ecfg.num_cpus_per_actor,
+        batch_size=ecfg.batch_size,
+        batch_format="pandas",
+    )
+    first, rows = None, 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        first = time.perf_counter() - t0 if first is None else first
+        rows += batch.num_rows
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "first_batch_s": first if first is not None else wall, "images": rows}
+
+
+def floor_figures(
+    run: dict[str, Any], slept_s: float, cores: float, by_title: dict[str, float]
+) -> dict[str, Any]:
+    """The floor's figures (DEFINITIONS: floor_idle_pct, floor_cpu_pct) from one floor run, the
+    stage time it slept in all and the CPU seconds per process title; the pool's actors are the ``ray::MapWorker``
+    titles (their CPU, start-up and Ray Data's per-batch work, is time the run waits for, inside the idle share)."""
+    if slept_s <= 0:
+        raise ValueError("the floor run slept no stage time: nothing to compare with")
+    actors_cpu = sum(v for k, v in by_title.items() if k.startswith("ray::MapWorker"))
+    others_cpu = sum(v for k, v in by_title.items() if not k.startswith("ray::MapWorker"))
+    idle_pct = 100 * (run["wall_s"] * cores - slept_s) / slept_s
+    cpu_pct = 100 * others_cpu / slept_s
+    return {
+        **run,
+        "slept_s": slept_s,
+        "actors_cpu_s": actors_cpu,
+        "ray_cpu_s": others_cpu,
+        "floor_idle_pct": idle_pct,
+        "floor_cpu_pct": cpu_pct,
+        "cpu_by_process": by_title,
+    }
+
+
 def build_dataset(
     ray,
     records,
@@ -916,6 +1000,9 @@ def summarize_result(result: dict[str, Any]) -> None:
         "cluster_idle_cores": best.get("cluster_idle_cores"),
         "cluster_background_pct": best.get("cluster_background_pct"),
         "cpu_bound_speedup": best["cpu_bound_speedup"],
+        "ray_floor_idle_pct": (best.get("floor") or {}).get("floor_idle_pct"),
+        "ray_floor_cpu_pct": (best.get("floor") or {}).get("floor_cpu_pct"),
+        "ray_overhead_above_floor_pct": best.get("above_floor_pct"),
         "best_setting": best["setting"],
         "compared_is_engine_defaults": bool(best["setting"].get("defaults")),
         "fastest_staged": _pick(result["ray"], layout="staged"),
@@ -1080,6 +1167,20 @@ def run(args) -> int:
         fig["matches_plain"] = not diffs
         if diffs:
             result["mismatches"].append({"setting": s, "differences": diffs[:50], "count": len(diffs)})
+        if args.floor and s.get("defaults") and s["layout"] == "fused":
+            time.sleep(1.0)  # the measured run's actors exit
+            seconds = dict(fig["image_stage_s"])
+            frun, fcpu, ftitles, fquiet = timed(lambda: run_floor(ray, records, seconds, ecfg, s["actors"]))
+            floor = floor_figures(frun, sum(seconds.values()), args.cores, ftitles)
+            floor.update(quiet=fquiet, own_cpu_s=fcpu["own_cpu_s"], foreign_pct=100 * fcpu["foreign_load"])
+            fig["floor"] = floor
+            fig["above_floor_pct"] = fig["overhead_pct"] - floor["floor_idle_pct"]
+            print(
+                f"    floor (the same pipeline shape, stage code that only sleeps): {floor['wall_s']:.1f} s, first "
+                f"batch {floor['first_batch_s']:.1f} s; core time unused {floor['floor_idle_pct']:.1f} % of stage "
+                f"time (this run's overhead {fig['overhead_pct']:.1f} %: {fig['above_floor_pct']:.1f} % above it); "
+                f"CPU of Ray's processes {floor['floor_cpu_pct']:.1f} % of stage time"
+            )
         result["ray"].append(_public(fig))
         summarize_result(result)
         write(result, args.out)
@@ -1177,6 +1278,16 @@ def run(args) -> int:
                 )
                 + f"; the idle cluster's own processes use {100 * sm['cluster_idle_cores']:.1f} % of a core "
                 f"({_fmt_pct(sm['cluster_background_pct'])} of this run's stage time)"
+            )
+        if sm.get("ray_floor_idle_pct") is not None:
+            fl = result["best"]["floor"]
+            print(
+                f"Ray Data's own floor on this node (--floor: this run's schedule, stage code that only sleeps): "
+                f"{sm['ray_floor_idle_pct']:.1f} % of stage time left unused (first batch after "
+                f"{fl['first_batch_s']:.1f} s), against this run's {sm['ray_overhead_pct']:.1f} %: the pipeline adds "
+                f"{sm['ray_overhead_above_floor_pct']:.1f} %; beside that, the driver, Ray's daemons and service actors "
+                f"used CPU worth {sm['ray_floor_cpu_pct']:.1f} % of stage time, which on busy cores slows the stage "
+                f"code (contention) rather than adding to the overhead"
             )
         if len(sm.get("paired_speedups") or []) > 1:
             print(
@@ -1315,6 +1426,14 @@ def main(argv: list[str] | None = None) -> int:
         help="fused runs: time the actors' constructor and every call (a LayerStages subclass appends the times to "
         "a file per actor) and report where the run's start and end go (JSON: actor_timeline); off by default, so "
         "that the compared figures never include it",
+    )
+    ap.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after each run of the defaults, run the same pipeline shape with stage code that only sleeps each "
+        "image's stage time: Ray Data's own cost on this node for that schedule, and how much of the run's "
+        "overhead the engine adds above it (default on)",
     )
     ap.add_argument(
         "--given-order",

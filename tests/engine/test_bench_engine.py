@@ -92,6 +92,25 @@ def test_bench_engine_quick(tmp_path):
     )
     assert result["summary"]["cluster_idle_cores"] == best["cluster_idle_cores"]
 
+    # --floor (on by default): the same pipeline shape with stage code that sleeps each image's stage time from
+    # the run above. Two actors cannot sleep it faster than in half the time, so the unused share is never
+    # negative; the pool's actors (their start-up) and the driver both used CPU.
+    floor = best["floor"]
+    assert floor["images"] == 16 and 0 < floor["first_batch_s"] <= floor["wall_s"]
+    assert floor["slept_s"] == pytest.approx(best["stage_time_s"], rel=1e-6)
+    assert floor["wall_s"] * best["cores"] >= floor["slept_s"] * 0.99
+    assert floor["floor_idle_pct"] == pytest.approx(
+        100 * (floor["wall_s"] * best["cores"] - floor["slept_s"]) / floor["slept_s"]
+    )
+    assert floor["floor_idle_pct"] > -1.0
+    assert floor["actors_cpu_s"] > 0 and floor["ray_cpu_s"] > 0
+    assert floor["cpu_by_process"]["driver"] > 0
+    assert floor["floor_cpu_pct"] == pytest.approx(100 * floor["ray_cpu_s"] / floor["slept_s"])
+    assert best["above_floor_pct"] == pytest.approx(best["overhead_pct"] - floor["floor_idle_pct"])
+    assert result["summary"]["ray_floor_idle_pct"] == floor["floor_idle_pct"]
+    assert result["summary"]["ray_floor_cpu_pct"] == floor["floor_cpu_pct"]
+    assert "Ray Data's own floor" in proc.stdout
+
     # --timeline: the fused actors were timed (on a loaded machine the second may still be starting when the first
     # has run all four blocks), and together they ran every input block once.
     tl = best["actor_timeline"]
