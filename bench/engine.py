@@ -171,6 +171,8 @@ DEFINITIONS = {
     "the same blocks, one actor pool of the same size, CPUs and batch size) with stage code that only sleeps each "
     "image's stage time from the run just measured: no CPU, no output but the ids. What Ray Data costs on this "
     "node whatever the stages do",
+    "actor_constructed_s": "floor: per actor of the pool, when its constructor ran (seconds after from_items()): "
+    "Ray Data's start-up for an actor class that imports nothing of the engine",
     "floor_idle_pct": "floor: 100 * (wall_s * cores - slept_s) / slept_s: the core time the floor run left unused "
     "(the pool's start-up with Ray Data's imports, scheduling, gaps between batches, the tail); the same formula as "
     "overhead_pct, so a lower bound for it: the floor of the overhead the target is judged by",
@@ -602,13 +604,14 @@ class SleepStages:
 
     def __init__(self, seconds: dict[str, float]):
         self.seconds = seconds
+        self.constructed = time.time()  # when Ray Data got this actor as far as its constructor
 
     def __call__(self, batch):
         import pandas as pd
 
         ids = list(batch["source_id"])
         time.sleep(sum(self.seconds.get(i, 0.0) for i in ids))
-        return pd.DataFrame({"source_id": ids})
+        return pd.DataFrame({"source_id": ids, "pid": os.getpid(), "constructed": self.constructed})
 
 
 def run_floor(ray, records, seconds: dict[str, float], ecfg: EngineConfig, actors: int) -> dict[str, Any]:
@@ -618,7 +621,7 @@ def run_floor(ray, records, seconds: dict[str, float], ecfg: EngineConfig, actor
 
     n_blocks = input_blocks(len(records), ecfg.batch_size)
     items = largest_first([dict(r) for r in records], lambda r: len(r["data"]))
-    t0 = time.perf_counter()
+    t0_epoch, t0 = time.time(), time.perf_counter()
     ds = ray.data.from_items(items, override_num_blocks=n_blocks).map_batches(
         SleepStages,
         fn_constructor_args=(seconds,),
@@ -627,12 +630,22 @@ def run_floor(ray, records, seconds: dict[str, float], ecfg: EngineConfig, actor
         batch_size=ecfg.batch_size,
         batch_format="pandas",
     )
-    first, rows = None, 0
+    first, rows, constructed = None, 0, {}
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         first = time.perf_counter() - t0 if first is None else first
         rows += batch.num_rows
+        for pid, t in zip(
+            batch.column("pid").to_pylist(), batch.column("constructed").to_pylist(), strict=True
+        ):
+            constructed[pid] = t
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "first_batch_s": first if first is not None else wall, "images": rows}
+    return {
+        "wall_s": wall,
+        "first_batch_s": first if first is not None else wall,
+        "images": rows,
+        # Per actor of the pool that ran a batch: when its constructor ran, seconds after the run started.
+        "actor_constructed_s": sorted(t - t0_epoch for t in constructed.values()),
+    }
 
 
 def floor_figures(
@@ -1176,7 +1189,8 @@ def run(args) -> int:
             fig["floor"] = floor
             fig["above_floor_pct"] = fig["overhead_pct"] - floor["floor_idle_pct"]
             print(
-                f"    floor (the same pipeline shape, stage code that only sleeps): {floor['wall_s']:.1f} s, first "
+                f"    floor (the same pipeline shape, stage code that only sleeps): {floor['wall_s']:.1f} s, actors "
+                f"constructed at {'/'.join(f'{t:.2f}' for t in floor['actor_constructed_s'])} s, first "
                 f"batch {floor['first_batch_s']:.1f} s; core time unused {floor['floor_idle_pct']:.1f} % of stage "
                 f"time (this run's overhead {fig['overhead_pct']:.1f} %: {fig['above_floor_pct']:.1f} % above it); "
                 f"CPU of Ray's processes {floor['floor_cpu_pct']:.1f} % of stage time"

@@ -97,6 +97,8 @@ def test_bench_engine_quick(tmp_path):
     # negative; the pool's actors (their start-up) and the driver both used CPU.
     floor = best["floor"]
     assert floor["images"] == 16 and 0 < floor["first_batch_s"] <= floor["wall_s"]
+    assert 1 <= len(floor["actor_constructed_s"]) <= 2
+    assert all(0 < t < floor["first_batch_s"] for t in floor["actor_constructed_s"])
     assert floor["slept_s"] == pytest.approx(best["stage_time_s"], rel=1e-6)
     assert floor["wall_s"] * best["cores"] >= floor["slept_s"] * 0.99
     assert floor["floor_idle_pct"] == pytest.approx(
