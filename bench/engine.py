@@ -17,13 +17,13 @@ run, on the same inputs, after an untimed warm-up of both arms (imports, pymatti
       - ``--staged``: the staged layout (scene / completion / matting actor pools, prompts and post-filter
         tasks) once per ``--cpu-actors`` x ``--batch-size`` (CPUs per actor/task sized so the pools fit on
         --cores), with idle Ray workers kept alive (``--keep-workers``, see below), for comparison.
+(c) ``--ceiling``: ``--cores`` plain processes (spawned, no Ray) run 1/cores of the images each at the same time:
+    the speed-up this machine allows any parallel layout that added nothing (cores slow each other down through
+    shared caches, memory bandwidth and SMT siblings); printed beside the Ray run's share of it.
 (f) ``--floor`` (on by default): after each run of the defaults, the same pipeline shape (``from_items`` of the same
     records in the same blocks, one actor pool of the same size) with stage code that only sleeps each image's stage
     time from that run: what Ray Data alone costs on this node for that schedule (core time left unused, and CPU
     of its own processes), and how much of the run's overhead the engine's pipeline adds above it.
-(c) ``--ceiling``: ``--cores`` plain processes (spawned, no Ray) run 1/cores of the images each at the same time:
-    the speed-up this machine allows any parallel layout that added nothing (cores slow each other down through
-    shared caches, memory bandwidth and SMT siblings); printed beside the Ray run's share of it.
 
 Thread counts are pinned to 1 in both arms (design.md, Pitfalls): ``OMP/MKL/OPENBLAS/NUMEXPR/NUMBA/OPENCV_FOR``
 variables are set before anything imports numpy, ``cv2.setNumThreads(1)`` and ``torch.set_num_threads(1)`` in the
@@ -58,7 +58,7 @@ go quiet. Definitions (also written into the JSON, "definitions"):
   cluster idle  = CPU used by the driver and Ray's daemons and service actors while no dataset runs (5 s measured
                   before the timed run), as a share of a core and of the run's stage time;
   floor         = (f)'s unused core time, (wall * cores - slept) / slept: the overhead Ray Data alone leaves on
-                  this schedule, a lower bound for the run's overhead; and, apart, the CPU of every process but its
+                  this schedule, comparable with the run's overhead; and, apart, the CPU of every process but its
                   actors (driver, daemons, service actors) / slept, which on busy cores slows the stage code;
   cpu ms/img    = CPU seconds of this process tree per image; cpu overhead % = (a) against (b);
   contention    = stage time (a) / stage time (b);
@@ -175,7 +175,7 @@ DEFINITIONS = {
     "Ray Data's start-up for an actor class that imports nothing of the engine",
     "floor_idle_pct": "floor: 100 * (wall_s * cores - slept_s) / slept_s: the core time the floor run left unused "
     "(the pool's start-up with Ray Data's imports, scheduling, gaps between batches, the tail); the same formula as "
-    "overhead_pct, so a lower bound for it: the floor of the overhead the target is judged by",
+    "overhead_pct, so comparable with it: what Ray Data alone leaves of the overhead the target is judged by",
     "floor_cpu_pct": "floor: 100 * CPU seconds of every process of the tree but the pool's actors (the driver with "
     "Ray Data's executor, Ray's daemons and service actors, this script's 1 Hz sampler) / slept_s. In the floor "
     "run it uses cores the sleeping stages leave free; in a measured run, whose cores are busy, it takes them from "
@@ -1180,7 +1180,7 @@ def run(args) -> int:
         fig["matches_plain"] = not diffs
         if diffs:
             result["mismatches"].append({"setting": s, "differences": diffs[:50], "count": len(diffs)})
-        if args.floor and s.get("defaults") and s["layout"] == "fused":
+        if args.floor and s.get("defaults") and s["layout"] == "fused" and not s["barrier"]:
             time.sleep(1.0)  # the measured run's actors exit
             seconds = dict(fig["image_stage_s"])
             frun, fcpu, ftitles, fquiet = timed(lambda: run_floor(ray, records, seconds, ecfg, s["actors"]))
@@ -1447,7 +1447,7 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="after each run of the defaults, run the same pipeline shape with stage code that only sleeps each "
         "image's stage time: Ray Data's own cost on this node for that schedule, and how much of the run's "
-        "overhead the engine adds above it (default on)",
+        "overhead the engine adds above it (default on; not with --barrier, whose pipeline has another shape)",
     )
     ap.add_argument(
         "--given-order",
