@@ -597,6 +597,11 @@ def _fmt_timeline(tl: list[dict[str, Any]]) -> str:
     )
 
 
+def engine_order(records: list[dict[str, Any]], order: str = "largest") -> list[dict[str, Any]]:
+    """The records in the order the engine feeds its stages (``largest``: largest file first), or as given."""
+    return largest_first(records, lambda r: len(r["data"])) if order == "largest" else records
+
+
 class SleepStages:
     """``--floor``: stands in for the pre-filter and stages 2-6 in the fused actor. Sleeps, for each batch, the
     stage time its images took in the run just measured; uses no CPU and returns only the ids, so what is left of
@@ -620,9 +625,8 @@ def run_floor(ray, records, seconds: dict[str, float], ecfg: EngineConfig, actor
     from ray.data import ActorPoolStrategy
 
     n_blocks = input_blocks(len(records), ecfg.batch_size)
-    items = largest_first([dict(r) for r in records], lambda r: len(r["data"]))
     t0_epoch, t0 = time.time(), time.perf_counter()
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks).map_batches(
+    ds = ray.data.from_items(engine_order(records), override_num_blocks=n_blocks).map_batches(
         SleepStages,
         fn_constructor_args=(seconds,),
         compute=ActorPoolStrategy(size=actors),
@@ -685,9 +689,9 @@ def build_dataset(
     task = {"num_cpus": ecfg.num_cpus_per_task, "batch_format": "pandas", "batch_size": ecfg.batch_size}
     # In the order the engine feeds its stages (largest first; setting "order": "given" keeps the input order,
     # for comparison); near-duplicates stay resolved in input order either way.
-    if setting.get("order", "largest") == "largest":
-        records = largest_first(records, lambda r: len(r["data"]))
-    items = [dict(r, ok=True, stage="", reason="") for r in records]
+    items = [
+        dict(r, ok=True, stage="", reason="") for r in engine_order(records, setting.get("order", "largest"))
+    ]
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
     ds = ds.map_batches(PreFilterStage(ecfg), **task)
     if dups is None:  # the production shape: near-duplicates need every hash, a barrier
