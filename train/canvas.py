@@ -20,7 +20,9 @@ blue), the same canvas that stands for "no spatial prompt" when conditions are d
 Prompts follow the sample format (:mod:`reflade.engine.schema`): ``type``, ``granularity``, ``points``
 (``[[x, y, label], ...]`` in pixels), ``box`` (``[x0, y0, x1, y1]``, half-open, pixels), ``mask`` (PNG bytes,
 0/255) and ``text``. Here a mask may also be an HxW NumPy array (bool, or numbers where non-zero is inside), and
-missing keys default to ``None`` (``granularity`` to ``"fine"``).
+missing keys default to ``None`` (``granularity`` to ``"fine"``). The prompt checks (:class:`PromptError`,
+:func:`validate_prompt_for_image`) live in :mod:`reflade.engine.decompose`, the one place every decomposer and
+caller shares; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ import cv2
 import numpy as np
 import torch
 
-from reflade.engine.schema import GRANULARITIES, SchemaError, decode_mask, encode_png, validate_prompt
+from reflade.engine.decompose import (
+    MAX_TEXT_CHARS,
+    PromptError,
+    normalize_prompt,
+    validate_prompt_for_image,
+)
+from reflade.engine.decompose import prompt_mask_array as _mask_array
 
 __all__ = [
     "BACKGROUND",
@@ -55,14 +63,6 @@ BOX = (0.0, 1.0, 0.0)
 MASK = (1.0, 0.0, 0.0)
 POSITIVE_POINT = (1.0, 1.0, 1.0)
 NEGATIVE_POINT = (0.0, 0.0, 0.0)
-MAX_TEXT_CHARS = 300
-"""Longest prompt text accepted (the sample format's bound)."""
-
-_KEYS = ("type", "granularity", "points", "box", "mask", "text")
-
-
-class PromptError(ValueError):
-    """A prompt cannot be used with an image; the message says which part and why."""
 
 
 def default_sigma(height: int, width: int) -> float:
@@ -74,97 +74,6 @@ def empty_canvas(height: int, width: int) -> torch.Tensor:
     """The canvas of no spatial prompt (all blue) as (1, 3, H, W) in [-1, 1]: the unconditional canvas."""
     c = torch.tensor(BACKGROUND, dtype=torch.float32).mul(2.0).sub(1.0)
     return c.view(1, 3, 1, 1).expand(1, 3, height, width).contiguous()
-
-
-def _mask_array(mask: Any) -> np.ndarray | None:
-    if mask is None:
-        return None
-    if isinstance(mask, (bytes, bytearray, memoryview)):
-        return decode_mask(bytes(mask))
-    a = np.asarray(mask)
-    if a.ndim != 2:
-        raise PromptError(f"prompt mask must be a 2-D HxW array, got shape {a.shape}")
-    return a.astype(bool) if a.dtype == bool else a != 0
-
-
-def normalize_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``prompt`` with every key of the sample format present and plain Python values.
-
-    Missing keys become ``None`` (``points`` an empty list, ``granularity`` ``"fine"``); a mask stays as given
-    (PNG bytes or an array). An unknown key is an error (it is most likely a typo of a known one).
-
-    Raises:
-        PromptError: not a dict, or unknown keys.
-    """
-    if not isinstance(prompt, dict):
-        raise PromptError(f"a prompt is a dict with keys {list(_KEYS)}, got {type(prompt).__name__}")
-    unknown = sorted(set(prompt) - set(_KEYS))
-    if unknown:
-        raise PromptError(f"unknown prompt keys {unknown} (known: {list(_KEYS)})")
-    p = {k: prompt.get(k) for k in _KEYS}
-    p["granularity"] = p["granularity"] or "fine"
-    try:
-        p["points"] = [[int(v) for v in pt] for pt in (p["points"] if p["points"] is not None else [])]
-        p["box"] = None if p["box"] is None else [int(v) for v in p["box"]]
-    except (TypeError, ValueError) as e:
-        raise PromptError(
-            f"points must be [[x, y, label], ...] and box [x0, y0, x1, y1] in pixels: {e}"
-        ) from e
-    if p["type"] is None:
-        # Infer the type from what is there, in the format's canonical order.
-        parts = [
-            name
-            for name, present in (
-                ("text", bool(p["text"])),
-                ("point", bool(p["points"])),
-                ("box", p["box"] is not None),
-                ("mask", p["mask"] is not None),
-            )
-            if present
-        ]
-        p["type"] = "+".join(parts) if parts else None
-    return p
-
-
-def validate_prompt_for_image(prompt: dict[str, Any], height: int, width: int) -> dict[str, Any]:
-    """Check that a prompt can be used with an image of ``height`` x ``width`` pixels.
-
-    Uses the sample format's own rules (:func:`reflade.engine.schema.validate_prompt`) and adds: an empty prompt
-    is refused, and a mask may be an HxW array.
-
-    Returns:
-        The normalized prompt (see :func:`normalize_prompt`).
-
-    Raises:
-        PromptError: empty prompt, unknown type, a point outside the image, a box not half-open inside it, a mask
-            of another size, text longer than 300 characters; the message names the part.
-    """
-    if height <= 0 or width <= 0:
-        raise PromptError(f"image size {width}x{height} is empty")
-    p = normalize_prompt(prompt)
-    if not p["points"] and p["box"] is None and p["mask"] is None and not p["text"]:
-        raise PromptError("empty prompt: give at least one of points, a box, a mask or text")
-    if p["type"] is None:
-        raise PromptError("prompt has no type")
-    if p["granularity"] not in GRANULARITIES:
-        raise PromptError(f"prompt granularity {p['granularity']!r} not in {GRANULARITIES}")
-    if p["text"] is not None and not isinstance(p["text"], str):
-        raise PromptError(f"prompt text must be a string, got {type(p['text']).__name__}")
-    if p["text"] is not None and len(p["text"]) > MAX_TEXT_CHARS:
-        raise PromptError(f"prompt text of {len(p['text'])} characters (at most {MAX_TEXT_CHARS})")
-    mask = p["mask"]
-    if mask is not None and not isinstance(mask, (bytes, bytearray, memoryview)):
-        m = _mask_array(mask)
-        if m.shape != (height, width):
-            raise PromptError(
-                f"prompt mask is {m.shape[1]}x{m.shape[0]} (width x height), the image is {width}x{height}"
-            )
-        mask = encode_png(m)  # the format's validator reads PNG bytes
-    try:
-        validate_prompt({**p, "mask": mask}, width, height)
-    except SchemaError as e:
-        raise PromptError(str(e).removeprefix("sample ?: ")) from None
-    return p
 
 
 def _draw_dots(canvas: np.ndarray, points: list[list[int]], sigma: float) -> None:
