@@ -269,6 +269,25 @@ def check_table(table: pa.Table) -> None:
             )
 
 
+def check_schema(schema: pa.Schema, where: str = "dataset") -> None:
+    """Refuse a Parquet schema (a shard's footer) whose version or columns this reader does not know.
+
+    Raises:
+        SchemaError: naming ``where``, the version found and the one this reader knows, or the missing columns.
+    """
+    version = (schema.metadata or {}).get(b"reflade.schema_version")
+    if version is not None and int(version) != SCHEMA_VERSION:
+        raise SchemaError(f"{where} has schema_version {int(version)}; this reader knows {SCHEMA_VERSION}")
+    missing = [c for c in COLUMNS if c not in schema.names]
+    if missing:
+        raise SchemaError(f"{where} is not an RLD dataset table: missing columns {missing}")
+
+
+def _checked_batch(batch: pa.Table) -> pa.Table:
+    check_table(batch)
+    return batch
+
+
 def write_shard(rows: Iterable[dict[str, Any]], path: str, filesystem=None, *, validate: bool = True) -> int:
     """Write rows as one Parquet file (local path, or ``bucket/key`` with a pyarrow filesystem)."""
     table = rows_to_table(rows, validate=validate)
@@ -314,7 +333,13 @@ def read_dataset(registry, ref: str, split: str | None = None):
     if v.kind != "dataset":
         raise SchemaError(f"{v.ref} is a {v.kind}, not a dataset")
     paths = [registry.storage.path(v.key(f["path"])) for f in shard_files(v)]
+    # Footers first (one small read per shard, on this process): an unknown schema_version or a missing
+    # column fails here, before any task starts, as load_rows fails.
+    for path in paths:
+        check_schema(pq.read_schema(path, filesystem=registry.storage.fs), where=f"{v.ref}: {path}")
     ds = ray.data.read_parquet(paths, filesystem=registry.storage.fs)
+    # Rows too (a shard written by another writer may lack the footer's version): fused into the read tasks.
+    ds = ds.map_batches(_checked_batch, batch_format="pyarrow", zero_copy_batch=True)
     split = split or v.split
     if split:
         from ray.data.expressions import col

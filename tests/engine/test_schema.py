@@ -200,3 +200,29 @@ def test_registry_readers_plain_and_ray(registry, tmp_path, ray_cluster):
     )
     with pytest.raises(SchemaError, match="not a dataset"):
         load_rows(registry, other.ref)
+
+
+def test_ray_reader_refuses_unknown_schema_version(registry, tmp_path, ray_cluster):
+    # A newer writer's footer: refused on the driver, before any task runs, as load_rows refuses it.
+    newer = tmp_path / "newer" / "shards"
+    newer.mkdir(parents=True)
+    table = rows_to_table([make_row(1, split="train")])
+    pq.write_table(table.replace_schema_metadata({b"reflade.schema_version": b"99"}), newer / "a.parquet")
+    v = registry.create("dataset", "newer", tmp_path / "newer")
+    with pytest.raises(SchemaError, match="schema_version 99"):
+        read_dataset(registry, v.ref)
+    with pytest.raises(SchemaError, match="schema_version 99"):
+        load_rows(registry, v.ref)
+    # No footer version, but the rows say 99: refused when the rows are read.
+    rowwise = tmp_path / "rowwise" / "shards"
+    rowwise.mkdir(parents=True)
+    bumped = table.set_column(
+        table.schema.get_field_index("schema_version"),
+        "schema_version",
+        pa.array([99], pa.int32()),
+    ).replace_schema_metadata(None)
+    pq.write_table(bumped, rowwise / "a.parquet")
+    v2 = registry.create("dataset", "rowwise", tmp_path / "rowwise")
+    # Ray Data wraps the reader's SchemaError in its UserCodeException; the message is the reader's.
+    with pytest.raises(Exception, match=r"rows with schema_version \[99\]; this reader knows"):
+        read_dataset(registry, v2.ref).take_all()
