@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The decomposition-latency device check (README: "GPU checks"): bench/gpu_check.py's inference cases only, with
+# The decomposition-latency device check (docs/benchmarks.md, "GPU checks"): bench/gpu_check.py's inference cases only, with
 # bf16 weights, comparing the settings base / cudnn (cuDNN autotuning) / cudnn+cl (plus the VAE and the alpha
 # decoder channels-last), each decomposition with its stage breakdown. Run on the lent GPU machine from the
 # repository root with the wheels in .whl (diffusers, importlib-metadata, zipp) carried; writes under $OUT.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The device check of both GPU scripts in one call (README: "GPU checks"). Run on the lent GPU machine from the
+# The device check of both GPU scripts in one call (docs/benchmarks.md, "GPU checks"). Run on the lent GPU machine from the
 # repository root with the wheels in .whl (diffusers, segment-anything, pymatting, importlib-metadata and
-# lazy-importer; see the README) carried; writes the JSON and logs under $OUT (default bench/results).
+# lazy-importer; see docs/benchmarks.md) carried; writes the JSON and logs under $OUT (default bench/results).
 #   bash bench/gpu_run.sh [check-seconds] [engine-seconds] [engine-serial-seconds] [engine-fp32-seconds]
 # A limit of 0 skips that run. The engine runs over 16 scenes (the count). The third (default 0) reruns
 # the engine's end-to-end case with --no-cpu-overlap (CPU pre/post-processing in line, between GPU stages) and the

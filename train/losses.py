@@ -10,7 +10,8 @@ scheduler's ``shift``), so training spends its effort where sampling does.
 
 Condition dropout (for classifier-free guidance): per sample, with probability ``drop_text`` the text embedding is
 replaced by the empty string's, and independently with probability ``drop_canvas`` the canvas latent by the empty
-(all-blue) canvas's. The source image is never dropped: the layer is always of this image.
+(all-blue) canvas's. The source image and the layer kind are never dropped: the layer is always of this image and
+of the kind asked for.
 
 Mixed precision: bf16 autocast on CUDA only (CPU autocast is slower than float32 here); weights stay float32.
 """
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from reflade.engine.schema import KINDS
 from reflade.train.model import RefLayerBundle
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "autocast",
     "encode_batch",
     "flow_matching_loss",
+    "kind_indices",
     "premultiply_over_grey",
     "sample_sigmas",
 ]
@@ -61,6 +64,7 @@ def encode_batch(
     canvases: torch.Tensor,
     texts: list[str],
     *,
+    kinds: list[str] | None = None,
     mixed_precision: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Everything the frozen parts compute for a batch (no gradients; cacheable).
@@ -70,13 +74,20 @@ def encode_batch(
         layers: (B, 4, H, W) target layers, straight RGBA in [0, 1] (None at inference).
         canvases: (B, 3, H, W) prompt canvases in [-1, 1] (:func:`reflade.train.canvas.canvas_batch`).
         texts: B prompt texts ("" for none).
+        kinds: B layer kinds (``foreground`` / ``background``); None: no ``kind`` entry (the model then takes
+            every row as a foreground).
         mixed_precision: bf16 autocast around the VAE and text encoders (default: on CUDA only); the latents
             come back as float32 either way.
 
     Returns:
         ``image``, ``canvas`` (and ``target`` with ``layers``): (B, C, h, w) normalized latents, ``target`` the
         latent of the layer over mid-grey (:func:`premultiply_over_grey`); ``text_hidden`` (B, L, D),
-        ``text_pooled`` (B, P); ``alpha`` (B, 1, H, W) in [0, 1] with ``layers``.
+        ``text_pooled`` (B, P); ``alpha`` (B, 1, H, W) in [0, 1] with ``layers``; ``kind`` (B,) with ``kinds``:
+        indices into :data:`reflade.engine.schema.KINDS` (the builders' ``layer_kinds``) as float32, like every
+        other cached column.
+
+    Raises:
+        ValueError: batch sizes differ, or a kind is not a layer kind.
     """
     b = images.shape[0]
     if canvases.shape[0] != b or len(texts) != b or (layers is not None and layers.shape[0] != b):
@@ -101,7 +112,23 @@ def encode_batch(
             out["alpha"] = layers[:, 3:4].contiguous()
         hidden, pooled = bundle.text_encoder.encode(list(texts))
     out["text_hidden"], out["text_pooled"] = hidden.float(), pooled.float()
+    if kinds is not None:
+        out["kind"] = kind_indices(kinds, b)
     return out
+
+
+def kind_indices(kinds: list[str], batch: int | None = None) -> torch.Tensor:
+    """Layer kind names -> (B,) float32 indices into :data:`reflade.engine.schema.KINDS`.
+
+    Raises:
+        ValueError: a name is not a layer kind, or ``batch`` names another length.
+    """
+    from reflade.engine.decompose import check_kind
+
+    kinds = [check_kind(k, f"kinds[{i}]") for i, k in enumerate(kinds)]
+    if batch is not None and len(kinds) != batch:
+        raise ValueError(f"{len(kinds)} layer kinds for a batch of {batch}")
+    return torch.tensor([KINDS.index(k) for k in kinds], dtype=torch.float32)
 
 
 def sample_sigmas(
@@ -136,7 +163,8 @@ def flow_matching_loss(
     """Rectified-flow loss of the transformer phase: mean squared error of the predicted velocity.
 
     Args:
-        latents: from :func:`encode_batch` (``target``, ``image``, ``canvas``, ``text_hidden``, ``text_pooled``).
+        latents: from :func:`encode_batch` (``target``, ``image``, ``canvas``, ``text_hidden``, ``text_pooled``,
+            and ``kind`` (B,), never dropped: without it every row is a foreground).
         generator: source of noise levels, noise and dropout (CPU by default): a fixed seed gives a fixed draw,
             e.g. for comparing losses fairly.
         drop_text, drop_canvas: per-sample probabilities of replacing the text / canvas by the empty one.
@@ -167,7 +195,9 @@ def flow_matching_loss(
         canvas = _where(_drop_mask(b, drop_canvas, generator), empty_canvas, canvas)
 
     with autocast(device, mixed_precision):
-        pred = bundle.model(noisy, latents["image"].to(device), canvas, sigmas * 1000.0, hidden, pooled)
+        kind = latents.get("kind")
+        kind = None if kind is None else kind.to(device)
+        pred = bundle.model(noisy, latents["image"].to(device), canvas, sigmas * 1000.0, hidden, pooled, kind)
     return F.mse_loss(pred.float(), target.float())
 
 

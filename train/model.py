@@ -15,6 +15,8 @@ Parts (:class:`RefLayer`, the trainable model):
 - ``alpha_decoder``: diffusers' VAE ``Decoder`` with the VAE decoder's block layout and one output channel (alpha
   logits), reading the same latent as the VAE's RGB decoder. It starts from the VAE decoder's weights (its output
   convolution from the mean of the RGB rows), so it begins with features that already decode this latent space.
+- ``kind_embedding``: one learned vector per layer kind (``layer_kinds``: ``foreground``, ``background``, the
+  sample format's ``kind``), added to the projected pooled text embedding. See :class:`RefLayer` for why.
 
 Frozen parts (in :class:`RefLayerBundle`, beside the model): the VAE (``AutoencoderKL``), the text encoder
 (:mod:`reflade.train.text`) and the sampler (``FlowMatchEulerDiscreteScheduler``).
@@ -60,6 +62,7 @@ from diffusers.models.autoencoders.vae import Decoder
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from reflade.engine.schema import KINDS
 from reflade.train.canvas import empty_canvas
 from reflade.train.text import (
     MiniLMTextEncoder,
@@ -89,6 +92,9 @@ FORMAT_VERSION = 1
 _BUNDLE = "bundle.json"
 _LOW_CPU_MEM = importlib.util.find_spec("accelerate") is not None
 """diffusers loads without first initialising random weights only with accelerate; say so, don't warn."""
+_KIND_INIT_STD = 0.3
+"""Initial spread of the background kind's embedding: about the per-element standard deviation of MiniLM's
+pooled text embeddings (0.30-0.36 measured on short prompts), so the kinds start as far apart as two texts."""
 PHASES = ("transformer", "alpha")
 """Training phases: the transformer (with ``compress`` and the text projections) on the flow-matching loss, and
 the alpha decoder on alpha targets."""
@@ -198,6 +204,27 @@ class RefLayer(ModelMixin, ConfigMixin):
         compress_kernel: kernel size of ``compress`` (odd).
         pretrained_transformer: an already built (pretrained) transformer, used instead of building one from
             ``transformer_config``; not part of the saved config (the weights are).
+        layer_kinds: the layer kinds the model is conditioned on, in embedding order (the builders give the
+            sample format's ``("foreground", "background")``); None: no kind input (models saved before it).
+        kind_init_std: standard deviation of the initial embedding of every kind but the first (the first
+            starts at zero).
+
+    The layer kind (foreground: the entity's own layer; background: the scene with it removed and filled) is a
+    learned vector per kind added to the pooled text embedding, after ``pooled_proj``. The transformer adds
+    that embedding (through its ``text_embedder`` MLP) to the timestep embedding, the ``temb`` that sets the
+    adaptive-norm scale and shift of every block and of the output norm. Why there:
+
+    - It conditions every prompt type alike. A point, box or mask prompt has no text to say "the scene without",
+      and a canvas convention would change the method's one prompt renderer (blue, green, red, dots) and mix
+      two facts in one input; a pooled-space vector needs no text and no canvas.
+    - Classifier-free guidance drops text and canvas, never the kind (like the source image, it says what to
+      produce, not which entity): both guidance branches ask for the same kind.
+    - The kind is a global property of the output (alpha 255 everywhere for a background, the entity's extent
+      for a foreground): the adaptive norms reach every token of every block, at no attention cost.
+    - The first kind (foreground) starts at zero, so a pretrained SD3 sees exactly its own pooled text for it;
+      the others start at a random offset about as large as the difference between two texts' pooled
+      embeddings, so training tells the kinds apart from its first step. ``layer_kinds`` is in the saved
+      config: a checkpoint says which kinds it knows.
     """
 
     config_name = "config.json"
@@ -215,6 +242,8 @@ class RefLayer(ModelMixin, ConfigMixin):
         text_pooled_dim: int,
         compress_kernel: int = 3,
         pretrained_transformer: SD3Transformer2DModel | None = None,
+        layer_kinds: list[str] | None = None,
+        kind_init_std: float = 0.0,
     ):
         super().__init__()
         c = int(latent_channels)
@@ -239,10 +268,44 @@ class RefLayer(ModelMixin, ConfigMixin):
         self.text_proj = nn.Identity() if text_hidden_dim == joint else nn.Linear(text_hidden_dim, joint)
         self.pooled_proj = nn.Identity() if text_pooled_dim == pooled else nn.Linear(text_pooled_dim, pooled)
         self.alpha_decoder = Decoder(**alpha_decoder_config)
+        # Made last, so the other parts' random initialisation is the same with and without it.
+        self.kind_embedding: nn.Embedding | None = None
+        if layer_kinds is not None:
+            kinds = [str(k) for k in layer_kinds]
+            if not kinds or len(set(kinds)) != len(kinds):
+                raise ValueError(f"layer_kinds must be distinct names, got {layer_kinds!r}")
+            self.kind_embedding = nn.Embedding(len(kinds), pooled)
+            with torch.no_grad():
+                self.kind_embedding.weight.normal_(0.0, float(kind_init_std))
+                self.kind_embedding.weight[0].zero_()
 
     @property
     def latent_channels(self) -> int:
         return int(self.config.latent_channels)
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...] | None:
+        """The kinds the model is conditioned on, in embedding order (None: no kind input)."""
+        kinds = self.config.get("layer_kinds")
+        return None if kinds is None else tuple(kinds)
+
+    def kind_index(self, kinds: list[str]) -> torch.Tensor:
+        """Layer kind names -> (B,) int64 indices into ``kind_embedding`` (on the model's device).
+
+        Raises:
+            ValueError: the model has no kind input, or a name is not one of its ``layer_kinds``.
+        """
+        known = self.layer_kinds
+        if known is None:
+            raise ValueError(
+                "this RefLayer has no layer-kind input (its config has no layer_kinds: it was saved before "
+                "kind conditioning); retrain it to decompose by kind"
+            )
+        bad = [k for k in kinds if k not in known]
+        if bad:
+            raise ValueError(f"unknown layer kind(s) {bad} (this model knows {', '.join(known)})")
+        index = [known.index(k) for k in kinds]
+        return torch.tensor(index, dtype=torch.long, device=self.compress.weight.device)
 
     def forward(
         self,
@@ -252,6 +315,7 @@ class RefLayer(ModelMixin, ConfigMixin):
         timestep: torch.Tensor,
         text_hidden: torch.Tensor,
         text_pooled: torch.Tensor,
+        kind: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the flow-matching velocity.
 
@@ -259,25 +323,45 @@ class RefLayer(ModelMixin, ConfigMixin):
             noisy, image_latent, canvas_latent: (B, C, h, w) latents.
             timestep: (B,) sigma x 1000 (the scheduler's timestep scale).
             text_hidden: (B, L, D); text_pooled: (B, P).
+            kind: (B,) indices into ``layer_kinds`` (:meth:`kind_index`; any numeric dtype: cached latents hold
+                them as float32); None: every row the first kind (foreground). Ignored by a model without
+                ``layer_kinds`` only when None.
 
         Returns:
             (B, C, h, w) velocity ``noise - x0``.
+
+        Raises:
+            ValueError: ``kind`` given to a model without a kind input, or of another batch size.
         """
         # Inputs follow the weights' dtype (float32 in training; bf16 weights for inference need no autocast).
         dt = self.compress.weight.dtype
         x = self.compress(torch.cat([noisy, image_latent, canvas_latent], dim=1).to(dt))
+        pooled = self.pooled_proj(text_pooled.to(dt))
+        if self.kind_embedding is not None:
+            if kind is None:
+                kind = torch.zeros(pooled.shape[0], dtype=torch.long, device=pooled.device)
+            kind = kind.to(pooled.device).view(-1)
+            kind = (kind.round() if kind.is_floating_point() else kind).long()
+            if kind.shape[0] != pooled.shape[0]:
+                raise ValueError(f"{kind.shape[0]} layer kinds for a batch of {pooled.shape[0]}")
+            pooled = pooled + self.kind_embedding(kind).to(dt)
+        elif kind is not None:
+            self.kind_index([])  # raises: this model has no kind input
         return self.transformer(
             hidden_states=x,
             encoder_hidden_states=self.text_proj(text_hidden.to(dt)),
-            pooled_projections=self.pooled_proj(text_pooled.to(dt)),
+            pooled_projections=pooled,
             timestep=timestep,
             return_dict=False,
         )[0]
 
     def phase_parameters(self, phase: str) -> list[nn.Parameter]:
-        """Parameters trained in ``phase``: ``transformer`` (with compress and text projections) or ``alpha``."""
+        """Parameters trained in ``phase``: ``transformer`` (with compress, text projections and the kind
+        embedding) or ``alpha``."""
         if phase == "transformer":
             mods = [self.transformer, self.compress, self.text_proj, self.pooled_proj]
+            if self.kind_embedding is not None:
+                mods.append(self.kind_embedding)
             return [p for m in mods for p in m.parameters()]
         if phase == "alpha":
             return list(self.alpha_decoder.parameters())
@@ -864,6 +948,8 @@ def build_reflayer(
             text_hidden_dim=text_encoder.hidden_dim,
             text_pooled_dim=text_encoder.pooled_dim,
             pretrained_transformer=transformer,
+            layer_kinds=list(KINDS),
+            kind_init_std=_KIND_INIT_STD,
         )
     model.init_alpha_decoder_from(vae_model.decoder)
     config = {"preset": preset, "resolution": p.resolution, "base_weights": base, "sources": sources}

@@ -1,18 +1,23 @@
-"""RefLayer decomposition: one image and a prompt in, one RGBA layer out.
+"""RefLayer decomposition: images, prompts and layer kinds in, one RGBA layer per image out.
 
-Two levels, like segment-anything's predictor:
+Three levels, like segment-anything's predictor:
 
-- ``RefLayerPipeline(bundle)(image, prompt, ...)``: NumPy in the image's own frame for a person (HxWx3 uint8 in,
-  HxWx4 uint8 out, the input's size), the prompt validated before any compute.
+- :meth:`RefLayerPipeline.decompose`: the platform's one decomposition API (:class:`reflade.engine.decompose.
+  Decomposer`), what eval, serve, the demo and the benchmarks call: a batch of NumPy images each at its own size,
+  prompts in the sample format, kinds ``foreground`` / ``background``; everything checked before any compute.
+  ``RefLayerPipeline.from_registry("model/reflayer@candidate")`` loads the model by registry reference.
+- ``RefLayerPipeline(bundle)(image, prompt, kind=...)``: one image, for a person (the same path).
 - :meth:`RefLayerPipeline.decompose_batch`: batched tensors at the model's resolution, for Ray.
 
 Steps: the image and its prompt canvas are resized to the model's square resolution (area averaging down,
-bilinear up) and encoded by the frozen VAE; the text by the text encoder. From seeded Gaussian noise the
-transformer integrates the flow with the Euler sampler (``FlowMatchEulerDiscreteScheduler``, a fresh copy per
-call, so concurrent calls never share its state). The final latent goes through both decoders: the VAE's decoder
-gives the layer over mid-grey (premultiplied in [-1, 1]), the alpha decoder gives alpha; the straight colour is
-their ratio. With ``guidance_scale`` > 1 the conditional and unconditional rows (empty text and empty canvas, same
-image) run as one batch of two: ``v = v_u + g (v_c - v_u)``.
+bilinear up, :func:`reflade.engine.decompose.resize_image`) and encoded by the frozen VAE; the text by the text
+encoder; the layer kind selects the model's kind embedding. From seeded Gaussian noise the transformer integrates
+the flow with the Euler sampler (``FlowMatchEulerDiscreteScheduler``, a fresh copy per call, so concurrent calls
+never share its state). The final latent goes through both decoders: the VAE's decoder gives the layer over
+mid-grey (premultiplied in [-1, 1]), the alpha decoder gives alpha; the straight colour is their ratio, taken
+after resizing back to each image's size (:func:`reflade.engine.decompose.premultiplied_to_layer`). With
+``guidance_scale`` > 1 the conditional and unconditional rows (empty text and empty canvas, same image, same
+kind) run as one batch of two: ``v = v_u + g (v_c - v_u)``.
 
 Determinism: the noise comes from a CPU ``torch.Generator`` seeded with ``seed``, so a seed gives the same output
 on any device that computes the network deterministically (bit-identical on CPU).
@@ -21,28 +26,30 @@ on any device that computes the network deterministically (bit-identical on CPU)
 from __future__ import annotations
 
 import copy
+import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
-from reflade.train.canvas import PromptError, canvas_batch, validate_prompt_for_image
+from reflade.engine.decompose import (
+    ALPHA_EPS,
+    PromptError,
+    check_kind,
+    premultiplied_to_layer,
+    prepare,
+    resize_image,
+)
+from reflade.engine.schema import KINDS
+from reflade.train.canvas import canvas_batch
 from reflade.train.losses import autocast, encode_batch
 from reflade.train.model import RefLayerBundle
 
 __all__ = ["PromptError", "RefLayerPipeline"]
 
-_ALPHA_EPS = 0.5 / 255.0
-"""Alpha below this is 0 in 8 bits: the colour there is set to 0 (straight alpha, RGB = 0 where alpha = 0)."""
-
-
-def _resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
-    if a.shape[:2] == (height, width):
-        return a
-    shrink = height <= a.shape[0] and width <= a.shape[1]
-    return cv2.resize(a, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+_ALPHA_EPS = ALPHA_EPS
 
 
 class RefLayerPipeline:

@@ -6,8 +6,10 @@ honest baseline of the benchmark (Ray's overhead is everything else).
 Data: the dataset's ``train`` split is read in place from the object store (:func:`reflade.engine.schema.
 read_dataset`) and decoded by a Ray Data ``map`` before the trainer (:func:`preprocess_row`): the source image as
 (3, R, R) in [-1, 1], the layer as straight RGBA (4, R, R) in [0, 1], one of the row's prompts (drawn by a seed
-from the row's ``sample_id``) as its canvas (3, R, R) in [-1, 1] and its text. The frozen VAE and text encoder
-run inside the worker (:func:`reflade.train.losses.encode_batch`).
+from the row's ``sample_id``) as its canvas (3, R, R) in [-1, 1] and its text, and the row's layer ``kind``
+(foreground or background: both kinds train, each with the model's kind input set to it). The frozen VAE and text
+encoder run inside the worker (:func:`reflade.train.losses.encode_batch`), or once in a latent-caching pass that
+keeps the kind beside the latents.
 
 Checkpoints (rank 0 writes, every rank reports; uploaded asynchronously so training does not wait for the object
 store): ``state.pt`` with the trainable model's weights, the optimiser, the step, the EMA weights and the
@@ -150,14 +152,20 @@ def _layer_rgba(layer: np.ndarray, size: int) -> np.ndarray:
 
 
 def preprocess_row(row: dict[str, Any], resolution: int, seed: int = 0) -> dict[str, Any]:
-    """One dataset row -> the trainer's input: ``image`` (3,R,R), ``layer`` (4,R,R), ``canvas`` (3,R,R), ``text``.
+    """One dataset row -> the trainer's input: ``image`` (3,R,R), ``layer`` (4,R,R), ``canvas`` (3,R,R), ``text``
+    and ``kind`` (the row's layer kind, ``foreground`` or ``background``: the model's kind input).
 
     One prompt of the row is chosen by a seed from ``(seed, sample_id)`` (the same one every epoch).
+
+    Raises:
+        ValueError: the row's ``kind`` is not a layer kind.
     """
+    from reflade.engine.decompose import check_kind
     from reflade.engine.schema import decode_image
     from reflade.train.canvas import canvas_batch
     from reflade.train.vae import image_to_vae_input
 
+    kind = check_kind(row.get("kind"), f"sample {row.get('sample_id', '?')}: kind")
     image = decode_image(bytes(row["image"]), "RGB")
     layer = decode_image(bytes(row["layer"]), "RGBA")
     h, w = image.shape[:2]
@@ -177,11 +185,15 @@ def preprocess_row(row: dict[str, Any], resolution: int, seed: int = 0) -> dict[
         "layer": _layer_rgba(layer, resolution),
         "canvas": canvas.numpy(),
         "text": str(prompt.get("text") or ""),
+        "kind": kind,
     }
 
 
-def batch_to_tensors(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """A numpy batch (``image``, ``layer``, ``canvas``, ``text``) -> tensors and a list of texts."""
+def batch_to_tensors(
+    batch: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str], list[str] | None]:
+    """A numpy batch (``image``, ``layer``, ``canvas``, ``text``, ``kind``) -> tensors (B,3,R,R), (B,4,R,R),
+    (B,3,R,R), the B texts and the B layer kinds (None for a batch without a ``kind`` column)."""
 
     def t(x):
         if isinstance(x, np.ndarray) and x.dtype == object:
@@ -191,12 +203,16 @@ def batch_to_tensors(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor,
         return torch.as_tensor(x)
 
     texts = [str(s) for s in batch["text"]]
-    return t(batch["image"]).float(), t(batch["layer"]).float(), t(batch["canvas"]).float(), texts
+    kinds = [str(k) for k in batch["kind"]] if "kind" in batch else None
+    return t(batch["image"]).float(), t(batch["layer"]).float(), t(batch["canvas"]).float(), texts, kinds
 
 
 # ---------------------------------------------------------------------------------------------- the step
 class PhaseLoss(nn.Module):
     """The loss of a phase as a module, so DDP can wrap it: ``forward(latents, generator) -> loss``.
+
+    ``latents`` as :func:`reflade.train.losses.encode_batch` returns them, the layer ``kind`` included (the
+    transformer phase conditions on it; it is never dropped).
 
     Only the phase's parameters require gradients (DDP synchronises those); the frozen bundle parts are not
     submodules.
@@ -341,8 +357,10 @@ LATENT_COLUMNS = {
     "alpha": "alpha",
     "text_hidden": "text_hidden",
     "text_pooled": "text_pooled",
+    "kind": "kind",
 }
-"""Columns of a cached-latents dataset -> the keys :func:`reflade.train.losses.encode_batch` returns."""
+"""Columns of a cached-latents dataset -> the keys :func:`reflade.train.losses.encode_batch` returns (``kind``:
+the layer kind's index into :data:`reflade.engine.schema.KINDS`, float32 like the others)."""
 
 
 def encode_latents(
@@ -352,22 +370,26 @@ def encode_latents(
     float32 numpy arrays, by the frozen encoders (a bundle or :class:`~reflade.train.model.FrozenEncoders`)."""
     from reflade.train.losses import encode_batch
 
-    images, layers, canvases, texts = batch_to_tensors(batch)
-    out = encode_batch(encoders, images, layers, canvases, texts, mixed_precision=mixed_precision)
-    return {col: out[key].detach().float().cpu().numpy() for col, key in LATENT_COLUMNS.items()}
+    images, layers, canvases, texts, kinds = batch_to_tensors(batch)
+    out = encode_batch(
+        encoders, images, layers, canvases, texts, kinds=kinds, mixed_precision=mixed_precision
+    )
+    return {col: out[key].detach().float().cpu().numpy() for col, key in LATENT_COLUMNS.items() if key in out}
 
 
 def _encode(bundle, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A batch -> the latents of a step: encoded here, or read from a cached-latents batch as they are."""
+    """A batch -> the latents of a step: encoded here, or read from a cached-latents batch as they are (a cache
+    written before the ``kind`` column trains every row as a foreground)."""
     if "lat_image" in batch:
         return {
             key: torch.as_tensor(np.ascontiguousarray(batch[col]), dtype=torch.float32)
             for col, key in LATENT_COLUMNS.items()
+            if col in batch
         }
     from reflade.train.losses import encode_batch
 
-    images, layers, canvases, texts = batch_to_tensors(batch)
-    return encode_batch(bundle, images, layers, canvases, texts)
+    images, layers, canvases, texts, kinds = batch_to_tensors(batch)
+    return encode_batch(bundle, images, layers, canvases, texts, kinds=kinds)
 
 
 def _batch_len(batch: dict[str, Any]) -> int:
@@ -419,8 +441,9 @@ def train_plain(
 
     Args:
         bundle: a :class:`~reflade.train.model.RefLayerBundle` (trained in place).
-        batches: numpy batches as :func:`preprocess_row` makes them (``image``, ``layer``, ``canvas``, ``text``),
-            cycled until ``settings.steps`` optimiser steps are done.
+        batches: numpy batches as :func:`preprocess_row` makes them (``image``, ``layer``, ``canvas``, ``text``,
+            ``kind``) or cached-latents batches (:data:`LATENT_COLUMNS`), cycled until ``settings.steps``
+            optimiser steps are done.
 
     Returns:
         ``loss`` (last step), ``losses``, ``steps``, ``samples``, ``wall_s``, ``steps_per_s``, ``samples_per_s``.
