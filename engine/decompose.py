@@ -37,6 +37,7 @@ import numpy as np
 from reflade.engine.schema import GRANULARITIES, KINDS, SchemaError, decode_mask, encode_png, validate_prompt
 
 __all__ = [
+    "ALPHA_EPS",
     "KINDS",
     "MAX_TEXT_CHARS",
     "Decomposer",
