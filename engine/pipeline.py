@@ -38,6 +38,8 @@ from reflade.engine.schema import (
     make_sample_id,
     rows_to_table,
 )
+from reflade.platform.worker import storage_fields as _storage_fields
+from reflade.platform.worker import worker_registry, worker_storage
 
 ENGINE_VERSION = "0.1.0"
 STAGES = ("prefilter", "dedup", "scene", "completion", "matting", "prompts", "postfilter")
@@ -124,24 +126,6 @@ class _Handoff:
 
 
 # ---------------------------------------------------------------------------------------------- stages
-_STORAGE_CACHE: dict[tuple, Any] = {}
-
-
-def worker_storage(fields: dict[str, Any]):
-    """A Storage for the bucket described by ``fields`` (endpoint, bucket, region), built once per worker
-    process; credentials come from the worker's own environment, never from the task's arguments."""
-    key = tuple(sorted(fields.items()))
-    if key not in _STORAGE_CACHE:
-        from reflade.platform.config import load_config
-        from reflade.platform.storage import Storage
-
-        cfg = load_config()
-        for k, v in fields.items():
-            setattr(cfg.storage, k, v)
-        _STORAGE_CACHE[key] = Storage.from_config(cfg)
-    return _STORAGE_CACHE[key]
-
-
 class ReadRaw:
     """Fetch each input's bytes from the bucket (credentials from the worker's own environment)."""
 
@@ -215,15 +199,6 @@ class MarkDuplicates:
                 _count(work, "dedup", 1, int(r["ok"]))
                 r["work"] = pickle.dumps(work)
         return _frame(rows)
-
-
-def worker_registry(fields: dict[str, Any] | None, prefix: str | None):
-    """The registry the driver uses, rebuilt in a worker from non-secret locations (None: the worker's config)."""
-    if fields is None:
-        return None
-    from reflade.platform.registry import Registry
-
-    return Registry(worker_storage(fields), prefix or "registry")
 
 
 class _ModelStage(_Handoff, abc.ABC):
@@ -688,11 +663,6 @@ class RunResult:
         d = dict(self.__dict__)
         d["stages"] = [dict(s.__dict__, kept=s.kept) for s in self.stages]
         return d
-
-
-def _storage_fields(cfg) -> dict[str, Any]:
-    s = cfg.storage
-    return {"endpoint": s.endpoint, "bucket": s.bucket, "region": s.region}
 
 
 def run_engine(

@@ -399,6 +399,10 @@ class RefLayerBundle:
     def __post_init__(self) -> None:
         self.vae.requires_grad_(False).eval()
         self.text_encoder.requires_grad_(False).eval()
+        # Built from files or loaded from a saved folder, every bundle holds its tensors in fresh storage, so two
+        # bundles with equal weights compute the same bits (see _realign).
+        for part in (self.model, self.vae, self.text_encoder):
+            _realign(part)
 
     # -------------------------------------------------------------- facts
     @property
@@ -586,8 +590,6 @@ class RefLayerBundle:
             "base_weights": doc.get("base_weights"),
             "sources": doc.get("sources", {}),
         }
-        for part in (model, vae, text):
-            _realign(part)
         bundle = cls(model=model, vae=vae, text_encoder=text, scheduler=scheduler, config=config)
         model.eval()
         return bundle.to(device) if device is not None else bundle
@@ -598,9 +600,12 @@ class RefLayerBundle:
 def _realign(module: nn.Module) -> None:
     """Give every parameter and buffer fresh storage.
 
-    Tensors read from a safetensors file can sit at addresses the CPU GEMM kernels treat differently from fresh
-    allocations, which changes results in the last bit (seen here: 5e-7 in the transformer, one level of 8-bit
-    output). Fresh copies make a loaded model compute exactly what the saved one did.
+    ``from_pretrained`` (diffusers and transformers, safetensors) assigns the file's memory-mapped tensors to the
+    parameters: they sit at the file's offsets (4 to 56 bytes past a 64-byte boundary), where fresh allocations are
+    64-byte aligned, and the CPU GEMM kernels may take another summation path for them, which changes results in
+    the last bit (seen: 5e-7 in the transformer, one level of 8-bit output). Both the builders and
+    :meth:`RefLayerBundle.load` go through the bundle's constructor, which calls this on every part, so a bundle
+    built from a checkpoint and the same bundle saved and loaded compute the same bits.
     """
     for p in module.parameters():
         p.data = p.data.clone()
@@ -621,7 +626,7 @@ def _registry(registry):
 
 def _fetch(registry, ref: str, cache_dir) -> Path:
     """A registry version's folder on local disk (downloaded once per machine, verified)."""
-    from reflade.engine.backends.neural import fetch_weights
+    from reflade.platform.weights import fetch_weights
 
     return fetch_weights(_registry(registry), ref, cache_dir).path
 
@@ -792,6 +797,8 @@ class FrozenEncoders:
     def __post_init__(self) -> None:
         self.vae.requires_grad_(False).eval()
         self.text_encoder.requires_grad_(False).eval()
+        for part in (self.vae, self.text_encoder):  # the bundle's encoders compute the same bits (_realign)
+            _realign(part)
 
     @property
     def device(self) -> torch.device:

@@ -28,7 +28,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -500,15 +499,9 @@ def _load_ema(model: nn.Module, ema: dict[str, torch.Tensor]) -> None:
 def _worker_registry(config: dict[str, Any]):
     """The registry inside a worker: endpoint, bucket and prefix from the driver, credentials from this
     process's environment (never shipped in the train config)."""
-    from reflade.platform.config import load_config
-    from reflade.platform.registry import Registry
-    from reflade.platform.storage import Storage
+    from reflade.platform.worker import worker_registry
 
-    cfg = load_config()
-    cfg.storage.endpoint = config["storage"]["endpoint"]
-    cfg.storage.bucket = config["storage"]["bucket"]
-    cfg.storage.region = config["storage"]["region"]
-    return Registry(Storage(cfg.storage), config["registry_prefix"])
+    return worker_registry(config["storage"], config["registry_prefix"])
 
 
 def _build_bundle(
@@ -531,9 +524,18 @@ def _build_bundle(
     return build_reflayer(settings.preset, device=device, **kw)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint's ``state.pt`` cannot be loaded safely (or is not a training state)."""
+
+
+_STATE_KEYS = ("model", "optimizer", "step", "ema", "settings")
+
+
 def _save_state(
     folder: str, model: nn.Module, optimizer, step: int, ema, settings: TrainSettings, extra=None
-):
+) -> None:
+    """Write ``state.pt``: tensors, numbers, strings and plain containers only, so that :func:`_load_state`
+    reads it back with ``weights_only=True``."""
     torch.save(
         {
             "model": model.state_dict(),
@@ -547,14 +549,50 @@ def _save_state(
     )
 
 
+def _load_state(
+    folder: str | os.PathLike, map_location: Any = "cpu", where: str | None = None
+) -> dict[str, Any]:
+    """Read a checkpoint's ``state.pt`` with ``torch.load(weights_only=True)``.
+
+    Anyone who can write to the bucket can write a checkpoint: a full unpickler would run whatever code a planted
+    ``state.pt`` names on every worker that resumes from it. The restricted unpickler accepts tensors, numbers,
+    strings, ``None`` and plain containers (all a training state holds) and refuses anything else.
+
+    Args:
+        folder: the checkpoint's local folder.
+        map_location: where the tensors go (``torch.load``'s argument).
+        where: the checkpoint's name for messages (default: ``folder``).
+
+    Raises:
+        CheckpointError: the file is missing, holds other objects than those, or lacks a training state's keys.
+    """
+    import pickle
+
+    path = os.path.join(folder, _STATE)
+    where = where or str(folder)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {where} has no {_STATE}") from None
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"refusing to load {_STATE} of checkpoint {where}: it holds objects other than tensors, numbers, "
+            f"strings and plain containers, which a training state never does ({first}). Someone other than "
+            "`reflade train` wrote it: check who can write to the bucket, and remove the checkpoint."
+        ) from None
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{_STATE} of checkpoint {where} is not a training state (missing {missing})")
+    return state
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function (see the module docstring).
 
     ``config``: ``settings`` (dict of :class:`TrainSettings`), ``vae_ref``, ``storage`` (endpoint, bucket,
     region: no credentials), ``registry_prefix``, ``cache_dir``; ``metrics_jsonl`` (a local file rank 0 appends
-    every report's metrics to, one JSON line each, for benchmarks on one node); test hooks ``probe_dir`` (each rank writes
-    its parameter checksum there at the end) and ``crash_at_step`` + ``crash_marker`` (rank 0 exits at that step
-    once, while the marker file does not exist, to exercise ``FailureConfig``).
+    every report's metrics to, one JSON line each, for benchmarks on one node).
     """
     import ray.train
     import ray.train.torch
@@ -590,7 +628,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ckpt = Checkpoint(path=config["resume_checkpoint"], filesystem=registry.storage.fs)
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, _STATE), map_location=device, weights_only=False)
+            state = _load_state(d, map_location=device, where=ckpt.path)
         bundle.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
@@ -637,23 +675,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         samples += count
         window.append(loss)
         step_times.append(time.perf_counter() - t_step)
-        if (
-            config.get("crash_at_step") is not None
-            and rank == 0
-            and step == int(config["crash_at_step"])
-            and not os.path.exists(config["crash_marker"])
-        ):
-            # Checkpoints upload asynchronously: fail only once the last one is durable, so that the test
-            # exercises recovery from it rather than a race with its upload.
-            deadline = time.monotonic() + 180
-            while (
-                _latest_checkpoint(registry.storage, config["run_path"]) is None
-                and time.monotonic() < deadline
-            ):
-                time.sleep(0.5)
-            time.sleep(3.0)  # and let Ray Train record it
-            Path(config["crash_marker"]).write_text(str(step))
-            os._exit(1)
         do_ckpt = step % settings.checkpoint_every == 0 or step == settings.steps
         if not (do_ckpt or step % settings.report_every == 0):
             continue
@@ -721,12 +742,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue
         last_report_call_s = time.perf_counter() - t_report
 
-    if config.get("probe_dir"):
-        Path(config["probe_dir"]).mkdir(parents=True, exist_ok=True)
-        (Path(config["probe_dir"]) / f"rank-{rank}.json").write_text(
-            json.dumps({"rank": rank, "step": step, "param_checksum": param_checksum(bundle.model)})
-        )
-
 
 def _since(seconds: float, world: int, device) -> float:
     """Rank 0's ``seconds`` on every rank (a collective when there are several ranks)."""
@@ -791,7 +806,6 @@ def run_training(
     torch_threads: int | None = None,
     metrics_jsonl: str | os.PathLike | None = None,
     log: Callable[[str], Any] | None = print,
-    _test_hooks: dict[str, Any] | None = None,
 ):
     """Train RefLayer with Ray Train on a dataset version and register ``model/reflayer`` (alias ``candidate``).
 
@@ -872,7 +886,6 @@ def run_training(
         "run_path": run_path,
         "torch_threads": torch_threads,
         "metrics_jsonl": str(metrics_jsonl) if metrics_jsonl else None,
-        **(_test_hooks or {}),
     }
     if cache_latents:
         ds = _cached_latents(
@@ -918,7 +931,7 @@ def run_training(
         settings, vae_ref, registry, str(cache_dir) if cache_dir else None, weights_ref=weights_ref
     )
     with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, _STATE), map_location="cpu", weights_only=False)
+        state = _load_state(d, where=checkpoint.path)
     bundle.model.load_state_dict(state["model"])
     if state.get("ema"):
         _load_ema(bundle.model, state["ema"])

@@ -586,12 +586,12 @@ def load_vae(
     """Load a registered VAE by reference, frozen (eval mode, no gradients), on the CPU.
 
     The version's folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) is fetched into the local
-    weights cache (``cache_dir``; None: the engine's default cache) unless a verified copy is there already.
+    weights cache (``cache_dir``; None: the platform's default cache) unless a verified copy is there already.
 
     Raises:
         RegistryError: unknown reference; IntegrityError: files corrupt in the object store.
     """
-    from reflade.engine.backends.neural import fetch_weights
+    from reflade.platform.weights import fetch_weights
 
     local = fetch_weights(registry, ref, cache_dir)
     # low_cpu_mem_usage needs `accelerate`, which this project does not install.

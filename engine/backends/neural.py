@@ -64,8 +64,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,6 +74,8 @@ import torch
 
 from reflade.engine.config import EngineConfig
 from reflade.engine.types import Completion, Entity
+from reflade.platform.weights import LocalWeights, fetch_weights
+from reflade.platform.weights import default_cache_dir as platform_cache_dir
 
 if TYPE_CHECKING:  # the registry (and boto3 with it) is imported where weights are fetched, so that the model
     # builders here import on a machine without boto3 (bench/gpu_engine.py on the GPU machine)
@@ -87,13 +87,11 @@ __all__ = [
     "DEFAULT_DETECTOR_WEIGHTS",
     "DEFAULT_SAM_WEIGHTS",
     "DEFAULT_VOCABULARY",
-    "LocalWeights",
     "NeuralCaptioner",
     "NeuralCompletionBackend",
     "NeuralSceneBackend",
     "build_sam",
     "default_cache_dir",
-    "fetch_weights",
     "load_blip",
     "load_owlv2",
     "load_repaint",
@@ -148,8 +146,6 @@ _CAPTION_BATCH = 32
 """Crops per captioner batch."""
 _CAPTION_MAX_CHARS = 300
 """Decoded captions are cut to this many characters (the schema's text limit) before they travel on."""
-_MARKER = ".reflade-weights.json"
-"""Written last into a cached weights folder, after every file was verified against the manifest."""
 
 
 # ---------------------------------------------------------------- configuration
@@ -199,81 +195,9 @@ def _autocast(device: torch.device):
 
 
 def default_cache_dir(cfg: EngineConfig | None = None) -> Path:
-    """Where downloaded weights are kept: ``engine.weights_cache``, else ``$XDG_CACHE_HOME/reflade/weights``
-    (``~/.cache/reflade/weights``)."""
-    configured = _cfg(cfg, "weights_cache", "") if cfg is not None else ""
-    if configured:
-        return Path(configured).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "reflade" / "weights"
-
-
-@dataclass(frozen=True)
-class LocalWeights:
-    """A weights version on local disk."""
-
-    ref: str
-    """Exact reference, ``weights/NAME@N``."""
-    path: Path
-    """Folder holding the version's files."""
-    downloaded: bool
-    """False when the cache already held a verified copy."""
-
-
-def _cached_ok(folder: Path, files: list[dict[str, Any]], content: str) -> bool:
-    try:
-        marker = json.loads((folder / _MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    if marker.get("content_sha256") != content:
-        return False
-    # sha256 was checked when the files came down; sizes catch a truncated or replaced file cheaply.
-    for f in files:
-        p = folder / f["path"]
-        if not p.is_file() or p.stat().st_size != f["size"]:
-            return False
-    return True
-
-
-def fetch_weights(registry: Registry, ref: str, cache_dir: str | os.PathLike | None = None) -> LocalWeights:
-    """Resolve ``ref`` and make its files available locally, downloading only what the cache lacks.
-
-    The cache folder is ``<cache_dir>/<kind>/<name>/<version>-<content sha256[:12]>``: the content hash keeps
-    two registries (prefixes, buckets) that both hold a ``@1`` apart. A download goes to a temporary folder
-    that is renamed into place once every file matched its manifest, so concurrent actors on one machine never
-    see a partial folder.
-
-    Raises:
-        RegistryError: malformed or unknown reference.
-        IntegrityError: a file in the object store does not match its manifest (nothing is cached).
-    """
-    from reflade.platform.registry import content_hash
-
-    version = registry.resolve(ref)
-    content = content_hash(version.files)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = root / version.kind / version.name / f"{version.version}-{content[:12]}"
-    if _cached_ok(folder, version.files, content):
-        return LocalWeights(version.ref, folder, False)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.part"
-    try:
-        registry.download(version.ref, tmp, progress=False)
-        (tmp / _MARKER).write_text(
-            json.dumps({"ref": version.ref, "content_sha256": content, "files": version.files}, indent=1)
-        )
-        if folder.exists():  # a stale or damaged copy (a racing writer's complete copy passes the check)
-            if _cached_ok(folder, version.files, content):
-                return LocalWeights(version.ref, folder, False)
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not _cached_ok(folder, version.files, content):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return LocalWeights(version.ref, folder, True)
+    """Where downloaded weights are kept: ``engine.weights_cache``, else the platform's default
+    (:func:`reflade.platform.weights.default_cache_dir`)."""
+    return platform_cache_dir(_cfg(cfg, "weights_cache", "") if cfg is not None else None)
 
 
 def _fetch(registry: Registry, ref: str, cache_dir, what: str) -> LocalWeights:

@@ -19,7 +19,6 @@ from reflade.engine.backends.neural import (
     SOURCE,
     NeuralCompletionBackend,
     NeuralSceneBackend,
-    fetch_weights,
     load_sam,
     sampling_side,
     unet_side_multiple,
@@ -29,6 +28,7 @@ from reflade.engine.backends.tiny_weights import LICENSE, TINY_NAMES, register_t
 from reflade.engine.config import EngineConfig
 from reflade.engine.types import Completion, Entity
 from reflade.platform.registry import IntegrityError, Registry, RegistryError
+from reflade.platform.weights import fetch_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
