@@ -120,8 +120,7 @@ def _stack_overrides(state_dir, s3_port, ray_port, dashboard_port, num_cpus) -> 
     ):
         if value is not None:
             setattr(cfg.stack, key, value)
-    if s3_port is not None:
-        cfg.storage.endpoint = f"http://{cfg.stack.host}:{s3_port}"
+    cfg.follow_stack()  # the endpoint follows --s3-port unless it was set explicitly
     return cfg
 
 
@@ -583,8 +582,45 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, RegistryError, StorageError, StackError, JobError)
 
 
+def _config_option(args: list[str]) -> str | None:
+    """The value of the root ``--config``/``-c`` option in ``args`` (before the command name), if given."""
+    it = iter(args)
+    for arg in it:
+        if arg in ("--config", "-c"):
+            return next(it, None)
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg.startswith("-c") and len(arg) > 2:
+            return arg[2:]
+        if not arg.startswith("-"):
+            break
+    return None
+
+
+def _prepare_ray_client(args: list[str]) -> None:
+    """Before any command group can import Ray: if the configured Ray target is the embedded head of
+    ``reflade up``, put the variables Ray reads once (token auth, loopback) in this process's environment.
+
+    Done here, for every command, so that each command that connects (engine, data, train, jobs, and those to
+    come) reaches the head from a fresh shell. A broken configuration is left to the command to report.
+    """
+    from reflade.platform.stack import StackError
+
+    try:
+        cfg = load_config(_config_option(args))
+    except ConfigError:
+        return
+    from reflade.platform.cluster import use_embedded_head
+
+    try:
+        use_embedded_head(cfg)
+    except (StackError, OSError, KeyError, ValueError):
+        return  # a stale or unreadable stack.json: `reflade status` says what is wrong
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
+    _prepare_ray_client(list(sys.argv[1:] if argv is None else argv))
     for problem in _load_plugins():
         err_console.print(f"[yellow]warning[/]: {problem}")
     cmd = typer.main.get_command(app)

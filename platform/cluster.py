@@ -4,16 +4,22 @@ Workers get the object-store *location* (endpoint, bucket, region, registry pref
 ``runtime_env["env_vars"]``, which Ray shows in its dashboard and job API, so credentials never go there:
 workers read them from their own environment (the Ray head's, set by ``reflade up``; a Kubernetes Secret
 in a KubeRay pod spec) or from the 0600 file named by ``AWS_SHARED_CREDENTIALS_FILE``.
+
+Ray reads its client settings once and caches them: ``RAY_AUTH_MODE`` / ``RAY_AUTH_TOKEN_PATH`` in its C++
+``RayConfig``, and whether 127.0.0.1 means this machine (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which keeps the
+embedded head on loopback) at import. The ``reflade`` command sets them before anything imports Ray
+(``use_embedded_head``); ``connect`` sets them too and makes an already imported Ray re-read them.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from reflade.platform.config import Config
-from reflade.platform.stack import EmbeddedStack, StackError
+from reflade.platform.stack import SINGLE_MACHINE_ENV, EmbeddedStack, StackError, is_loopback
 
 # Variables that may travel to workers: locations only, never keys.
 PUBLIC_ENV_FIELDS = {
@@ -60,10 +66,76 @@ def embedded_head(cfg: Config) -> dict[str, Any] | None:
     return state
 
 
+def embedded_client_env(state: dict[str, Any]) -> dict[str, str]:
+    """The variables a Ray client process needs to reach the embedded head described by ``state``."""
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["ray"]["token_file"]}
+    host = state["ray"]["address"].rsplit(":", 1)[0]
+    if is_loopback(host):
+        env[SINGLE_MACHINE_ENV] = "0"
+    return env
+
+
 def use_embedded_auth(state: dict[str, Any]) -> None:
-    """Let this process talk to the embedded head, which runs with token authentication."""
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN_PATH"] = state["ray"]["token_file"]
+    """Let this process talk to the embedded head (token authentication, bound to loopback).
+
+    Sets the variables of ``embedded_client_env`` in ``os.environ`` (child processes inherit them) and, if Ray is
+    already imported but not initialised, makes it re-read them.
+
+    Raises:
+        StackError: Ray was imported earlier and this Ray version offers no way to re-read its settings; the
+            message names the variables to export before starting Python.
+    """
+    env = embedded_client_env(state)
+    os.environ.update(env)
+    # The head's token file is the one that works; a RAY_AUTH_TOKEN for another cluster would take precedence.
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    _reload_ray_client_settings(env)
+
+
+def use_embedded_head(cfg: Config) -> dict[str, Any] | None:
+    """If this configuration's Ray target is the embedded head of ``reflade up``, prepare this process for it.
+
+    The target is the embedded head when neither ``ray.address`` nor ``RAY_ADDRESS`` (set inside a Ray job)
+    names another cluster and the head of ``cfg.stack``'s state directory is alive. Cheap (reads
+    ``stack.json``) and does not import Ray: the ``reflade`` command calls it before any command group loads.
+
+    Returns:
+        The head's state (``stack.json``), or None when another cluster (or a local one) is the target.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    state = embedded_head(cfg)
+    if not state or (cfg.ray.address and cfg.ray.address != state["ray"]["address"]):
+        return None
+    use_embedded_auth(state)
+    return state
+
+
+def _reload_ray_client_settings(env: dict[str, str]) -> None:
+    """Make an already imported (not yet initialised) Ray see ``env``; nothing to do if Ray is not imported."""
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if ray.is_initialized():
+        return  # connected already: connect() keeps that connection
+    try:
+        import ray._private.ray_constants as ray_constants
+        from ray._raylet import AuthenticationTokenLoader
+        from ray._raylet import Config as RayCoreConfig
+
+        # What Ray itself does when it turns token auth on for a local cluster (authentication_token_setup).
+        RayCoreConfig.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+        if SINGLE_MACHINE_ENV in env:
+            ray_constants.ENABLE_RAY_CLUSTER = env[SINGLE_MACHINE_ENV] != "0"
+    except (ImportError, AttributeError) as e:
+        exports = " ".join(f"{k}={v}" for k, v in env.items())
+        raise StackError(
+            f"Ray {ray.__version__} was imported before the embedded head's settings were set and cannot "
+            f"re-read them ({type(e).__name__}: {e}); export {exports} before starting Python, or call "
+            f"reflade.platform.cluster.connect(cfg) before importing ray"
+        ) from None
 
 
 def ray_address(cfg: Config) -> str | None:
@@ -80,6 +152,7 @@ def connect(cfg: Config, *, runtime_env: dict[str, Any] | None = None, log_to_dr
     The storage location goes to workers in ``runtime_env["env_vars"]``; credentials never do.
     """
     import ray
+    from ray.exceptions import AuthenticationError
 
     if ray.is_initialized():
         return ray.get_runtime_context()
@@ -94,13 +167,23 @@ def connect(cfg: Config, *, runtime_env: dict[str, Any] | None = None, log_to_dr
             address="auto", namespace=cfg.ray.namespace, runtime_env=runtime_env, log_to_driver=log_to_driver
         )
         return ray.get_runtime_context()
-    if not address:
-        state = embedded_head(cfg)
-        if state:
-            use_embedded_auth(state)
-            address = state["ray"]["address"]
+    state = use_embedded_head(cfg)
+    if state:
+        address = state["ray"]["address"]
     if address:
-        ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=env, log_to_driver=log_to_driver)
+        try:
+            ray.init(
+                address=address, namespace=cfg.ray.namespace, runtime_env=env, log_to_driver=log_to_driver
+            )
+        except (ConnectionError, AuthenticationError) as e:
+            hint = (
+                "is the stack up? `reflade status`"
+                if state
+                else "check ray.address, and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH for a head with token auth"
+            )
+            raise StackError(
+                f"cannot connect to the Ray cluster at {address}: {_last_line(e)}; {hint}"
+            ) from None
     else:
         ray.init(
             address="local",
@@ -110,6 +193,13 @@ def connect(cfg: Config, *, runtime_env: dict[str, Any] | None = None, log_to_dr
             log_to_driver=log_to_driver,
         )
     return ray.get_runtime_context()
+
+
+def _last_line(e: BaseException) -> str:
+    """The most specific line of a Ray connection error (the chained cause's, where there is one)."""
+    cause = e.__cause__ or e
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    return lines[-1][:400] if lines else type(cause).__name__
 
 
 def dashboard_url(cfg: Config) -> str:

@@ -52,7 +52,7 @@ class StorageConfig:
     """The S3-compatible object store every package reads and writes."""
 
     endpoint: str = "http://127.0.0.1:8333"
-    """S3 endpoint URL (scheme, host, port); the embedded SeaweedFS by default."""
+    """S3 endpoint URL (scheme, host, port); unless set, the embedded stack's (``stack.host``:``stack.s3_port``)."""
     bucket: str = "reflade"
     """Bucket holding the registry, raw inputs and run outputs (3-63 characters)."""
     region: str = "us-east-1"
@@ -173,6 +173,17 @@ class Config:
 
     sections: dict[str, Any]
     source_file: str | None = None
+    explicit: set[str] = field(default_factory=set)
+    """``section.key`` names set by the file or the environment (the rest are defaults)."""
+
+    def follow_stack(self) -> None:
+        """Point ``storage.endpoint`` at the embedded stack's S3 port, unless the endpoint was set explicitly.
+
+        So ``REFLADE_STACK_S3_PORT`` (or ``stack.s3_port``, or ``reflade up --s3-port``) alone moves the whole
+        stack: the server and every client of it.
+        """
+        if "storage.endpoint" not in self.explicit:
+            self.storage.endpoint = f"http://{self.stack.host}:{self.stack.s3_port}"
 
     @property
     def storage(self) -> StorageConfig:
@@ -260,7 +271,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     return value
 
 
-def _apply(section: str, obj: Any, values: dict[str, Any], source: str) -> None:
+def _apply(
+    section: str, obj: Any, values: dict[str, Any], source: str, explicit: set[str] | None = None
+) -> None:
     types_ = _field_types(type(obj))
     known = [f.name for f in dataclasses.fields(obj)]
     for key, value in values.items():
@@ -269,6 +282,8 @@ def _apply(section: str, obj: Any, values: dict[str, Any], source: str) -> None:
                 f"{source}: unknown key {section}.{key} (known keys of {section}: {', '.join(known)})"
             )
         setattr(obj, key, _coerce(value, types_[key], f"{source}: {section}.{key}"))
+        if explicit is not None:
+            explicit.add(f"{section}.{key}")
 
 
 def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Config:
@@ -285,6 +300,7 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
     classes = dict(PLATFORM_SECTIONS)
     classes.update(plugin_sections())
     sections = {name: cls() for name, cls in classes.items()}
+    explicit: set[str] = set()
 
     path = path or env.get(CONFIG_ENV) or None
     if path:
@@ -310,7 +326,7 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
                 continue
             if not isinstance(values, dict):
                 raise ConfigError(f"config file {p}: section {name!r} must be a mapping")
-            _apply(name, sections[name], values, f"config file {p}")
+            _apply(name, sections[name], values, f"config file {p}", explicit)
 
     # Standard AWS variables sit between the file and REFLADE_* variables.
     storage = sections["storage"]
@@ -329,6 +345,7 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         if env.get(var) and key not in seen:
             setattr(storage, key, env[var])
             seen.add(key)
+            explicit.add(f"storage.{key}")
 
     for var in sorted(env):
         if not var.startswith("REFLADE_"):
@@ -343,10 +360,12 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
                 f"environment variable {var}: unknown section {sec!r} "
                 f"(expected REFLADE_<SECTION>_<FIELD> with a section among {', '.join(sorted(sections))})"
             )
-        _apply(sec, sections[sec], {key: env[var]}, f"environment variable {var}")
+        _apply(sec, sections[sec], {key: env[var]}, f"environment variable {var}", explicit)
 
+    cfg = Config(sections=sections, source_file=str(path) if path else None, explicit=explicit)
+    cfg.follow_stack()
     for obj in sections.values():
         validate = getattr(obj, "validate", None)
         if callable(validate):
             validate()
-    return Config(sections=sections, source_file=str(path) if path else None)
+    return cfg

@@ -10,6 +10,7 @@ its own environment, so that workers reach the bucket without any key travelling
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import secrets
@@ -37,6 +38,21 @@ from reflade.platform.storage import (
 STATE_FILENAME = "stack.json"
 TOKEN_FILENAME = "ray_auth_token"
 S3_IDENTITIES_FILENAME = "s3_identities.json"
+
+
+# Ray's switch that makes it treat this machine as a one-node cluster: 127.0.0.1 stays 127.0.0.1 (Ray otherwise
+# rewrites it to the machine's external address, where a loopback-bound head does not listen).
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class StackError(RuntimeError):
@@ -400,17 +416,30 @@ class EmbeddedStack:
             self.ray_ports(),
             "set another port in the `stack` section or REFLADE_STACK_* variables",
         )
-        weed.start(self.cfg.start_timeout_s)
+        ray_pid: int | None = None
         try:
+            weed.start(self.cfg.start_timeout_s)
             weed.create_bucket(self.storage_cfg.bucket, self.cfg.start_timeout_s)
             log(
                 f"object store  {weed.endpoint}  bucket {self.storage_cfg.bucket!r}  ({time.monotonic() - t0:.1f} s)"
             )
             t1 = time.monotonic()
             ray_pid = self._start_ray(weed.endpoint)
+            state = self._record_state(weed, ray_pid)
         except BaseException:
+            # Whatever failed (a server, the state file, Ctrl-C), leave nothing running.
+            if ray_pid is not None:
+                _kill_group(ray_pid)
             weed.stop()
             raise
+        log(
+            f"Ray head      {state['ray']['address']}  dashboard {self.dashboard_url()}  token auth on  "
+            f"({time.monotonic() - t1:.1f} s)"
+        )
+        return state
+
+    def _record_state(self, weed: SeaweedServer, ray_pid: int) -> dict[str, Any]:
+        """Write ``stack.json`` (mode 0600): what runs, where, and the files a client needs."""
         state = {
             "state_dir": str(self.state_dir),
             "seaweedfs": {
@@ -433,16 +462,14 @@ class EmbeddedStack:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         _write_private(self.state_file, json.dumps(state, indent=1))
-        log(
-            f"Ray head      {state['ray']['address']}  dashboard {self.dashboard_url()}  token auth on  "
-            f"({time.monotonic() - t1:.1f} s)"
-        )
         return state
 
     def head_environment(self, endpoint: str) -> dict[str, str]:
         """The environment the Ray head (and so every worker) runs with."""
         env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_AUTH", "REFLADE_STORAGE_"))
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("AWS_", "RAY_AUTH", "REFLADE_STORAGE_")) and k != SINGLE_MACHINE_ENV
         }
         env.update(
             RAY_AUTH_MODE="token",
@@ -453,6 +480,9 @@ class EmbeddedStack:
             REFLADE_STORAGE_REGION=self.storage_cfg.region,
             REFLADE_HOME=str(self.state_dir),
             RAY_USAGE_STATS_ENABLED="0",
+            # A one-machine cluster: Ray keeps 127.0.0.1 as the node address instead of rewriting it to the
+            # external one, so GCS, raylet, workers, agents and the client server listen on loopback only.
+            **({SINGLE_MACHINE_ENV: "0"} if is_loopback(self.cfg.host) else {}),
             # Job entrypoints run `python` on the head: make it this interpreter, with the stack installed.
             PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         )
