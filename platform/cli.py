@@ -311,9 +311,23 @@ def registry_import(
     )
     for a in alias or []:
         reg.set_alias(v.ref, a)
+    if v.skipped_links:
+        shown = ", ".join(v.skipped_links[:10]) + (" ..." if len(v.skipped_links) > 10 else "")
+        err_console.print(
+            f"[yellow]skipped {len(v.skipped_links)} symbolic link(s)[/] (links are never followed; copy the "
+            f"files in to import them): {escape(shown)}",
+            highlight=False,
+        )
     if as_json:
         _print_json(
-            {"ref": v.ref, "version": v.version, "reused": v.reused, "files": len(v.files), "size": v.size()}
+            {
+                "ref": v.ref,
+                "version": v.version,
+                "reused": v.reused,
+                "files": len(v.files),
+                "size": v.size(),
+                "skipped_links": v.skipped_links,
+            }
         )
         return
     if v.reused:

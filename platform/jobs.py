@@ -12,7 +12,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 import shlex
+import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -87,44 +90,99 @@ def _strip_requirements(wheel: Path) -> None:
     wheel.write_bytes(buf.getvalue())
 
 
+def wheel_cache_dir() -> Path:
+    """This user's cache of built wheels: ``$XDG_CACHE_HOME/reflade/wheels``, else ``~/.cache/reflade/wheels``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "reflade" / "wheels"
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` with mode 0700, or check an existing one, before anything in it is trusted.
+
+    The wheel cache's content is shipped to the cluster and run there, so it must be this user's alone: an
+    existing directory that is group- or world-writable (anyone could have planted a wheel) is emptied and
+    recreated with mode 0700; one that is merely readable by others gets mode 0700.
+
+    Raises:
+        JobError: ``path`` is a symbolic link or not a directory, or belongs to another user.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise JobError(f"wheel cache {path} is not a directory (a symbolic link?); remove it")
+    if st.st_uid != os.getuid():
+        raise JobError(
+            f"wheel cache {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); what it holds "
+            f"would run on the cluster: remove it, or set XDG_CACHE_HOME to a directory of your own"
+        )
+    if st.st_mode & 0o022:
+        shutil.rmtree(path)
+        os.mkdir(path, 0o700)
+    elif stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _trusted_wheel(path: Path) -> bool:
+    """A cached wheel is reused only if it is a regular file of this user that nobody else can write."""
+    st = os.lstat(path)
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _pip_wheel(root: Path, build_dir: str) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            build_dir,
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise JobError(f"building the wheel failed:\n{proc.stderr[-2000:]}")
+
+
 def build_wheel(out_dir: Path | None = None, *, strip_requirements: bool = True) -> Path:
     """Build this project's wheel (cached by source digest) for shipping to a cluster.
 
+    Args:
+        out_dir: the cache (default ``wheel_cache_dir()``, per user, mode 0700; checked by ``private_dir``).
+
     Raises:
-        JobError: no source tree (installed from a wheel: reinstall editable or pass the wheel) or build failure.
+        JobError: no source tree (installed from a wheel: reinstall editable or pass the wheel), a cache that is
+            not this user's alone, or a build failure.
     """
     root = project_root()
     if root is None:
         raise JobError(
             "cannot find the RefLade source tree to build a wheel from; install it with `pip install -e`"
         )
-    out_dir = Path(out_dir or Path(tempfile.gettempdir()) / "reflade-wheels") / _source_digest(root)
+    cache = private_dir(Path(out_dir) if out_dir else wheel_cache_dir())
+    out_dir = private_dir(cache / _source_digest(root))
     found = sorted(out_dir.glob("reflade-*.whl"))
-    if found:
+    if found and _trusted_wheel(found[-1]):
         return found[-1]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as build_dir:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "wheel",
-                "--no-deps",
-                "--no-build-isolation",
-                "-q",
-                "-w",
-                build_dir,
-                str(root),
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise JobError(f"building the wheel failed:\n{proc.stderr[-2000:]}")
+    for stale in found:
+        stale.unlink()
+    # Built inside the cache: the final rename stays on one filesystem and never passes through /tmp.
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as build_dir:
+        _pip_wheel(root, build_dir)
         wheel = next(Path(build_dir).glob("reflade-*.whl"))
         if strip_requirements:
             _strip_requirements(wheel)
+        os.chmod(wheel, 0o600)
         target = out_dir / wheel.name
         wheel.replace(target)
     return target

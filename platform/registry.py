@@ -139,6 +139,8 @@ class Version:
     bucket: str
     reused: bool = False
     """True when ``create`` found identical content already registered and returned it."""
+    skipped_links: list[str] = field(default_factory=list)
+    """Symbolic links ``create`` left out of a folder it imported (relative paths); links are never followed."""
     split: str | None = None
     """The ``:SPLIT`` of the reference it was resolved from, if any."""
 
@@ -235,20 +237,47 @@ def content_hash(files: Iterable[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
-def collect_files(src: str | os.PathLike) -> dict[str, Path]:
-    """A file -> {its name: path}; a folder -> {relative posix path: path} for every file below it."""
+def _refuse_link(path: Path, what: str) -> None:
+    if path.is_symlink():
+        raise RegistryError(
+            f"{what} {path} is a symbolic link; the registry does not follow links (one could point at a file "
+            f"that must not leave this machine, such as credentials): import the file or folder it points to"
+        )
+
+
+def collect_files(src: str | os.PathLike, skipped_links: list[str] | None = None) -> dict[str, Path]:
+    """A file -> {its name: path}; a folder -> {relative posix path: path} for every regular file below it.
+
+    Symbolic links are never followed, as in the engine's ingest: ``src`` itself being one is refused, and
+    links inside a folder (to files or to folders) are left out and their relative paths appended to
+    ``skipped_links``, so that the caller can say so.
+
+    Raises:
+        RegistryError: ``src`` is missing or a symbolic link, a path is invalid, or the folder holds no files.
+    """
     src = Path(src)
+    _refuse_link(src, "source")
     if src.is_file():
         return {validate_relpath(src.name): src}
     if not src.is_dir():
         raise RegistryError(f"{src} does not exist (expected a file or a folder)")
     out: dict[str, Path] = {}
-    for p in sorted(src.rglob("*")):
-        if p.is_file():
-            out[validate_relpath(p.relative_to(src).as_posix())] = p
+    links: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+        here = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            p = here / name
+            if p.is_symlink():
+                links.append(p.relative_to(src).as_posix())
+            elif name in filenames and p.is_file():
+                out[validate_relpath(p.relative_to(src).as_posix())] = p
+    links.sort()
+    if skipped_links is not None:
+        skipped_links.extend(links)
     if not out:
-        raise RegistryError(f"folder {src} holds no files")
-    return out
+        skipped = f" ({len(links)} symbolic links skipped: {', '.join(links[:5])})" if links else ""
+        raise RegistryError(f"folder {src} holds no files{skipped}")
+    return dict(sorted(out.items()))
 
 
 class Registry:
@@ -444,18 +473,21 @@ class Registry:
             license, source: recorded in the manifest (required practice for imported weights).
 
         Raises:
-            RegistryError: bad name, bad path, unknown parent, nothing to upload.
+            RegistryError: bad name, bad path, unknown parent, nothing to upload, a symbolic link as ``src`` or
+                in ``files`` (links inside a folder are left out and listed in ``Version.skipped_links``).
         """
         validate_name(kind, "kind")
         validate_name(name)
         if (src is None) == (files is None):
             raise RegistryError("give either a source path or a mapping of files")
+        skipped_links: list[str] = []
         local = (
-            collect_files(src)
+            collect_files(src, skipped_links)
             if src is not None
             else {validate_relpath(k): Path(v) for k, v in files.items()}
         )
         for rel, p in local.items():
+            _refuse_link(Path(p), f"file for {rel}:")
             if not Path(p).is_file():
                 raise RegistryError(f"{p} (for {rel}) is not a file")
         entries = []
@@ -472,6 +504,7 @@ class Registry:
                 existing = self.resolve(f"{kind}/{name}@{int(doc['version'])}")
                 if content_hash(existing.files) == chash:
                     existing.reused = True
+                    existing.skipped_links = skipped_links
                     return existing
             except (ObjectNotFound, RegistryError):
                 pass
@@ -514,7 +547,7 @@ class Registry:
             pr = Ref.parse(parent)
             edge = self._lineage_prefix(pr.kind, pr.name, pr.version) + f"{kind}/{name}/{number:010d}"
             self.storage.put_bytes(edge, b"")
-        return Version(manifest, self.storage.bucket)
+        return Version(manifest, self.storage.bucket, skipped_links=skipped_links)
 
     def _claim_version(self, kind: str, name: str, manifest: dict[str, Any]) -> int:
         number = (self.latest_version(kind, name) or 0) + 1
