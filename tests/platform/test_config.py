@@ -232,6 +232,52 @@ def test_endpoint_needs_a_scheme():
         load_config(None, env={"REFLADE_STORAGE_ENDPOINT": "127.0.0.1:8333"})
 
 
+# ---------------------------------------------------------------------------------------------- stack port
+def test_stack_s3_port_alone_moves_the_endpoint(tmp_path):
+    assert (
+        load_config(None, env={"REFLADE_STACK_S3_PORT": "9444"}).storage.endpoint == "http://127.0.0.1:9444"
+    )
+    f = _write(tmp_path / "c.yaml", "stack: {s3_port: 9555}\n")
+    assert load_config(f, env={}).storage.endpoint == "http://127.0.0.1:9555"
+    # The environment's port beats the file's, for the endpoint as for the server.
+    assert load_config(f, env={"REFLADE_STACK_S3_PORT": "9666"}).storage.endpoint == "http://127.0.0.1:9666"
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["REFLADE_STORAGE_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "file"],
+)
+def test_an_explicit_endpoint_is_kept_whatever_the_stack_port(tmp_path, source):
+    env = {"REFLADE_STACK_S3_PORT": "9444"}
+    path = None
+    if source == "file":
+        path = _write(tmp_path / "c.yaml", "storage: {endpoint: 'http://s3.example:9000'}\n")
+    else:
+        env[source] = "http://s3.example:9000"
+    cfg = load_config(path, env=env)
+    assert cfg.storage.endpoint == "http://s3.example:9000" and cfg.stack.s3_port == 9444
+
+
+def test_up_s3_port_option_moves_the_endpoint(clean_environ, tmp_path):
+    clean_environ.setenv("REFLADE_HOME", str(tmp_path))
+    cli.STATE.config_path, cli.STATE._config = None, None
+    cfg = cli._stack_overrides(None, 9777, None, None, None)
+    assert cfg.storage.endpoint == "http://127.0.0.1:9777" and cfg.stack.s3_port == 9777
+
+
+def test_config_show_follows_the_stack_port_in_a_subprocess(tmp_path):
+    proc = subprocess.run(
+        [str(REFLADE), "config", "show", "--json"],
+        capture_output=True,
+        text=True,
+        env=_clean_env(REFLADE_STACK_S3_PORT="9888", REFLADE_HOME=str(tmp_path)),
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["config"]["storage"]["endpoint"] == "http://127.0.0.1:9888"
+
+
 # ---------------------------------------------------------------------------------------------- config show
 def test_config_show_masks_secrets_in_process(clean_environ, capsys):
     clean_environ.setenv("AWS_ACCESS_KEY_ID", "AKIDSHOWN")
