@@ -14,8 +14,10 @@ encoders giving 333 x 4096 hidden states and a 2048-wide pooled vector), then:
   run on one card;
 - ``vae_encode_<px>``, ``vae_decode_<px>``: the frozen VAE alone, batch 1;
 - ``bare_sample_<px>``: ``--sample-steps`` transformer steps at batch 1 (the sampling loop's cost alone);
-- ``decompose_<px>_cfg<g>``: one whole decomposition, :meth:`RefLayerPipeline.decompose_batch` (encode image and
-  canvas, the sampling steps, RGB and alpha decoders) at guidance 1 (conditional only) and at guidance > 1
+- ``decompose_<px>_cfg<g>``: one whole decomposition through the platform's API, :meth:`RefLayerPipeline.decompose`
+  (a uint8 image at the model's size, a box and a point, kind ``foreground``: the prompt drawn, image and canvas
+  encoded, the sampling steps, RGB and alpha decoders, the 8-bit layer) at guidance 1 (conditional only) and at
+  guidance > 1
   (conditional and unconditional as one batch of two), with ``stages_s``: three more calls through
   ``RefLayerPipeline(record_stages=True)`` (the GPU synchronised at each stage boundary), medians of encode,
   sample, decode_rgb, decode_alpha and finish.
@@ -343,7 +345,6 @@ class Check:
         """The inference cases; ``tag`` names the weights' dtype in the case names (fp32 weights: no tag)."""
         torch = self.torch
         args = self.args
-        from reflade.train.canvas import canvas_batch
         from reflade.train.losses import autocast
         from reflade.train.pipeline_reflayer import RefLayerPipeline
 
@@ -405,39 +406,32 @@ class Check:
         pipe = RefLayerPipeline(bundle, mixed_precision=self.cuda)
         staged = RefLayerPipeline(bundle, mixed_precision=self.cuda, record_stages=True)
         prompt = {
-            "box": [res * 0.2, res * 0.25, res * 0.7, res * 0.8],
-            "points": [[res * 0.45, res * 0.5, 1]],
+            "box": [int(res * 0.2), int(res * 0.25), int(res * 0.7), int(res * 0.8)],
+            "points": [[int(res * 0.45), int(res * 0.5), 1]],
+            "text": "the red mug on the left",
         }
-        canvases = canvas_batch([prompt], res, res)
-        images = image.cpu()
+        image_u8 = ((image[0].permute(1, 2, 0).float().cpu().numpy() + 1.0) * 127.5).round().astype("uint8")
 
         for guidance in (1.0, args.guidance):
 
             def decompose(guidance=guidance):
-                def run():
-                    return pipe.decompose_batch(
-                        images,
-                        canvases,
-                        ["the red mug on the left"],
-                        num_inference_steps=args.sample_steps,
-                        guidance_scale=guidance,
-                        seed=0,
+                def run(p=pipe):
+                    return p.decompose(
+                        [image_u8],
+                        [prompt],
+                        ["foreground"],
+                        steps=args.sample_steps,
+                        guidance=guidance,
+                        seeds=0,
                     )
 
                 sec = self.timed(run, 1, max(1, args.iters // 3))
                 out = run()
-                ok = bool(torch.isfinite(out).all()) and tuple(out.shape) == (1, 4, res, res)
+                ok = len(out) == 1 and out[0].shape == (res, res, 4) and out[0].dtype.name == "uint8"
                 # The stages, from calls of their own (a synchronisation at each boundary): medians of 3.
                 laps = []
                 for _ in range(3):
-                    staged.decompose_batch(
-                        images,
-                        canvases,
-                        ["the red mug on the left"],
-                        num_inference_steps=args.sample_steps,
-                        guidance_scale=guidance,
-                        seed=0,
-                    )
+                    run(staged)
                     laps.append(dict(staged.last_stages))
                 stages = {k: sorted(lap[k] for lap in laps)[1] for k in laps[0]}
                 return {

@@ -68,7 +68,7 @@ def train_step(cfg, registry, timer, made, console) -> None:
         out = decompose_sample(registry, made["dataset"], Path(made.get("output") or "demo-output"))
         made["decomposed"] = str(out["layer_png"])
         console.print(
-            f"{out['model']}: {out['sample_id']} ({out['prompt']}) -> {out['layer_png']} "
+            f"{out['model']}: {out['sample_id']} ({out['kind']}, {out['prompt']}) -> {out['layer_png']} "
             f"(alpha mean {out['alpha_mean']:.3f}; ground-truth alpha mean {out['truth_alpha_mean']:.3f})"
         )
 
@@ -76,12 +76,12 @@ def train_step(cfg, registry, timer, made, console) -> None:
 def decompose_sample(
     registry, dataset_ref: str, output: Path, *, model_ref: str = "model/reflayer@candidate"
 ):
-    """Decompose the first test-split sample of ``dataset_ref`` with a registered model; write its image, the
-    prompt drawn over it, the predicted layer (RGBA PNG and over a checkerboard) and the ground truth."""
+    """Decompose the first test-split sample of ``dataset_ref`` with a registered model (its box prompt when it
+    has one, and the row's layer kind) through :meth:`RefLayerPipeline.decompose`; write its image, the prompt
+    drawn over it, the predicted layer (RGBA PNG and over a checkerboard) and the ground truth."""
 
     from reflade.engine.browse import draw_prompts, over_checkerboard
     from reflade.engine.schema import decode_image, encode_png, load_rows
-    from reflade.train.model import load_reflayer
     from reflade.train.pipeline_reflayer import RefLayerPipeline
 
     rows = load_rows(registry, dataset_ref, "test") or load_rows(registry, dataset_ref)
@@ -98,8 +98,9 @@ def decompose_sample(
     if prompt.get("points") is None:
         prompt.pop("points", None)
 
-    bundle = load_reflayer(model_ref, registry=registry)
-    rgba = RefLayerPipeline(bundle)(image, prompt, num_inference_steps=DEMO_SAMPLE_STEPS, seed=0)
+    pipe = RefLayerPipeline.from_registry(model_ref, registry)
+    kind = row["kind"]
+    rgba = pipe.decompose([image], [prompt], [kind], steps=DEMO_SAMPLE_STEPS, seeds=0)[0]
 
     folder = output / "decomposed"
     folder.mkdir(parents=True, exist_ok=True)
@@ -117,9 +118,10 @@ def decompose_sample(
     paths["layer_checker"].write_bytes(encode_png(over_checkerboard(rgba)))
     paths["truth"].write_bytes(encode_png(over_checkerboard(truth)))
     info = {
-        "model": bundle.config["ref"],
+        "model": pipe.bundle.config["ref"],
         "dataset": dataset_ref,
         "sample_id": sid,
+        "kind": kind,
         "prompt": {k: v for k, v in prompt.items() if k != "mask"}
         | ({"mask": "PNG"} if "mask" in prompt else {}),
         "alpha_mean": float(rgba[..., 3].mean() / 255.0),
