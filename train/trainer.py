@@ -701,6 +701,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         if world > 1:
             metrics["max_rss_mib_per_rank"] = _gather_floats(metrics["max_rss_mib"], device)
+            # Every rank's fingerprint of its weights: DDP keeps them equal, a divergence shows here.
+            metrics["param_checksum_per_rank"] = _gather_floats(metrics["param_checksum"], device)
         window.clear()
         step_times.clear()
         last_report_t, last_report_step, last_report_samples = now, step, samples
@@ -759,7 +761,7 @@ def _gather_floats(value: float, device) -> list[float]:
     """One float from every rank, in rank order (a collective: every rank calls it at the same step)."""
     import torch.distributed as dist
 
-    t = torch.tensor([float(value)], device=device)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
     return [float(x.item()) for x in out]
