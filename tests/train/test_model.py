@@ -304,6 +304,55 @@ def test_pipeline_validates_before_any_compute():
         pipe(image, {"text": "a"}, num_inference_steps=0)
 
 
+def test_kind_embedding_is_added_to_the_pooled_text(bundle):
+    m = bundle.model
+    assert m.layer_kinds == ("foreground", "background")
+    assert m.config.layer_kinds == ["foreground", "background"]  # in the saved config
+    w = m.kind_embedding.weight
+    assert w.shape == (2, 384) and not w[0].any()  # foreground starts at zero: the pooled text as it is
+    assert 0.2 < float(w[1].detach().std()) < 0.4  # background starts about as far away as another text
+    assert torch.equal(m.kind_index(["background", "foreground"]), torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="unknown layer kind"):
+        m.kind_index(["scene"])
+    g = torch.Generator().manual_seed(0)
+    x, img, can = (torch.randn(2, 4, 16, 16, generator=g) for _ in range(3))
+    t = torch.full((2,), 500.0)
+    hidden, pooled = bundle.text_encoder.encode(["", ""])
+    with torch.no_grad():
+        none = m(x, img, can, t, hidden, pooled)
+        fg = m(x, img, can, t, hidden, pooled, torch.tensor([0, 0]))
+        both = m(x, img, can, t, hidden, pooled, torch.tensor([0.0, 1.0]))  # float indices, as cached
+    assert torch.equal(none, fg)  # no kind: foreground
+    assert torch.equal(both[0], fg[0]) and not torch.allclose(both[1], fg[1])
+    with pytest.raises(ValueError, match="3 layer kinds for a batch of 2"):
+        m(x, img, can, t, hidden, pooled, torch.tensor([0, 1, 0]))
+
+
+def test_a_model_without_kinds_refuses_a_background(bundle):
+    from reflade.train.model import RefLayer
+
+    old = RefLayer(
+        transformer_config=dict(bundle.model.config.transformer_config),
+        alpha_decoder_config=dict(bundle.model.config.alpha_decoder_config),
+        latent_channels=4,
+        text_hidden_dim=384,
+        text_pooled_dim=384,
+    )
+    assert old.kind_embedding is None and old.layer_kinds is None
+    legacy = RefLayerBundle(
+        model=old,
+        vae=bundle.vae,
+        text_encoder=bundle.text_encoder,
+        scheduler=bundle.scheduler,
+        config=dict(bundle.config),
+    )
+    pipe = RefLayerPipeline(legacy)
+    image, prompt = _image(), {"box": [5, 5, 40, 40]}
+    assert pipe(image, prompt, num_inference_steps=1).shape == (90, 70, 4)
+    with pytest.raises(ValueError, match="no layer-kind input"):
+        pipe(image, prompt, num_inference_steps=1, kind="background")
+
+
 # ---------------------------------------------------------------------------------------------- save / load
 def _files(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
