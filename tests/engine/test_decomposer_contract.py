@@ -286,3 +286,21 @@ def test_scale_prompt_maps_points_boxes_and_masks():
     assert q["mask"].shape == (20, 30) and q["mask"][5:10, 15:30].all() and q["mask"].sum() == 75
     tiny = scale_prompt({"box": [0, 0, 1, 1], "points": [], "mask": None}, (40, 60), (4, 6))
     assert tiny["box"] == [0, 0, 1, 1]  # still one pixel
+
+
+def test_classical_works_large_images_at_max_side_and_keeps_their_pixels():
+    s, obj = scene(128, 96)
+    small = ClassicalDecomposer(max_side=64)
+    fg, bg = small.decompose([s.image] * 2, [{"box": list(obj.box)}] * 2, ["foreground", "background"])
+    check_layer(fg, 128, 96)
+    assert (bg[..., 3] == 255).all() and bg.shape == (128, 96, 4)
+    # outside the removed region a background is the image itself, at full resolution
+    grown = np.zeros_like(obj.visible_mask)
+    ys, xs = np.nonzero(obj.visible_mask)
+    grown[max(0, ys.min() - 12) : ys.max() + 13, max(0, xs.min() - 12) : xs.max() + 13] = True
+    assert np.array_equal(bg[..., :3][~grown], s.image[~grown])
+    assert not np.array_equal(bg[..., :3][grown], s.image[grown])
+    a, g = fg[..., 3] >= 128, obj.layer[..., 3] >= 128
+    assert (a & g).sum() / (a | g).sum() > 0.6
+    with pytest.raises(ValueError, match="max_side must be at least 32"):
+        ClassicalDecomposer(max_side=8)
