@@ -168,7 +168,7 @@ def _seed_list(seeds: Any, n: int) -> list[int]:
 
     if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
         return [one(seeds, "seeds")] * n
-    if not isinstance(seeds, Sequence) or isinstance(seeds, (str, bytes)):
+    if not isinstance(seeds, (Sequence, np.ndarray)) or isinstance(seeds, (str, bytes)):
         raise ValueError(f"seeds must be an integer or one integer per image, got {type(seeds).__name__}")
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} images (give one seed, or one per image)")
@@ -199,8 +199,10 @@ def prepare(
             with ``refuse_text_only``.
         ValueError: the sequences differ in length, or a bad image, kind, seed, steps or guidance.
     """
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        raise ValueError(f"images is one {images.shape} array: pass a list of images (one per prompt)")
     for name, seq in (("images", images), ("prompts", prompts), ("kinds", kinds)):
-        if isinstance(seq, (str, bytes, dict, np.ndarray)) or not isinstance(seq, Sequence):
+        if isinstance(seq, (str, bytes, dict)) or not isinstance(seq, (Sequence, np.ndarray)):
             raise ValueError(f"{name} must be a list (one entry per image), got {type(seq).__name__}")
     n = len(images)
     if len(prompts) != n or len(kinds) != n:

@@ -256,6 +256,13 @@ def test_prepare_normalizes_and_spreads_seeds():
     assert (items[1].height, items[1].width) == (10, 20)
     with pytest.raises(PromptError, match="text only"):
         prepare([img], [{"text": "x"}], ["foreground"], refuse_text_only=True)
+    # columns as Ray Data hands them over: arrays
+    items = prepare(
+        np.stack([img, img]), [{"box": [0, 0, 5, 5]}] * 2, np.array(["background"] * 2), seeds=np.arange(2)
+    )
+    assert [it.kind for it in items] == ["background"] * 2 and [it.seed for it in items] == [0, 1]
+    with pytest.raises(ValueError, match="pass a list of images"):
+        prepare(img, [{"box": [0, 0, 5, 5]}], ["foreground"])
 
 
 def test_resizing_is_premultiplied_and_keeps_straight_alpha():
