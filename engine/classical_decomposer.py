@@ -43,7 +43,7 @@ import numpy as np
 
 from reflade.engine.backends.classical_completion import ClassicalCompletionBackend
 from reflade.engine.backends.classical_matting import ClassicalMattingBackend
-from reflade.engine.backends.classical_scene import ClassicalSceneBackend, _order
+from reflade.engine.backends.classical_scene import ClassicalSceneBackend, _order  # its occlusion ordering
 from reflade.engine.config import EngineConfig
 from reflade.engine.decompose import (
     DecomposeItem,
