@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -23,21 +24,25 @@ def train(
         typer.Option(
             "--dataset",
             "-d",
-            help="Dataset reference whose train split is streamed, e.g. dataset/reflade-demo.",
+            help="Dataset reference whose train split is streamed, e.g. dataset/reflade-demo "
+            "(default: train.dataset).",
         ),
     ] = None,
     preset: Annotated[
-        str, typer.Option(help="Model preset: tiny (64 px, CPU minutes) or sd3-medium.")
-    ] = "tiny",
+        str | None,
+        typer.Option(help="Model preset: tiny (64 px, CPU minutes) or sd3-medium (default: tiny)."),
+    ] = None,
     workers: Annotated[
-        int, typer.Option(help="Ray Train workers (DDP ranks: gloo on CPU, NCCL on GPU).")
-    ] = 1,
+        int | None, typer.Option(help="Ray Train workers, DDP ranks: gloo on CPU, NCCL on GPU (default: 1).")
+    ] = None,
     gpu: Annotated[
-        bool, typer.Option("--gpu", help="One GPU per worker (and per latent-encoder actor).")
-    ] = False,
+        bool | None,
+        typer.Option("--gpu/--no-gpu", help="One GPU per worker and per latent-encoder actor (default: no)."),
+    ] = None,
     steps: Annotated[
-        int, typer.Option(help="Optimiser steps in all (a resumed run counts the earlier ones).")
-    ] = 100,
+        int | None,
+        typer.Option(help="Optimiser steps in all; a resumed run counts the earlier ones (default: 100)."),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run named by --run from its last checkpoint.")
     ] = False,
@@ -46,42 +51,62 @@ def train(
         typer.Option("--run", help="Run name under runs/train/ in the bucket (default: a new one)."),
     ] = None,
     phase: Annotated[
-        str, typer.Option(help="transformer (flow matching), alpha (alpha decoder) or both.")
-    ] = "transformer",
-    batch_size: Annotated[int, typer.Option(help="Samples per micro-batch per worker.")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimiser step.")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (after the warmup).")] = 1e-4,
-    warmup_steps: Annotated[int, typer.Option(help="Linear learning-rate warmup steps.")] = 10,
-    optimizer: Annotated[str, typer.Option(help="adamw (fused on CUDA) or sgd.")] = "adamw",
+        str | None,
+        typer.Option(
+            help="transformer (flow matching), alpha (alpha decoder) or both (default: transformer)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Samples per micro-batch per worker (default: 4).")
+    ] = None,
+    grad_accum: Annotated[
+        int | None, typer.Option(help="Micro-batches per optimiser step (default: 1).")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate after the warmup (default: 1e-4).")
+    ] = None,
+    warmup_steps: Annotated[
+        int | None, typer.Option(help="Linear learning-rate warmup steps (default: 10).")
+    ] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="adamw (fused on CUDA) or sgd (default: adamw).")
+    ] = None,
     ema_decay: Annotated[
-        float, typer.Option(help="EMA of the weights (0: off); the EMA weights are registered.")
-    ] = 0.0,
+        float | None,
+        typer.Option(help="EMA of the weights, 0: off; the EMA weights are registered (default: 0)."),
+    ] = None,
     bf16: Annotated[
         bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast (default: on GPU, off on CPU).")
     ] = None,
     gradient_checkpointing: Annotated[
-        bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help="Recompute activations in the backward pass (default: no).",
+        ),
+    ] = None,
     drop_text: Annotated[
-        float, typer.Option(help="Probability of dropping a sample's text (guidance).")
-    ] = 0.1,
+        float | None,
+        typer.Option(help="Probability of dropping a sample's text, for guidance (default: 0.1)."),
+    ] = None,
     drop_canvas: Annotated[
-        float, typer.Option(help="Probability of dropping a sample's canvas (guidance).")
-    ] = 0.1,
+        float | None,
+        typer.Option(help="Probability of dropping a sample's canvas, for guidance (default: 0.1)."),
+    ] = None,
     resolution: Annotated[
         int | None, typer.Option(help="Training side in pixels (default: the preset's).")
     ] = None,
     checkpoint_every: Annotated[
-        int, typer.Option(help="Checkpoint every this many steps (and at the end).")
-    ] = 50,
+        int | None, typer.Option(help="Checkpoint every this many steps, and at the end (default: 50).")
+    ] = None,
     cache_latents: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--cache-latents",
+            "--cache-latents/--no-cache-latents",
             help="Encode the train split once (VAE latents, text embeddings) in a first Ray Data pass; "
-            "training reads the cache instead of running the frozen encoders every step.",
+            "training reads the cache instead of running the frozen encoders every step (default: no).",
         ),
-    ] = False,
+    ] = None,
     vae: Annotated[
         str | None,
         typer.Option(help="tiny: the VAE (default weights/tiny-vae@latest, from `reflade train vae`)."),
@@ -92,63 +117,77 @@ def train(
             help="sd3-medium: the SD3 checkpoint in the registry (default weights/sd3-medium@latest)."
         ),
     ] = None,
-    cpus_per_worker: Annotated[float, typer.Option(help="CPUs each worker reserves.")] = 0.5,
+    cpus_per_worker: Annotated[
+        float | None, typer.Option(help="CPUs each worker reserves (default: 0.5).")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="Torch threads per worker (default: torch's).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the weights, noise, dropout and prompt choice.")] = 0,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the weights, noise, dropout and prompt choice (default: 0).")
+    ] = None,
 ) -> None:
     """Train RefLayer with Ray Train and register it as model/reflayer (alias candidate).
 
     Streams the dataset's train split from the object store, checkpoints to runs/train/<run>/ in the bucket
     (uploaded asynchronously), and registers the final weights with lineage to the dataset, the VAE or base
     weights and the text encoder. Sub-command `vae` trains the tiny configuration's VAE first.
+
+    Every option but --resume and --run overrides the configuration's `train` section (YAML file, then
+    REFLADE_TRAIN_* variables); the defaults shown are the section's own.
     """
     if ctx.invoked_subcommand is not None:
         return
-    if not dataset:
-        raise typer.BadParameter(
-            "--dataset is required (e.g. --dataset dataset/reflade-demo)", param_hint="--dataset"
-        )
-    # Imported here: `reflade` loads every command group at start, and torch + Ray take seconds.
-    from reflade.train.trainer import TrainSettings, run_training
-
+    cfg = get_config()
+    flags = {
+        "dataset": dataset,
+        "preset": preset,
+        "workers": workers,
+        "use_gpu": gpu,
+        "steps": steps,
+        "phase": phase,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "lr": lr,
+        "warmup_steps": warmup_steps,
+        "optimizer": optimizer,
+        "ema_decay": ema_decay,
+        "bf16": bf16,
+        "gradient_checkpointing": gradient_checkpointing,
+        "drop_text": drop_text,
+        "drop_canvas": drop_canvas,
+        "resolution": resolution,
+        "checkpoint_every": checkpoint_every,
+        "cache_latents": cache_latents,
+        "vae": vae,
+        "weights": weights,
+        "cpus_per_worker": cpus_per_worker,
+        "torch_threads": threads,
+        "seed": seed,
+    }
     try:
-        settings = TrainSettings(
-            preset=preset,
-            phase=phase,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            warmup_steps=warmup_steps,
-            optimizer=optimizer,
-            grad_accum=grad_accum,
-            ema_decay=ema_decay,
-            bf16=bf16,
-            gradient_checkpointing=gradient_checkpointing,
-            drop_text=drop_text,
-            drop_canvas=drop_canvas,
-            resolution=resolution,
-            workers=workers,
-            use_gpu=gpu,
-            cpus_per_worker=cpus_per_worker,
-            checkpoint_every=checkpoint_every,
-            seed=seed,
-        )
+        tc = train_config(cfg, {k: v for k, v in flags.items() if v is not None})
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    cfg = get_config()
+    if not tc.dataset:
+        raise typer.BadParameter(
+            "--dataset is required (e.g. --dataset dataset/reflade-demo, or train.dataset in the configuration)",
+            param_hint="--dataset",
+        )
+    # Imported here: `reflade` loads every command group at start, and torch + Ray take seconds.
     from reflade.platform.cluster import connect
+    from reflade.train.trainer import run_training
 
     connect(cfg)
     version = run_training(
         cfg,
-        dataset,
-        settings,
-        vae_ref=vae,
-        weights_ref=weights,
+        tc.dataset,
+        tc.settings(),
+        vae_ref=tc.vae,
+        weights_ref=tc.weights,
         resume=resume,
         run_name=run,
-        cache_latents=cache_latents,
-        torch_threads=threads,
+        cache_latents=tc.cache_latents,
+        cache_workers=tc.cache_workers,
+        torch_threads=tc.torch_threads,
         log=console.print,
     )
     m = version.metrics
@@ -156,6 +195,25 @@ def train(
         f"{version.ref} (alias candidate): loss {m.get('loss')}, {m.get('steps')} steps, "
         f"{m.get('samples_per_s') or 0:.1f} samples/s; run {version.run_name}; parents {', '.join(version.parents)}"
     )
+
+
+def train_config(cfg, overrides: dict[str, Any] | None = None):
+    """The effective ``train`` section: the configuration's (defaults < YAML < ``REFLADE_TRAIN_*``) with
+    ``overrides`` (the command line's flags, by field name) on top.
+
+    Raises:
+        ConfigError: an override out of range or an unknown field (named, with the known ones).
+    """
+    from reflade.platform.config import ConfigError
+    from reflade.train.config import TrainConfig
+
+    base = cfg.section("train") if "train" in cfg.sections else TrainConfig()
+    overrides = dict(overrides or {})
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown train settings {unknown} (known: {', '.join(known)})")
+    return dataclasses.replace(base, **overrides)
 
 
 @app.command("vae")

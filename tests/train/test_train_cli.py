@@ -168,8 +168,11 @@ def test_train_command_with_cached_latents_and_a_fresh_process_load(env, registr
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == v.ref
     there = np.load(tmp_path / "there.npy")
-    assert here.shape == there.shape == (*image.shape[:2], 4) and here.dtype == np.uint8
-    assert np.array_equal(here, there)
+    assert here.shape == there.shape == (*image.shape[:2], 4) and here.dtype == there.dtype == np.uint8
+    # Two processes, two loads of the same weights: equal up to float rounding (BLAS kernels pick their
+    # summation order by memory layout and threads): at most 1 level of 8 bits, in at most 0.1% of the values.
+    diff = np.abs(here.astype(np.int16) - there.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (diff.max(), int((diff > 0).sum()))
 
     # Resuming the run reuses the complete cache (no second encoding pass) and continues the step count.
     assert cli_main([*argv(4), "--resume"]) == 0
