@@ -63,8 +63,7 @@ def stack(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "REFLADE_", "RAY_ADDRESS"))}
     env.update(
         REFLADE_HOME=str(state),
-        REFLADE_STACK_S3_PORT=str(s3),
-        REFLADE_STORAGE_ENDPOINT=f"http://127.0.0.1:{s3}",
+        REFLADE_STACK_S3_PORT=str(s3),  # alone: the storage endpoint follows it
         REFLADE_STACK_RAY_PORT=str(_free_port()),
         REFLADE_STACK_DASHBOARD_PORT=str(_free_port()),
         REFLADE_STACK_RAY_CLIENT_PORT=str(_free_port()),
