@@ -1,0 +1,197 @@
+"""Every README command that needs the cluster, run as a user runs it: `reflade up`, then each command in a fresh
+shell.
+
+**This is the place where every new cluster command of the README is added** (a command that talks to Ray or to
+the object store of `reflade up`): one `sh(...)` line with tiny settings, in the order a reader meets it.
+
+Each command runs in its own process with the environment of a user's new terminal: PATH (the venv's `bin`
+first, as after `activate`), HOME, and `REFLADE_CONFIG` naming this test's configuration file (the `stack`
+section only, so that the stack takes free ports; the storage endpoint follows `stack.s3_port`). No `RAY_*`, no
+`AWS_*`: the commands must find the head's token and address, and the bucket's credentials, by themselves. Each
+must exit 0 with no traceback. The runs are tiny (two photos, four synthetic scenes, two training steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from reflade.platform.stack import find_free_base_port
+
+REFLADE = str(Path(sys.executable).parent / "reflade")
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
+
+RAY_PORT_KEYS = (
+    "ray_port",
+    "dashboard_port",
+    "ray_client_port",
+    "dashboard_agent_port",
+    "runtime_env_agent_port",
+    "metrics_export_port",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Shell:
+    """Runs `reflade ARGS` as a new process in a user's fresh environment; records what ran and how long."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.home = root / "home"
+        self.home.mkdir()
+        self.config = root / "reflade.yaml"
+        self.ports = {"s3_port": find_free_base_port(), **{k: _free_port() for k in RAY_PORT_KEYS}}
+        lines = ["stack:"] + [f"  {k}: {v}" for k, v in self.ports.items()] + ["  ray_num_cpus: 2"]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.env = {
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
+            "HOME": str(self.home),
+            "REFLADE_CONFIG": str(self.config),
+            "LANG": "C.UTF-8",
+        }
+        self.times: list[tuple[str, float]] = []
+
+    def __call__(self, *args: str, timeout: float = 300) -> str:
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [REFLADE, *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.root
+        )
+        self.times.append((" ".join(args), time.monotonic() - t0))
+        out = proc.stdout + proc.stderr
+        cmd = "reflade " + " ".join(args)
+        assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{out[-6000:]}"
+        assert "Traceback" not in out, f"{cmd} printed a traceback:\n{out[-6000:]}"
+        return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def sh(tmp_path_factory):
+    import skimage.data
+    from PIL import Image
+
+    shell = Shell(tmp_path_factory.mktemp("fresh-shell"))
+    photos = shell.root / "photos"
+    photos.mkdir()
+    for name in ("coffee", "chelsea"):
+        Image.fromarray(getattr(skimage.data, name)()).save(photos / f"{name}.png")
+    shell("up", timeout=300)
+    try:
+        yield shell
+    finally:
+        shell("down", timeout=300)
+        for cmd, secs in shell.times:
+            print(f"{secs:7.1f} s  reflade {cmd}")
+
+
+def _job_id(out: str) -> str:
+    match = re.search(r"submitted \S+ as (\S+) to", out)
+    assert match, out
+    return match.group(1)
+
+
+def test_stack_is_up(sh):
+    st = json.loads(sh("status", "--json"))
+    assert st["healthy"] and st["ray"]["auth"] == "token"
+    assert st["object_store"]["endpoint"] == f"http://127.0.0.1:{sh.ports['s3_port']}"
+
+
+def test_data_engine_on_a_local_folder(sh):
+    out = sh(
+        "engine",
+        "run",
+        "--input",
+        "./photos",
+        "--dataset",
+        "e2e",
+        "--synthetic",
+        "4",
+        "--synthetic-size",
+        "128",
+    )
+    assert "dataset/e2e@1 (new)" in out
+
+
+def test_data_commands(sh):
+    stats = json.loads(sh("data", "stats", "dataset/e2e", "--json"))
+    assert stats["rows"] > 0
+    sh("data", "stats", "dataset/e2e")
+    sh("data", "export", "dataset/e2e@1:test", "./browse")
+    sh("data", "import", "./browse", "--dataset", "e2e-quality", "--parent", "dataset/e2e@1")
+
+
+def test_registry_commands(sh):
+    sh("registry", "import", "raw-images", "e2e-photos", "./photos", "--license", "BSD-3-Clause")
+    assert "raw-images/e2e-photos" in sh("registry", "ls")
+    sh("registry", "ls", "dataset", "--json")
+    sh("registry", "show", "dataset/e2e")
+    sh("registry", "download", "raw-images/e2e-photos@1", "./downloaded")
+    assert sorted(p.name for p in (sh.root / "downloaded").iterdir()) == ["chelsea.png", "coffee.png"]
+    sh("registry", "alias", "dataset/e2e@1", "production")
+    sh("registry", "history", "dataset/e2e", "production")
+    sh("registry", "lineage", "dataset/e2e")
+    sh("registry", "gc")
+
+
+def test_training(sh):
+    out = sh("train", "vae", "--dataset", "dataset/e2e", "--steps", "2", "--batch-size", "2")
+    assert "weights/tiny-vae@1" in out
+    out = sh(
+        "train", "--dataset", "dataset/e2e", "--steps", "2", "--batch-size", "2", "--checkpoint-every", "2"
+    )
+    assert "model/reflayer@1 (alias candidate)" in out
+
+
+def test_jobs(sh):
+    kinds = json.loads(sh("jobs", "kinds", "--json"))
+    assert {"doctor", "registry", "engine", "train", "train-vae"} <= set(kinds)
+    out = sh("jobs", "submit", "doctor", "--follow")
+    assert "SUCCEEDED" in out
+    job = _job_id(out)
+    sh("jobs", "submit", "registry", "--follow", "--", "gc")
+    out = sh(
+        "jobs",
+        "submit",
+        "engine",
+        "--follow",
+        "--",
+        "run",
+        "--input",
+        "raw-images/e2e-photos",
+        "--dataset",
+        "e2e-job",
+    )
+    assert "SUCCEEDED" in out
+    out = sh("jobs", "submit", "train-vae", "--follow", "--", "--dataset", "dataset/e2e", "--steps", "2")
+    assert "SUCCEEDED" in out
+    out = sh(
+        "jobs",
+        "submit",
+        "train",
+        "--follow",
+        "--",
+        "--dataset",
+        "dataset/e2e",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "2",
+    )
+    assert "SUCCEEDED" in out
+    assert job in sh("jobs", "ls")
+    assert json.loads(sh("jobs", "status", job, "--json"))["status"] == "SUCCEEDED"
+    assert "REFLADE_DOCTOR" in sh("jobs", "logs", job)
