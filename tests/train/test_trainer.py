@@ -310,9 +310,7 @@ def test_checkpoint_resume_and_killed_worker(world, storage_config, registry):
         _wait(f"checkpoint {k} recorded", lambda: durable_step() == k or "error" in outcome)
         if "error" in outcome:
             raise outcome["error"]
-        at_kill_a = lines()[-1]["step"]
         _kill_train_worker()
-        assert k < at_kill_a < 2 * k, f"killed at step {at_kill_a}: not between checkpoints {k} and {2 * k}"
 
         # 2. In flight: from now on uploads crawl; once the restarted group reaches 2k, its checkpoint upload is
         # under way (bytes flowing through the proxy) but cannot finish before the kill.
@@ -340,19 +338,22 @@ def test_checkpoint_resume_and_killed_worker(world, storage_config, registry):
     if "error" in outcome:
         raise outcome["error"]
     v1 = outcome["version"]
-    proxy.close()
+    proxy.close()  # (left open on a failure: the training thread may still be using it)
 
     # Three attempts: from scratch, from k, and (the in-flight checkpoint never became durable) from k again.
     attempts: list[list[dict]] = []
     for x in lines():
-        if not attempts or x["step"] <= attempts[-1][-1]["step"]:
+        prev = attempts[-1][-1] if attempts else None
+        if prev is None or x["resumed_from"] != prev["resumed_from"] or x["step"] <= prev["step"]:
             attempts.append([])
         attempts[-1].append(x)
     assert [a[0]["resumed_from"] for a in attempts] == [0, k, k], [(a[0], a[-1]) for a in attempts]
-    first, last = attempts[0], attempts[-1]
+    first, middle, last = attempts
     # Step counts are exact: every attempt starts right after its checkpoint, and the last one ends at n.
+    assert [x["step"] for x in middle][:k] == list(range(k + 1, 2 * k + 1))
     assert [x["step"] for x in last] == list(range(k + 1, n + 1))
-    assert [x["step"] for x in first] == list(range(1, at_kill_a + 1))
+    # The first attempt was killed after checkpoint k became durable, before the next one was due.
+    assert [x["step"] for x in first] == list(range(1, len(first) + 1)) and k <= len(first) < 2 * k
     assert (
         v1.metrics["steps"] == n and v1.result.metrics["step"] == n and v1.result.metrics["resumed_from"] == k
     )
