@@ -486,7 +486,10 @@ class EmbeddedStack:
             # Job entrypoints run `python` on the head: make it this interpreter, with the stack installed.
             PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         )
-        env.pop("RAY_ADDRESS", None)
+        # Every process of the head (workers, Ray Train's and Ray Data's own actors) finds this cluster, not the
+        # caller's RAY_ADDRESS nor another cluster on this machine: Ray's "auto" lookup reads /tmp/ray, which a
+        # head with its own temp dir never writes, and gives up when it sees several clusters.
+        env["RAY_ADDRESS"] = f"{self.cfg.host}:{self.cfg.ray_port}"
         return env
 
     def _start_ray(self, endpoint: str) -> int:
