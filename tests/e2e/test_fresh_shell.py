@@ -124,6 +124,12 @@ def test_data_engine_on_a_local_folder(sh):
     assert "dataset/e2e@1 (new)" in out
 
 
+def test_data_engine_neural_backends(sh):
+    assert "weights/tiny-blip@" in sh("engine", "tiny-weights")
+    out = sh("engine", "run", "--input", "./photos", "--dataset", "e2e-neural", "--backends", "neural")
+    assert "dataset/e2e-neural@1 (new)" in out
+
+
 def test_data_commands(sh):
     stats = json.loads(sh("data", "stats", "dataset/e2e", "--json"))
     assert stats["rows"] > 0
