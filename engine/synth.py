@@ -487,7 +487,10 @@ def _make_object(
     area_unit = _polygon_area(outline) - sum(_polygon_area(h) for h in holes)
     scale = math.sqrt(area_px / area_unit)
     extent = outline.max(axis=0) - outline.min(axis=0)
-    scale = min(scale, (max_w - 2) / extent[0], (max_h - 2) / extent[1])  # the body fits in the image
+    # The body fits in the image: its patch is the scaled extent + 1 px margin + a sub-pixel shift (< 1 px),
+    # rounded up, + 1 px, so at most extent * scale + 4 px (with - 2 a thin image could get a patch 1 px
+    # wider than itself).
+    scale = min(scale, (max_w - 4) / extent[0], (max_h - 4) / extent[1])
     pts = outline * scale
     lo = pts.min(axis=0)
     origin = -lo + 1.0 + rng.uniform(0, 1, 2)  # sub-pixel position, 1 px clear of the patch edge

@@ -299,6 +299,22 @@ def test_non_square_and_small_sizes(size):
             assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
 
 
+def test_thin_images_fit_every_object():
+    # At 50x120 an elongated object scaled to the short side used to get a patch 1 px larger than the image
+    # ("high <= 0", or a broadcast error when it was pasted); these seeds hit it.
+    for size, seeds in {
+        (50, 120): (21, 22, 32, 34, 36, 37),
+        (120, 50): (32, 36, 37),
+        (32, 64): (36,),
+    }.items():
+        for seed in seeds:
+            scene = make_scene(seed, size=size)
+            assert scene.image.shape[:2] == size
+            for obj in scene.objects:
+                x0, y0, x1, y1 = obj.box
+                assert 0 <= x0 < x1 <= size[1] and 0 <= y0 < y1 <= size[0]
+
+
 def test_png_bytes_decode_to_the_image():
     scene = make_scene(3, size=(80, 120))
     data = scene_to_png_bytes(scene)
