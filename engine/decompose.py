@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from reflade.engine.schema import GRANULARITIES, KINDS, SchemaError, decode_mask, encode_png, validate_prompt
+from reflade.platform.errors import ReportedError
 
 __all__ = [
     "ALPHA_EPS",
@@ -63,7 +64,7 @@ ALPHA_EPS = 0.5 / 255.0
 _KEYS = ("type", "granularity", "points", "box", "mask", "text")
 
 
-class PromptError(ValueError):
+class PromptError(ReportedError, ValueError):
     """A prompt cannot be used with an image; the message says which part and why."""
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from reflade.platform.errors import ReportedError
 from reflade.platform.progress import show_progress
 from reflade.platform.registry import Ref, Registry, RegistryError
 from reflade.platform.storage import Storage, parse_uri
@@ -21,7 +22,7 @@ from reflade.platform.storage import Storage, parse_uri
 RAW_PREFIX = "raw/sha256/"
 
 
-class IngestError(ValueError):
+class IngestError(ReportedError, ValueError):
     """The input cannot be read (missing folder, foreign bucket, malformed manifest)."""
 
 

@@ -38,6 +38,7 @@ from reflade.engine.schema import (
     make_sample_id,
     rows_to_table,
 )
+from reflade.platform.errors import ReportedError
 from reflade.platform.worker import storage_fields as _storage_fields
 from reflade.platform.worker import worker_registry, worker_storage
 
@@ -49,7 +50,7 @@ PAPER_PREFILTER_PASS = 0.861
 PAPER_END_TO_END = 0.70
 
 
-class EngineError(RuntimeError):
+class EngineError(ReportedError, RuntimeError):
     """The run cannot go on or its counts do not balance."""
 
 

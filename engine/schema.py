@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reflade.platform.errors import ReportedError
+
 SCHEMA_VERSION = 1
 KINDS = ("foreground", "background")
 SPLITS = ("train", "quality", "test")
@@ -79,7 +81,7 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 
 
-class SchemaError(ValueError):
+class SchemaError(ReportedError, ValueError):
     """A row or a file does not follow the RLD sample format; the message names the column and the sample."""
 
 

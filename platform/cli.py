@@ -588,12 +588,13 @@ def _load_plugins() -> list[str]:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from reflade.platform.errors import ReportedError
     from reflade.platform.jobs import JobError
     from reflade.platform.registry import RegistryError
     from reflade.platform.stack import StackError
     from reflade.platform.storage import StorageError
 
-    return (ConfigError, RegistryError, StorageError, StackError, JobError)
+    return (ConfigError, RegistryError, StorageError, StackError, JobError, ReportedError)
 
 
 def _config_option(args: list[str]) -> str | None:

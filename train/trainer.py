@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from reflade.platform.errors import ReportedError
 from reflade.train.config import PHASES, TrainSettings
 
 __all__ = [
@@ -455,7 +456,7 @@ def _build_bundle(
     return build_reflayer(settings.preset, device=device, **kw)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ReportedError, RuntimeError):
     """A checkpoint's ``state.pt`` cannot be loaded safely (or is not a training state)."""
 
 
