@@ -95,3 +95,26 @@ def ray_cluster(seaweed, credentials_file):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_vae():
+    """Builder of the tests' random 3-level ``AutoencoderKL`` (4x downscale, 4 latent channels; the scaling makes
+    its latents about unit variance on synthetic scenes): ``tiny_vae(seed=0)``, the same weights for a seed."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    def build(seed: int = 0) -> AutoencoderKL:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return AutoencoderKL(
+                down_block_types=("DownEncoderBlock2D",) * 3,
+                up_block_types=("UpDecoderBlock2D",) * 3,
+                block_out_channels=(16, 32, 32),
+                layers_per_block=1,
+                latent_channels=4,
+                norm_num_groups=8,
+                scaling_factor=2.8,
+            )
+
+    return build

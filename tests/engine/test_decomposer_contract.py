@@ -31,25 +31,8 @@ def one_torch_thread():
     torch.set_num_threads(saved)
 
 
-def tiny_vae(seed: int = 0):
-    """A random 3-level AutoencoderKL (4x downscale, 4 latent channels), as the model tests build it."""
-    from diffusers import AutoencoderKL
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            scaling_factor=2.8,
-        )
-
-
 @pytest.fixture(scope="module")
-def tiny_bundle():
+def tiny_bundle(tiny_vae):
     from reflade.train.model import build_reflayer
     from reflade.train.text import MiniLMTextEncoder, minilm_folder
 

@@ -46,29 +46,13 @@ def one_torch_thread():
     torch.set_num_threads(saved)
 
 
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    """A random 3-level AutoencoderKL (4x downscale, 4 latent channels); scaling makes its latents about unit
-    variance on synthetic scenes."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            scaling_factor=2.8,
-        )
-
-
 @pytest.fixture(scope="module")
 def minilm() -> MiniLMTextEncoder:
     return MiniLMTextEncoder(minilm_folder())
 
 
 @pytest.fixture(scope="module")
-def bundle(minilm) -> RefLayerBundle:
+def bundle(minilm, tiny_vae) -> RefLayerBundle:
     return build_reflayer("tiny", vae=tiny_vae(), text=minilm)
 
 
@@ -423,7 +407,7 @@ def test_save_then_load_gives_identical_outputs(bundle, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- overfit
-def test_overfit_four_samples(minilm):
+def test_overfit_four_samples(minilm, tiny_vae):
     """60 Adam steps on 4 synthetic samples. Measured here: the fixed-draw loss falls to 0.32x its initial
     value, and swapping the samples' conditions (image, canvas, text) costs 16% over the right ones."""
     bundle = build_reflayer("tiny", vae=tiny_vae(), text=minilm, seed=1)
@@ -468,7 +452,7 @@ def test_overfit_four_samples(minilm):
 
 
 # ---------------------------------------------------------------------------------------------- registry
-def test_tiny_from_registry_references(registry, minilm, tmp_path):
+def test_tiny_from_registry_references(registry, minilm, tmp_path, tiny_vae):
     ref = import_minilm(registry)
     assert ref == "weights/minilm-l6@1"
     v = registry.resolve(ref)
