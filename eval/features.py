@@ -14,6 +14,7 @@ Interfaces:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -81,18 +82,26 @@ def lpips_visible(
 
 @torch.no_grad()
 def directional_similarity(
-    pred_rgb: torch.Tensor, gt_rgb: torch.Tensor, visible: torch.Tensor, feature_fn: FeatureFn
+    pred_rgb: torch.Tensor,
+    gt_rgb: torch.Tensor,
+    visible: torch.Tensor,
+    feature_fn: FeatureFn,
+    *,
+    min_relative_norm: float = 1e-4,
 ) -> torch.Tensor:
     """S_gen: ``cos(f(g_rgb) - f(g_rgb * g_v), f(p_rgb) - f(g_rgb * g_v))`` (higher is better, in [-1, 1]).
 
     The direction from the visible part to the ground truth is what completion should add; the score is how well
     the prediction moves the same way. A prediction that adds nothing (its features equal the visible part's), or
-    a ground truth that is wholly visible, has no direction and scores 0 (the cosine's eps), not NaN.
+    a ground truth that is wholly visible, has no direction and scores 0, not NaN or round-off noise: a
+    difference vector shorter than ``min_relative_norm`` times the largest of the three feature norms counts as
+    none (raise it for features computed in half precision).
 
     Args:
         pred_rgb, gt_rgb: Bx3xHxW in [0, 1].
         visible: Bx1xHxW ground-truth visible mask (0/1).
         feature_fn: see the module docstring (a CLIP image encoder's projection for the real score).
+        min_relative_norm: below this fraction of the feature norm, a difference vector counts as zero.
 
     Returns:
         B cosines (float32).
@@ -105,7 +114,14 @@ def directional_similarity(
             f"feature_fn returned {tuple(feats.shape)}, expected ({3 * b}, D) for {3 * b} images"
         )
     f_gt, f_vis, f_pred = feats[:b], feats[b : 2 * b], feats[2 * b :]
-    return F.cosine_similarity(f_gt - f_vis, f_pred - f_vis, dim=1, eps=1e-8)
+    target, moved = f_gt - f_vis, f_pred - f_vis
+    cos = F.cosine_similarity(target, moved, dim=1, eps=1e-12)
+    # A direction within round-off of zero has no meaning (its cosine would be noise): score it 0.
+    scale = torch.stack([f_gt.norm(dim=1), f_vis.norm(dim=1), f_pred.norm(dim=1)]).amax(dim=0)
+    none = (target.norm(dim=1) <= min_relative_norm * scale) | (
+        moved.norm(dim=1) <= min_relative_norm * scale
+    )
+    return torch.where(none, torch.zeros_like(cos), cos)
 
 
 def build_lpips(
@@ -124,7 +140,10 @@ def build_lpips(
     """
     import lpips  # heavy import (torchvision), only where an LPIPS network is built
 
-    model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():
+        # lpips still passes torchvision's deprecated `pretrained=False`; it means weights=None, nothing fetched
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
     if backbone_state is not None:
         # lpips splits torchvision's `features` into slices that keep the original indices: features.3 -> slice2.3
         where = {
