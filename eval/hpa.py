@@ -29,7 +29,7 @@ PARTS = ("s_fid", "s_vis", "s_gen")
 (completion)."""
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class HPABounds:
     """Min-max bounds of the three raw metrics for one layer kind."""
 
@@ -79,9 +79,9 @@ PAPER_BACKGROUND = HPABounds(fid_max=40.10, lpips_max=0.2391, dir_min=1.0 - 0.47
 class HPANormalization:
     """The HPA normalisation: bounds per layer kind and the clipping rule; stored in every report."""
 
-    foreground: HPABounds = field(default_factory=lambda: HPABounds(**asdict(PAPER_FOREGROUND)))
+    foreground: HPABounds = field(default_factory=lambda: PAPER_FOREGROUND)
     """Bounds for foreground layers (default: fitted to the paper's foreground rows)."""
-    background: HPABounds = field(default_factory=lambda: HPABounds(**asdict(PAPER_BACKGROUND)))
+    background: HPABounds = field(default_factory=lambda: PAPER_BACKGROUND)
     """Bounds for background layers (default: fitted to the paper's background rows)."""
     clip: bool = False
     """Clip each normalised part to [0, 1] before averaging (off: see the module docstring)."""
