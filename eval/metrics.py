@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 
-import cv2
 import numpy as np
 from skimage.metrics import structural_similarity
+
+from reflade.engine import decompose
 
 ALPHA_THRESHOLD = 0.5
 """Alpha (in [0, 1]) at or above which a pixel counts as inside the layer (IoU, occluded region)."""
@@ -81,47 +82,29 @@ def metric_frame(height: int, width: int, metric_size: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def _interp(src: tuple[int, int], dst: tuple[int, int]) -> int:
-    return cv2.INTER_AREA if dst[0] * dst[1] < src[0] * src[1] else cv2.INTER_LINEAR
-
-
 def resize_layer(layer: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize an HxWx4 uint8 straight-alpha layer to ``size`` = (height, width).
 
-    Resampled premultiplied, then un-premultiplied: the colour of transparent pixels (arbitrary, or 0) does not
-    bleed into the edge of the layer. RGB is 0 where the resized alpha is 0, as the sample format requires.
-    Area interpolation when shrinking, bilinear when growing.
+    The decomposition API's own resizing (:func:`reflade.engine.decompose.resize_layer`, one place for it):
+    resampled premultiplied, so the colour of transparent pixels never bleeds into the layer's edge; RGB is 0 where
+    the resized alpha is 0, as the sample format requires.
     """
     _check_layer(layer, "layer")
-    if layer.shape[:2] == tuple(size):
-        return layer.copy()
-    a = layer[..., 3:].astype(np.float32) / 255.0
-    pre = np.concatenate([layer[..., :3].astype(np.float32) * a, a * 255.0], axis=2)
-    out = cv2.resize(pre, (size[1], size[0]), interpolation=_interp(layer.shape[:2], size))
-    out_a = np.clip(out[..., 3:], 0.0, 255.0)
-    rgb = np.where(out_a > 0, out[..., :3] * 255.0 / np.maximum(out_a, 1e-6), 0.0)
-    res = np.concatenate([np.clip(rgb, 0, 255), out_a], axis=2)
-    res = np.rint(res).astype(np.uint8)
-    res[res[..., 3] == 0, :3] = 0
-    return res
+    return decompose.resize_layer(layer, int(size[0]), int(size[1])).copy()
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize an HxW mask (bool or 0/255) to ``size`` = (height, width); returns bool (covered >= half)."""
     m = np.asarray(mask)
     m = as_mask(m, m.shape[:2]).astype(np.float32)
-    if m.shape == tuple(size):
-        return m >= 0.5
-    return cv2.resize(m, (size[1], size[0]), interpolation=_interp(m.shape, size)) >= 0.5
+    return decompose.resize_image(m, int(size[0]), int(size[1])) >= 0.5
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an HxWx3 uint8 RGB image to ``size`` = (height, width)."""
+    """Resize an HxWx3 uint8 RGB image to ``size`` = (height, width) (the decomposition API's resizing)."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"resize_image: expected HxWx3, got {image.shape}")
-    if image.shape[:2] == tuple(size):
-        return image.copy()
-    return cv2.resize(image, (size[1], size[0]), interpolation=_interp(image.shape[:2], size))
+    return decompose.resize_image(image, int(size[0]), int(size[1])).copy()
 
 
 # ---------------------------------------------------------------- regions
