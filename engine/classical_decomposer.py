@@ -43,7 +43,7 @@ import numpy as np
 
 from reflade.engine.backends.classical_completion import ClassicalCompletionBackend
 from reflade.engine.backends.classical_matting import ClassicalMattingBackend
-from reflade.engine.backends.classical_scene import ClassicalSceneBackend, _order  # its occlusion ordering
+from reflade.engine.backends.classical_scene import ClassicalSceneBackend, order_entities
 from reflade.engine.config import EngineConfig
 from reflade.engine.decompose import (
     DecomposeItem,
@@ -54,7 +54,7 @@ from reflade.engine.decompose import (
     resize_layer,
     scale_prompt,
 )
-from reflade.engine.types import Entity
+from reflade.engine.types import Entity, mask_box
 
 __all__ = ["ClassicalDecomposer"]
 
@@ -198,7 +198,7 @@ class ClassicalDecomposer:
         entities = [
             Entity(
                 entity_id=i,
-                box=_box(m),
+                box=mask_box(m),
                 mask=m,
                 label=e.label,
                 score=e.score,
@@ -208,8 +208,8 @@ class ClassicalDecomposer:
             for i, (e, m) in enumerate(others)
         ]
         k = len(entities)
-        entities.append(Entity(entity_id=k, box=_box(target), mask=target, label="object", score=1.0))
-        _order(entities, [e.mask for e in entities])
+        entities.append(Entity(entity_id=k, box=mask_box(target), mask=target, label="object", score=1.0))
+        order_entities(entities, [e.mask for e in entities])
         return entities, k
 
 
@@ -317,8 +317,3 @@ def _prompt_region(
     for x, y in pos:
         cv2.circle(discs, (int(x), int(y)), _disc_radius(h, w), 1, -1)
     return discs.astype(bool)
-
-
-def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
-    ys, xs = np.nonzero(mask)
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1

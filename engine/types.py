@@ -8,6 +8,12 @@ from typing import Any
 import numpy as np
 
 
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1), half-open pixels, of the True pixels of an HxW mask (not empty)."""
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
 @dataclass
 class Entity:
     """A candidate entity found by scene understanding (stage 2).

@@ -36,7 +36,7 @@ import numpy as np
 from skimage.segmentation import slic
 
 from reflade.engine.config import EngineConfig
-from reflade.engine.types import Entity
+from reflade.engine.types import Entity, mask_box
 
 _WORK_SIDE = 256
 """Longest side, pixels, of the copy the detectors run on."""
@@ -59,7 +59,7 @@ _TOUCH_PX = 3
 _MIN_SHARED_PX = 20
 """Entities touching along fewer pixels than this are not ordered."""
 _MIN_ORDER_EVIDENCE = 0.2
-"""Occlusion is set only when the combined cue (radians + hull share, see ``_order``) exceeds this."""
+"""Occlusion is set only when the combined cue (radians + hull share, see ``order_entities``) exceeds this."""
 
 
 class ClassicalSceneBackend:
@@ -137,7 +137,7 @@ class ClassicalSceneBackend:
             entities.append(
                 Entity(
                     entity_id=len(entities),
-                    box=_box(mask),
+                    box=mask_box(mask),
                     mask=mask,
                     label=_shape_word(mask),
                     score=round(float(cand.score), 4),
@@ -146,7 +146,7 @@ class ClassicalSceneBackend:
                 )
             )
             small_masks.append(cand.mask)
-        _order(entities, small_masks)
+        order_entities(entities, small_masks)
         return entities
 
 
@@ -471,7 +471,7 @@ def _select(cands: list[_Candidate], min_px: float, max_px: float, max_n: int) -
     return chosen
 
 
-def _order(entities: list[Entity], masks: list[np.ndarray]) -> None:
+def order_entities(entities: list[Entity], masks: list[np.ndarray]) -> None:
     """Sets ``occluded_by`` from the T-junction and convex-hull cues (see the class docstring)."""
     n = len(entities)
     if n < 2:
@@ -638,8 +638,3 @@ def _hull(mask: np.ndarray) -> np.ndarray:
 
 def _solidity(mask: np.ndarray) -> float:
     return float(np.count_nonzero(mask)) / max(1, np.count_nonzero(_hull(mask)))
-
-
-def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
-    ys, xs = np.nonzero(mask)
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1

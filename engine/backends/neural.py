@@ -73,7 +73,7 @@ import numpy as np
 import torch
 
 from reflade.engine.config import EngineConfig
-from reflade.engine.types import Completion, Entity
+from reflade.engine.types import Completion, Entity, mask_box
 from reflade.platform.weights import LocalWeights, fetch_weights
 from reflade.platform.weights import default_cache_dir as platform_cache_dir
 
@@ -392,11 +392,6 @@ def _check_image(image: np.ndarray) -> None:
         )
 
 
-def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
-    ys, xs = np.nonzero(mask)
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-
-
 def _hull(mask: np.ndarray) -> np.ndarray:
     pts = cv2.findNonZero(mask.astype(np.uint8))
     out = np.zeros(mask.shape, np.uint8)
@@ -702,7 +697,7 @@ class NeuralSceneBackend:
             occluders = [e.entity_id for e, _ in kept if np.count_nonzero(mask & e.mask) >= lost_min]
             ent = Entity(
                 entity_id=len(kept),
-                box=_box(visible),
+                box=mask_box(visible),
                 mask=visible,
                 label=label,
                 score=round(float(score), 4),
@@ -1011,7 +1006,7 @@ class NeuralCompletionBackend:
 
     def _crop(self, hole: _Hole, shape: tuple[int, int]) -> tuple[int, int, int, int]:
         h, w = shape
-        x0, y0, x1, y1 = _box(hole.hole)
+        x0, y0, x1, y1 = mask_box(hole.hole)
         side = max(_MIN_CROP_PX, int(np.ceil(_CONTEXT * max(x1 - x0, y1 - y0))))
         cw, ch = min(side, w), min(side, h)
         cx0 = int(np.clip((x0 + x1) / 2 - cw / 2, 0, w - cw))

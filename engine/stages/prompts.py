@@ -36,7 +36,7 @@ import numpy as np
 
 from reflade.engine.config import EngineConfig
 from reflade.engine.schema import GRANULARITIES, KINDS, decode_mask, encode_png
-from reflade.engine.types import Entity
+from reflade.engine.types import Entity, mask_box
 
 __all__ = [
     "PROMPT_TYPES",
@@ -137,7 +137,7 @@ def make_prompts(
     depth = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
     coarse_point = _coarse_point(depth, rng)
     fine_points = _fine_points(mask, depth, cfg.points_per_prompt, rng) + _negative_points(mask, rng)
-    fine_box = _tight_box(mask)
+    fine_box = mask_box(mask)
     coarse_box = _enlarge_box(fine_box, width, height, rng)
     text_fine = text_for(entity, kind, granularity="fine")  # the caption's, when the entity has a usable one
     text_coarse = text_for(entity, kind, granularity="coarse")
@@ -375,11 +375,6 @@ def _negative_points(mask: np.ndarray, rng: np.random.Generator) -> list[tuple[i
     count = min(int(rng.integers(1, 3)), len(ys))
     picks = rng.choice(len(ys), count, replace=False)
     return [(int(xs[i]), int(ys[i]), 0) for i in picks]
-
-
-def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
-    ys, xs = np.nonzero(mask)
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 def _enlarge_box(box, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
