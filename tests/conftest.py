@@ -7,8 +7,11 @@ Tests that start their own servers (``reflade up``, restarts) use their own stat
 from __future__ import annotations
 
 import os
+import socket
+import sys
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,54 @@ def tiny_vae():
             )
 
     return build
+
+
+_RAY_PORT_KEYS = (
+    "ray_port",
+    "dashboard_port",
+    "ray_client_port",
+    "dashboard_agent_port",
+    "runtime_env_agent_port",
+    "metrics_export_port",
+)
+
+
+@dataclass
+class PrivateStack:
+    """A user's fresh shell for a `reflade up` of the test's own: ``home`` (an empty HOME), ``config`` (a YAML
+    file with only a ``stack`` section on free ports: the storage endpoint follows ``s3_port``), ``ports`` and
+    ``env`` (PATH with the venv's bin first, as after `activate`, HOME, LANG, REFLADE_CONFIG; no RAY_*, no
+    AWS_*)."""
+
+    home: Path
+    config: Path
+    ports: dict[str, int]
+    env: dict[str, str]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def private_stack():
+    """Factory: ``private_stack(root)`` -> :class:`PrivateStack` under ``root`` (the stack is not started)."""
+
+    def make(root: Path) -> PrivateStack:
+        home = root / "home"
+        home.mkdir(exist_ok=True)
+        config = root / "reflade.yaml"
+        ports = {"s3_port": find_free_base_port(), **{k: _free_port() for k in _RAY_PORT_KEYS}}
+        lines = ["stack:"] + [f"  {k}: {v}" for k, v in ports.items()] + ["  ray_num_cpus: 2"]
+        config.write_text("\n".join(lines) + "\n")
+        env = {
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
+            "HOME": str(home),
+            "REFLADE_CONFIG": str(config),
+            "LANG": "C.UTF-8",
+        }
+        return PrivateStack(home=home, config=config, ports=ports, env=env)
+
+    return make

@@ -14,9 +14,7 @@ must exit 0 with no traceback. The runs are tiny (two photos, four synthetic sce
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -24,44 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from reflade.platform.stack import find_free_base_port
-
 REFLADE = str(Path(sys.executable).parent / "reflade")
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
-
-RAY_PORT_KEYS = (
-    "ray_port",
-    "dashboard_port",
-    "ray_client_port",
-    "dashboard_agent_port",
-    "runtime_env_agent_port",
-    "metrics_export_port",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Shell:
     """Runs `reflade ARGS` as a new process in a user's fresh environment; records what ran and how long."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, user):
         self.root = root
-        self.home = root / "home"
-        self.home.mkdir()
-        self.config = root / "reflade.yaml"
-        self.ports = {"s3_port": find_free_base_port(), **{k: _free_port() for k in RAY_PORT_KEYS}}
-        lines = ["stack:"] + [f"  {k}: {v}" for k, v in self.ports.items()] + ["  ray_num_cpus: 2"]
-        self.config.write_text("\n".join(lines) + "\n")
-        self.env = {
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
-            "HOME": str(self.home),
-            "REFLADE_CONFIG": str(self.config),
-            "LANG": "C.UTF-8",
-        }
+        self.home, self.config, self.ports, self.env = user.home, user.config, user.ports, user.env
         self.times: list[tuple[str, float]] = []
 
     def __call__(self, *args: str, timeout: float = 300) -> str:
@@ -78,11 +48,12 @@ class Shell:
 
 
 @pytest.fixture(scope="module")
-def sh(tmp_path_factory):
+def sh(tmp_path_factory, private_stack):
     import skimage.data
     from PIL import Image
 
-    shell = Shell(tmp_path_factory.mktemp("fresh-shell"))
+    root = tmp_path_factory.mktemp("fresh-shell")
+    shell = Shell(root, private_stack(root))
     photos = shell.root / "photos"
     photos.mkdir()
     for name in ("coffee", "chelsea"):

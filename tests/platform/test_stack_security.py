@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,55 +22,18 @@ import pytest
 import requests
 
 from reflade.platform.config import load_config
-from reflade.platform.stack import EmbeddedStack, StackError, find_free_base_port, port_in_use
+from reflade.platform.stack import EmbeddedStack, StackError, port_in_use
 
 REFLADE = str(Path(sys.executable).parent / "reflade")
 PYTHON = sys.executable
 pytestmark = pytest.mark.timeout(600)
 
-RAY_PORT_KEYS = (
-    "ray_port",
-    "dashboard_port",
-    "ray_client_port",
-    "dashboard_agent_port",
-    "runtime_env_agent_port",
-    "metrics_export_port",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def private_stack_config(path: Path) -> dict[str, int]:
-    """A YAML configuration of a stack on free ports (`stack` section only: the endpoint follows s3_port)."""
-    ports = {"s3_port": find_free_base_port(), **{k: _free_port() for k in RAY_PORT_KEYS}}
-    lines = ["stack:"] + [f"  {k}: {v}" for k, v in ports.items()] + ["  ray_num_cpus: 2"]
-    path.write_text("\n".join(lines) + "\n")
-    return ports
-
-
-def user_env(home: Path, config: Path) -> dict[str, str]:
-    """What a user's fresh shell holds: PATH (the venv's bin first, as after `activate`), HOME, and the
-    configuration file of this test's private stack. No RAY_* and no AWS_* variable."""
-    return {
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
-        "HOME": str(home),
-        "REFLADE_CONFIG": str(config),
-        "LANG": "C.UTF-8",
-    }
-
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, private_stack):
     root = tmp_path_factory.mktemp("security")
-    home = root / "home"
-    home.mkdir()
-    config = root / "reflade.yaml"
-    ports = private_stack_config(config)
-    env = user_env(home, config)
+    user = private_stack(root)
+    home, ports, env = user.home, user.ports, user.env
     up = subprocess.run([REFLADE, "up"], env=env, capture_output=True, text=True, timeout=300, cwd=root)
     assert up.returncode == 0, up.stdout + up.stderr
     state = json.loads((home / ".reflade" / "stack.json").read_text())
@@ -247,11 +209,11 @@ def test_every_listening_port_is_on_loopback_and_refuses_without_credentials(sta
     assert "CONNECTED 1" in with_token.stdout, with_token.stdout + with_token.stderr[-2000:]
 
 
-def test_a_failure_after_ray_started_leaves_nothing_running(tmp_path, monkeypatch):
+def test_a_failure_after_ray_started_leaves_nothing_running(tmp_path, monkeypatch, private_stack):
     """`up` fails after SeaweedFS and the Ray head are up (here: the state file cannot be written)."""
-    config = tmp_path / "reflade.yaml"
-    ports = private_stack_config(config)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    user = private_stack(tmp_path)
+    config, ports = user.config, user.ports
+    monkeypatch.setenv("HOME", str(user.home))
     for var in [v for v in os.environ if v.startswith(("REFLADE_", "AWS_", "RAY_"))]:
         monkeypatch.delenv(var)
     cfg = load_config(config)
@@ -273,11 +235,11 @@ def test_a_failure_after_ray_started_leaves_nothing_running(tmp_path, monkeypatc
         assert not port_in_use("127.0.0.1", port), f"{role} port {port} still bound"
 
 
-def test_a_failure_before_ray_started_leaves_nothing_running(tmp_path, monkeypatch):
+def test_a_failure_before_ray_started_leaves_nothing_running(tmp_path, monkeypatch, private_stack):
     """The object store started, then the Ray head cannot: SeaweedFS is stopped again."""
-    config = tmp_path / "reflade.yaml"
-    ports = private_stack_config(config)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    user = private_stack(tmp_path)
+    config, ports = user.config, user.ports
+    monkeypatch.setenv("HOME", str(user.home))
     for var in [v for v in os.environ if v.startswith(("REFLADE_", "AWS_", "RAY_"))]:
         monkeypatch.delenv(var)
     cfg = load_config(config)
