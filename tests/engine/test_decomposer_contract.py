@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from reflade.engine.classical_decomposer import ClassicalDecomposer
 from reflade.engine.decompose import (
@@ -22,13 +21,7 @@ from reflade.engine.synth import make_scene
 IMPLS = ("reflayer", "classical")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: these ops are tiny, and OpenMP's spinning barriers collapse on 2 shared cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,7 @@ R = 64
 FORBIDDEN = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: these ops are tiny, and OpenMP's spinning barriers collapse on 2 shared cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
