@@ -354,9 +354,27 @@ def registry_download(
 def registry_alias(
     ref: Annotated[str, typer.Argument(help="KIND/NAME@VERSION (or another alias) to point at.")],
     alias: Annotated[str, typer.Argument(help="Alias to move, e.g. candidate, production.")],
+    expect: Annotated[
+        str | None,
+        typer.Option(
+            "--expect",
+            help="Move only if ALIAS points at this version now ('none': only if it does not exist yet); "
+            "fails, changing nothing, if it moved meanwhile.",
+        ),
+    ] = None,
 ) -> None:
     """Move ALIAS to the version REF names (compare-and-swap; the history is kept)."""
-    move = _registry().set_alias(ref, alias)
+    from reflade.platform.registry import ANY_VERSION
+
+    expected: object = ANY_VERSION
+    if expect is not None:
+        if expect.lower() == "none":
+            expected = None
+        elif expect.isdigit():
+            expected = int(expect)
+        else:
+            raise typer.BadParameter("--expect takes a version number or 'none'", param_hint="--expect")
+    move = _registry().set_alias(ref, alias, expected=expected)
     before = f"@{move.from_version}" if move.from_version is not None else "(new)"
     console.print(f"alias {alias}: {before} -> @{move.to_version}")
 

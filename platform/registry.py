@@ -50,6 +50,19 @@ class RegistryError(RuntimeError):
     """A registry operation cannot be done; the message names the reference and what exists."""
 
 
+class AliasConflict(RegistryError):
+    """A compare-and-swap alias move lost: the alias no longer points where the caller expected."""
+
+    def __init__(self, message: str, current: int | None):
+        super().__init__(message)
+        self.current = current
+        """The version the alias points at now (None: no such alias)."""
+
+
+ANY_VERSION = object()
+"""``Registry.set_alias(expected=...)``'s default: move the alias wherever it points now."""
+
+
 class IntegrityError(RegistryError):
     """A downloaded file does not match the sha256 or size its manifest records."""
 
@@ -566,8 +579,25 @@ class Registry:
                 number = max(number, self.latest_version(kind, name) or 0) + 1
         raise RegistryError(f"could not claim a version number for {kind}/{name} after 1000 tries")
 
-    def set_alias(self, ref: str | Ref, alias: str, *, creator: str | None = None) -> AliasMove:
-        """Point ALIAS of the reference's KIND/NAME at its version (compare-and-swap, history kept)."""
+    def set_alias(
+        self,
+        ref: str | Ref,
+        alias: str,
+        *,
+        creator: str | None = None,
+        expected: int | None | object = ANY_VERSION,
+    ) -> AliasMove:
+        """Point ALIAS of the reference's KIND/NAME at its version (compare-and-swap, history kept).
+
+        Args:
+            expected: the version the alias must point at now for the move to happen (``None``: the alias must not
+                exist yet). The check and the write are one conditional write, so a concurrent mover makes this
+                call fail rather than be overwritten. Left out, the move happens whatever the alias points at.
+
+        Raises:
+            AliasConflict: ``expected`` was given and the alias points elsewhere (nothing moved).
+            RegistryError: bad alias, ``latest``, unknown reference.
+        """
         validate_alias(alias)
         if alias == LATEST:
             raise RegistryError("'latest' is automatic (the highest version) and cannot be moved")
@@ -586,6 +616,13 @@ class Registry:
                 last = history[-1]
                 return AliasMove(alias, last["from"], last["to"], last["by"], last["at"])
             prev = int(doc["version"]) if doc else None
+            if expected is not ANY_VERSION and prev != expected:
+                raise AliasConflict(
+                    f"{v.kind}/{v.name}@{alias} points at "
+                    f"{'no version' if prev is None else f'version {prev}'}, expected "
+                    f"{'none' if expected is None else f'version {expected}'}: it moved meanwhile; nothing changed",
+                    current=prev,
+                )
             move = AliasMove(alias, prev, v.version, by, _now())
             history = history + [{"from": prev, "to": v.version, "by": by, "at": move.at, "token": token}]
             new = {"alias": alias, "version": v.version, "history": history[-_ALIAS_HISTORY_KEEP:]}

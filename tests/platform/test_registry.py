@@ -251,6 +251,35 @@ def test_concurrent_alias_moves_lose_nothing(registry, tmp_path):
     assert registry.aliases("model", "reflayer")["candidate"] == history[-1]["to"]
 
 
+def test_alias_move_with_expected_version_loses_a_race(registry, tmp_path):
+    from reflade.platform.registry import AliasConflict
+
+    for i in range(6):
+        _one_file_version(registry, tmp_path, "model", "cas", f"cas {i}".encode())
+    with pytest.raises(AliasConflict, match="expected version 1"):
+        registry.set_alias("model/cas@2", "production", expected=1)  # no alias yet
+    registry.set_alias("model/cas@1", "production", expected=None)
+    with pytest.raises(AliasConflict, match="points at version 1, expected none"):
+        registry.set_alias("model/cas@2", "production", expected=None)
+    # Five movers all expect @1: exactly one wins, the others see who did and change nothing.
+    barrier = threading.Barrier(5)
+
+    def move(i: int):
+        barrier.wait(timeout=30)
+        try:
+            return registry.set_alias(f"model/cas@{i + 2}", "production", expected=1, creator=f"m{i}")
+        except AliasConflict as e:
+            return e
+
+    with ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(move, range(5)))
+    wins = [r for r in results if not isinstance(r, AliasConflict)]
+    assert len(wins) == 1 and wins[0].from_version == 1
+    assert all(r.current == wins[0].to_version for r in results if isinstance(r, AliasConflict))
+    history = registry.alias_history("model", "cas", "production")
+    assert [(h["from"], h["to"]) for h in history] == [(None, 1), (1, wins[0].to_version)]
+
+
 # ---------------------------------------------------------------------------------------------- integrity
 def test_corrupt_blob_is_detected(registry, tmp_path):
     data = os.urandom(4096)
