@@ -205,7 +205,7 @@ def compare(
 def stand_in_weights() -> None:
     """Build and register the random-init stand-in feature networks (weights/tiny-alexnet, tiny-clip,
     tiny-inception) for tests and CPU demos; every report made with them says so in its title."""
-    from reflade.eval.networks import register_stand_ins
+    from reflade.eval.network_convert import register_stand_ins
 
     for name, ref in register_stand_ins(_registry()).items():
         console.print(f"{name}: {ref}")
@@ -221,7 +221,7 @@ def convert_weights(
 ) -> None:
     """Convert a published checkpoint into the folder `reflade registry import` takes (see the README for each
     network's source and licence). Checkpoints load with torch.load(weights_only=True), never as pickles."""
-    from reflade.eval import networks
+    from reflade.eval import network_convert as networks
 
     converters = {
         "alexnet": networks.convert_alexnet,

@@ -98,8 +98,9 @@ class EvalConfig:
     """Actors per pool (one pool decomposes, one computes the features)."""
     num_gpus: float = 0.0
     """GPUs per actor (0: CPU); the model and the feature networks run on ``cuda`` when > 0."""
-    num_cpus: float = 1.0
-    """CPUs per actor."""
+    num_cpus: float = 0.5
+    """CPUs per actor. Both pools at 0.5 leave a 2-core node a core for the read tasks (at 1 each, the two pools
+    would hold both cores and the streaming read could never run)."""
     threads: int = 0
     """Torch threads per actor (0: Ray's default, one per requested CPU)."""
     gate_margins: dict[str, float] = field(default_factory=lambda: {"hpa": 0.01})

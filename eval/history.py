@@ -24,7 +24,7 @@ def reports_of(registry, model: str) -> list[dict[str, Any]]:
     from reflade.platform.registry import Ref
 
     r = Ref.parse(model)
-    if r.version is None and r.alias is None:
+    if "@" not in model:  # a bare name: every version (Ref.parse reads it as @latest)
         versions = [f"{r.kind}/{r.name}@{v}" for v in registry.versions(r.kind, r.name)]
         if not versions:
             registry.resolve(model)  # raises the registry's own "unknown name" error, with suggestions

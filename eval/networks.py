@@ -41,6 +41,7 @@ from torchvision.models.inception import (
     inception_v3,
 )
 
+from reflade.eval.config import STAND_IN_NETWORKS
 from reflade.eval.features import FeatureFn, LPIPSFn, build_lpips
 from reflade.platform.errors import ReportedError
 
@@ -75,12 +76,9 @@ ARCHS: dict[str, tuple[str, ...]] = {
     "inception": ("inception-v3-fid", "tiny-conv"),
 }
 """The archs each network kind may load."""
-STAND_IN_REFS: dict[str, str] = {
-    "lpips": "weights/tiny-alexnet",
-    "clip": "weights/tiny-clip",
-    "inception": "weights/tiny-inception",
-}
-"""Registry names of the randomly initialised stand-ins (:func:`reflade.eval.network_convert.register_stand_ins`)."""
+STAND_IN_REFS: dict[str, str] = STAND_IN_NETWORKS
+"""Registry names of the randomly initialised stand-ins (:func:`reflade.eval.network_convert.register_stand_ins`);
+defined with the ``eval`` section (``reflade.eval.config.STAND_IN_NETWORKS``), one place for the fact."""
 
 
 class NetworkError(ReportedError, ValueError):
