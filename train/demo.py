@@ -21,7 +21,12 @@ DEMO_SAMPLE_STEPS = 20
 """Euler steps of the demo decomposition."""
 
 
-def _run_job(jobs, kind: str, args: list[str], console, timeout: float = 1800) -> str:
+def run_demo_job(jobs, kind: str, args: list[str], console, timeout: float = 1800) -> str:
+    """Submit a job of ``kind`` with ``args``, stream its logs, and return its id once it SUCCEEDED.
+
+    Raises:
+        RuntimeError: the job ended otherwise (the message names the command to read its logs).
+    """
     job_id = jobs.submit(kind, args)
     console.print(f"submitted {kind} job {job_id}: {' '.join(args)}")
     for chunk in jobs.follow(job_id):
@@ -44,7 +49,7 @@ def train_step(cfg, registry, timer, made, console) -> None:
     with timer.step("tiny VAE (Ray job: reflade train vae)"):
         # Ray starts job drivers with one torch thread; the demo's head has the machine to itself.
         args = ["--dataset", dataset, "--steps", str(DEMO_VAE_STEPS), "--threads", str(DEMO_THREADS)]
-        _run_job(jobs, "train-vae", args, console)
+        run_demo_job(jobs, "train-vae", args, console)
         vae = registry.resolve("weights/tiny-vae@latest")
         made["vae"] = vae.ref
         console.print(f"{vae.ref}: held-out PSNR {vae.metrics.get('psnr_holdout', float('nan')):.2f} dB")
@@ -60,7 +65,7 @@ def train_step(cfg, registry, timer, made, console) -> None:
             vae.ref,
         ]
         args += ["--threads", str(DEMO_THREADS)]
-        _run_job(jobs, "train", args, console)
+        run_demo_job(jobs, "train", args, console)
         model = registry.resolve("model/reflayer@candidate")
         made["model"] = model.ref
         console.print(f"{model.ref} (candidate): loss {model.metrics.get('loss')}, parents {model.parents}")

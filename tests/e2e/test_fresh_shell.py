@@ -131,9 +131,74 @@ def test_training(sh):
     assert "model/reflayer@1 (alias candidate)" in out
 
 
+def test_evaluation(sh):
+    assert "weights/tiny-alexnet@1" in sh("eval", "stand-in-weights")
+    tiny = ["--stand-in", "--max-samples", "2", "--metric-size", "32", "--steps", "2"]
+    model = ["--model", "model/reflayer@candidate"]
+    out = sh("eval", "run", *model, "--dataset", "dataset/e2e:test", *tiny)
+    assert "report eval-report/reflayer@1" in out and "stand-in feature networks" in out
+    sh(
+        "eval",
+        "run",
+        *model,
+        "--dataset",
+        "dataset/e2e:test",
+        *tiny,
+        "--prompt-types",
+        "all",
+        "-o",
+        "./report",
+    )
+    assert (sh.root / "report" / "report.html").is_file()
+    out = sh("eval", "run", *model, "--dataset", "dataset/e2e:test", *tiny, "--promote", "--allow-first")
+    assert "production -> model/reflayer@1" in out
+    out = sh(
+        "eval",
+        "run",
+        *model,
+        "--dataset",
+        "dataset/e2e:test",
+        *tiny,
+        "--baseline",
+        "model/reflayer@production",
+    )
+    assert "PASSED" in out and "report eval-report/reflayer@4" in out
+    out = sh(
+        "jobs", "submit", "eval", "--follow", "--", "run", *model, "--dataset", "dataset/e2e:test", *tiny
+    )
+    assert "SUCCEEDED" in out and "eval-report/reflayer@5" in out
+    hist = json.loads(sh("eval", "history", "model/reflayer", "--json"))
+    assert [h["report"] for h in hist] == [f"eval-report/reflayer@{i}" for i in range(1, 6)]
+    sh("eval", "history", "model/reflayer")
+    assert "PASSED" in sh("eval", "compare", "eval-report/reflayer@4", "eval-report/reflayer@1")
+    for baseline in ("classical", "copy-visible"):
+        out = sh("eval", "run", "--model", baseline, "--dataset", "dataset/e2e:test", *tiny)
+        assert f"report eval-report/{baseline}@1" in out
+    votes = [
+        {"item": f"i{i}", "prompt": "text+box:fine", "model_a": a, "model_b": b, "winner": w}
+        for i, (a, b, w) in enumerate(
+            [
+                ("model/reflayer@1", "classical", "b"),
+                ("classical", "copy-visible", "a"),
+                ("model/reflayer@1", "copy-visible", "tie"),
+            ]
+            * 4
+        )
+    ]
+    (sh.root / "votes.jsonl").write_text("".join(json.dumps(v) + "\n" for v in votes))
+    out = sh(
+        "eval",
+        "elo",
+        "votes.jsonl",
+        "--reports",
+        "eval-report/reflayer@1,eval-report/classical@1,eval-report/copy-visible@1",
+    )
+    assert "Pearson" in out and "classical" in out
+
+
 def test_jobs(sh):
     kinds = json.loads(sh("jobs", "kinds", "--json"))
-    assert {"doctor", "registry", "engine", "train", "train-vae"} <= set(kinds)
+    assert {"doctor", "registry", "engine", "train", "train-vae", "eval"} <= set(kinds)
     out = sh("jobs", "submit", "doctor", "--follow")
     assert "SUCCEEDED" in out
     job = _job_id(out)
