@@ -4,7 +4,26 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint format wheel clean-venv
+.PHONY: demo test bench lint format wheel chromium clean-venv
+
+# Headless Chromium renders report.html in tests/eval/test_report_html.py (skipped without it): Debian's package,
+# through apt-get as root or with passwordless sudo; `apt-get update` only when the first install fails.
+CHROMIUM_INSTALL = \
+    if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; exit 0; fi; \
+    if ! command -v apt-get >/dev/null 2>&1; then \
+        echo "chromium is not installed and there is no apt-get: install Chromium with this system's package manager"; \
+        exit 1; \
+    fi; \
+    if [ "$$(id -u)" = 0 ]; then as=""; \
+    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then as="sudo -n"; \
+    else \
+        echo "chromium is not installed and apt-get needs root:" \
+            "run 'sudo apt-get install -y --no-install-recommends chromium'"; \
+        exit 1; \
+    fi; \
+    apt="$$as env DEBIAN_FRONTEND=noninteractive apt-get"; \
+    $$apt install -y -q --no-install-recommends chromium \
+        || { $$apt update -q && $$apt install -y -q --no-install-recommends chromium; }
 
 # The venv is (re)built when pyproject.toml changes; its creation is timed apart from the demo.
 $(STAMP): pyproject.toml
@@ -13,7 +32,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip && \
 	$(BIN)/python -m pip install -q -e '.[dev]' && \
 	touch $(STAMP) && \
-	echo "venv ready in $$(( $$(date +%s) - start )) s ($(VENV))"
+	echo "venv ready in $$(( $$(date +%s) - start )) s ($(VENV))" && \
+	{ ( $(CHROMIUM_INSTALL) ) || echo "note: no chromium, so the report's browser test is skipped (make chromium)"; }
 
 demo: $(STAMP)
 	$(BIN)/reflade demo $(DEMO_ARGS)
@@ -30,6 +50,9 @@ lint: $(STAMP)
 
 format: $(STAMP)
 	$(BIN)/ruff format platform engine train serve eval tests bench
+
+chromium:
+	@( $(CHROMIUM_INSTALL) )
 
 wheel: $(STAMP)
 	$(BIN)/python -m pip wheel --no-deps --no-build-isolation -w dist .
