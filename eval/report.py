@@ -89,7 +89,12 @@ def write_report(
         if t["model"] == subject:
             for m in ("hpa", "fid", "lpips", "dir", "hidden_rgb_mae", "alpha_iou"):
                 headline[f"{m}_{t['kind']}"] = t[m]
-    caveats = {t["kind"]: fid_caveat(t["fid_samples"]) for t in pooled if t["model"] == subject}
+    caveats = {
+        t["kind"]: fid_caveat(t["fid_samples"])
+        for kind in ("foreground", "background")
+        for t in pooled
+        if t["model"] == subject and t["kind"] == kind
+    }
     grid = _grid(folder, samples, subject, models, pictures, report_samples)
     figures = _figures(folder, tables, samples, models)
     report = {
@@ -130,7 +135,7 @@ def _figures(folder: Path, tables, samples, models) -> list[dict[str, str]]:
             ("hpa", "HPA (higher is better)"),
             ("hidden_rgb_mae", "hidden-region RGB error"),
         ):
-            fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(ptypes) + 2), 3.2))
+            fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(ptypes) + 2), 3.4))
             width = 0.8 / max(1, len(models))
             for i, m in enumerate(models):
                 by = {t["prompt_type"]: t.get(metric) for t in rows if t["model"] == m}
@@ -140,7 +145,7 @@ def _figures(folder: Path, tables, samples, models) -> list[dict[str, str]]:
                 np.arange(len(ptypes)) + width * (len(models) - 1) / 2, ptypes, rotation=30, ha="right"
             )
             ax.set_ylabel(label)
-            ax.set_title(f"{kind}: {metric} per prompt type")
+            ax.set_title(f"{kind}: {metric} per prompt type", fontsize=9)
             ax.legend(fontsize=7)
             fig.tight_layout()
             name = f"figures/{kind}-{metric}-by-prompt.png"
@@ -259,7 +264,7 @@ def _html(r: dict[str, Any]) -> str:
         f"<title>{e(r['title'])}</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
         "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#eee}"
-        "td:first-child,th:first-child{text-align:left}.warn{color:#a40;font-weight:bold}"
+        ".scroll{overflow-x:auto}td:first-child,th:first-child{text-align:left}.warn{color:#a40;font-weight:bold}"
         ".yes{color:#070}.no{color:#a00}img{image-rendering:pixelated}</style></head><body>",
         f"<h1>{e(r['title'])}</h1>",
     ]
@@ -273,7 +278,11 @@ def _html(r: dict[str, Any]) -> str:
         parts.append(f"<tr><td>{e(k)}</td><td>{e(json.dumps(s.get(k)))}</td></tr>")
     for k, v in s["networks"].items():
         parts.append(f"<tr><td>network {e(k)}</td><td>{e(v)}</td></tr>")
-    parts.append(f"<tr><td>HPA bounds</td><td>{e(json.dumps(s['normalization']))}</td></tr></table>")
+    bounds = {
+        k: ({b: round(x, 6) for b, x in v.items()} if isinstance(v, dict) else v)
+        for k, v in s["normalization"].items()
+    }
+    parts.append(f"<tr><td>HPA bounds</td><td>{e(json.dumps(bounds))}</td></tr></table>")
     for kind, text in r["fid_caveat"].items():
         parts.append(f"<p><b>FID ({e(kind)}):</b> {e(text)}</p>")
     parts.append("<h2>Beside the baselines</h2><table><tr><th>kind</th><th>metric</th><th>model</th>")
@@ -298,7 +307,8 @@ def _html(r: dict[str, Any]) -> str:
         if not rows:
             continue
         parts.append(
-            f"<h3>{e(kind)}</h3><table><tr><th>model</th><th>prompt type</th><th>n</th><th>refused</th>"
+            f"<h3>{e(kind)}</h3><div class='scroll'><table><tr><th>model</th><th>prompt type</th><th>n</th>"
+            "<th>refused</th>"
         )
         parts.extend(f"<th>{e(m)}</th>" for m in TABLE_METRICS)
         parts.append("</tr>")
@@ -308,7 +318,7 @@ def _html(r: dict[str, Any]) -> str:
                 + "".join(f"<td>{_fmt(t.get(m))}</td>" for m in TABLE_METRICS)
                 + "</tr>"
             )
-        parts.append("</table>")
+        parts.append("</table></div>")
     parts.append("<h2>Figures</h2>")
     for f in r["figures"]:
         parts.append(

@@ -38,7 +38,7 @@ from reflade.platform.progress import byte_bar
 from reflade.platform.storage import ObjectNotFound, PreconditionFailed, Storage, StorageError
 
 MANIFEST_SCHEMA = 1
-KNOWN_KINDS = ("dataset", "model", "weights", "eval-report")
+KNOWN_KINDS = ("dataset", "model", "weights", "eval-report", "votes", "raw-images")
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _SEL = r"[a-z0-9][a-z0-9._-]{0,63}"
 REF_RE = re.compile(rf"(?P<kind>{_SEL})/(?P<name>{_SEL})(?:@(?P<sel>{_SEL}))?(?::(?P<split>{_SEL}))?")
