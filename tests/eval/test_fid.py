@@ -20,6 +20,7 @@ from reflade.eval.fid import (
     composite,
     composite_torch,
     fid_caveat,
+    fid_from_moments,
     frechet_distance,
     frechet_distance_from_moments,
 )
@@ -61,6 +62,26 @@ def test_feature_moments_merge_like_one_set():
     np.testing.assert_allclose(cov, np.cov(x, rowvar=False), atol=1e-9)
     with pytest.raises(ValueError, match="dimension 4, expected 6"):
         m.update(np.zeros((2, 4)))
+
+
+def test_torchmetrics_fid_from_merged_moments_is_the_closed_form():
+    """The product's FID (torchmetrics' FrechetInceptionDistance over moments merged from separate batches)."""
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+    s1, s2 = np.array([1.0, 4.0, 0.25]), np.array([2.0, 1.0, 0.25])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    rng = np.random.default_rng(5)
+    a = mu1 + rng.normal(size=(20000, 3)) * np.sqrt(s1)
+    b = mu2 + rng.normal(size=(20000, 3)) * np.sqrt(s2)
+    real = FeatureMoments.of(a[:7000]).merge(FeatureMoments.of(a[7000:]))
+    fake = FeatureMoments.of(b[:123]).merge(FeatureMoments.of(b[123:]))
+    got = fid_from_moments(real, fake)
+    assert got == pytest.approx(frechet_distance(a, b), rel=1e-6)
+    assert got == pytest.approx(expected, rel=0.03)
+    assert fid_from_moments(real, real) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        fid_from_moments(FeatureMoments.of(a[:1]), fake)
+    with pytest.raises(ValueError, match="dimensions differ"):
+        fid_from_moments(FeatureMoments.of(np.zeros((3, 2))), fake)
 
 
 def test_composite_on_background():
