@@ -28,7 +28,9 @@ def eval_step(cfg, registry, timer, made, console) -> None:
 
     model, dataset = made.get("model"), made.get("dataset")
     if not model or not dataset:
-        raise RuntimeError("the evaluation step needs the training step's model and the engine step's dataset")
+        raise RuntimeError(
+            "the evaluation step needs the training step's model and the engine step's dataset"
+        )
     with timer.step("stand-in feature networks (weights/tiny-alexnet, tiny-clip, tiny-inception)"):
         for name, ref in register_stand_ins(registry).items():
             console.print(f"{name}: {ref} (random init)")

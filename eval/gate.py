@@ -86,7 +86,9 @@ def find_baseline(
         version = registry.resolve(ref)
     except RegistryError as e:
         raise NotComparable(f"baseline {ref}: {e}") from None
-    want = {k: setup[k] for k in ("dataset", "prompt_types", "networks", "metric_size", "fid_background")}
+    from reflade.eval.job import COMPARABLE
+
+    want = {k: setup.get(k) for k in COMPARABLE}
     for child in sorted(registry.children(version.ref), reverse=True):
         if not child.startswith("eval-report/"):
             continue

@@ -29,6 +29,8 @@ from reflade.platform.errors import ReportedError
 __all__ = ["EvalError", "EvalOutcome", "EvalRequest", "report_name", "run_eval", "run_key"]
 
 PIXEL_COLUMNS = ("pred_png",)
+COMPARABLE = ("dataset", "prompt_types", "max_samples", "networks", "metric_size", "fid_background")
+"""Setup fields two reports must share for their numbers to be compared (the same rows, prompts and networks)."""
 REPORT_KIND = "eval-report"
 
 
@@ -81,10 +83,7 @@ def report_name(subject: str) -> str:
 
 def run_key(report: dict[str, Any]) -> dict[str, Any]:
     """What must be equal for two reports' numbers to be comparable."""
-    return {
-        k: report["setup"][k]
-        for k in ("dataset", "prompt_types", "networks", "metric_size", "fid_background")
-    }
+    return {k: report["setup"].get(k) for k in COMPARABLE}
 
 
 def _split_of(ref: str) -> tuple[str, str]:
@@ -151,6 +150,7 @@ def run_eval(cfg, request: EvalRequest, *, log: Callable[[str], None] = print) -
     setup = {
         "dataset": f"{dataset.ref}:{split}",
         "prompt_types": list(prompt_types),
+        "max_samples": s.max_samples,
         "networks": networks,
         "stand_in": stand_in,
         "metric_size": s.metric_size,

@@ -171,8 +171,11 @@ def test_evaluation(sh):
     assert [h["report"] for h in hist] == [f"eval-report/reflayer@{i}" for i in range(1, 6)]
     sh("eval", "history", "model/reflayer")
     assert "PASSED" in sh("eval", "compare", "eval-report/reflayer@4", "eval-report/reflayer@1")
+    # three subjects on one setup of six rows (both kinds have at least two, so every FID is defined)
+    six = [*tiny[:2], "6", *tiny[3:]]
+    sh("eval", "run", *model, "--dataset", "dataset/e2e:test", *six)
     for baseline in ("classical", "copy-visible"):
-        out = sh("eval", "run", "--model", baseline, "--dataset", "dataset/e2e:test", *tiny)
+        out = sh("eval", "run", "--model", baseline, "--dataset", "dataset/e2e:test", *six)
         assert f"report eval-report/{baseline}@1" in out
     votes = [
         {"item": f"i{i}", "prompt": "text+box:fine", "model_a": a, "model_b": b, "winner": w}
@@ -191,9 +194,10 @@ def test_evaluation(sh):
         "elo",
         "votes.jsonl",
         "--reports",
-        "eval-report/reflayer@1,eval-report/classical@1,eval-report/copy-visible@1",
+        "eval-report/reflayer@6,eval-report/classical@1,eval-report/copy-visible@1",
+        "--fit-bounds",
     )
-    assert "Pearson" in out and "classical" in out
+    assert "Pearson" in out and "classical" in out and "after" in out
 
 
 def test_jobs(sh):
