@@ -88,6 +88,12 @@ def run(
         bool, typer.Option("--gpu", help="One GPU per actor (models and feature networks).")
     ] = False,
     threads: Annotated[int | None, typer.Option(help="Torch threads per actor (default: Ray's).")] = None,
+    bf16: Annotated[
+        bool | None,
+        typer.Option(
+            "--bf16/--no-bf16", help="bf16 autocast of the feature networks (default: on with --gpu)."
+        ),
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Also write the report's files into this folder.")
     ] = None,
@@ -109,6 +115,7 @@ def run(
         "actors": actors,
         "threads": threads,
         "num_gpus": 1.0 if gpu else None,
+        "bf16": bf16,
     }
     if prompt_types is not None:
         try:

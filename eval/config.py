@@ -98,6 +98,9 @@ class EvalConfig:
     """Actors per pool (one pool decomposes, one computes the features)."""
     num_gpus: float = 0.0
     """GPUs per actor (0: CPU); the model and the feature networks run on ``cuda`` when > 0."""
+    bf16: bool | None = None
+    """bf16 autocast of the feature networks (LPIPS, CLIP, Inception); None: on for CUDA, off on the CPU. The
+    model's own sampling follows the pipeline's rule (autocast on CUDA)."""
     num_cpus: float = 0.5
     """CPUs per actor. Both pools at 0.5 leave a 2-core node a core for the read tasks (at 1 each, the two pools
     would hold both cores and the streaming read could never run)."""

@@ -261,7 +261,12 @@ def _score(cfg, registry, dataset, split, models, networks, prompt_types, s: Eva
     scored = predicted.map_batches(
         ScoreStage,
         fn_constructor_args=(models, s.metric_size, networks, fields, prefix),
-        fn_constructor_kwargs={"device": device, "threads": s.threads, "cache_dir": s.weights_cache or None},
+        fn_constructor_kwargs={
+            "device": device,
+            "threads": s.threads,
+            "cache_dir": s.weights_cache or None,
+            "bf16": s.bf16,
+        },
         **common,
     ).materialize()
     acc = Accumulator(HPANormalization.from_dict(s.bounds) if s.bounds else HPANormalization())

@@ -223,6 +223,7 @@ class ScoreStage:
         threads: int = 0,
         cache_dir: str | None = None,
         fid_background: tuple[int, int, int] | None = None,
+        bf16: bool | None = None,
     ):
         if threads:
             import torch
@@ -248,6 +249,10 @@ class ScoreStage:
         self.metric_size = int(metric_size)
         self.device = device
         self.background = tuple(fid_background or FID_BACKGROUND)
+        on_cuda = str(device).startswith("cuda")
+        self.bf16 = on_cuda if bf16 is None else bool(bf16) and on_cuda
+        # bf16 features carry ~3 significant digits: a smaller difference than that is no direction (S_gen)
+        self.min_relative_norm = 1e-2 if self.bf16 else 1e-4
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
         import torch
@@ -293,9 +298,18 @@ class ScoreStage:
                 gt = _tensor([truths[j] for j in idx])
                 vis = torch.from_numpy(np.stack([visibles[j] for j in idx]).astype(np.float32)).unsqueeze(1)
                 pred, gt, vis = pred.to(self.device), gt.to(self.device), vis.to(self.device)
-                s_vis = lpips_visible(pred[:, :3], gt[:, :3], vis, self.networks.lpips).cpu().numpy()
-                s_gen = directional_similarity(pred[:, :3], gt[:, :3], vis, self.networks.clip).cpu().numpy()
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+                    s_vis = (
+                        lpips_visible(pred[:, :3], gt[:, :3], vis, self.networks.lpips).float().cpu().numpy()
+                    )
+                    s_gen = directional_similarity(
+                        pred[:, :3],
+                        gt[:, :3],
+                        vis,
+                        self.networks.clip,
+                        min_relative_norm=self.min_relative_norm,
+                    )
+                    s_gen = s_gen.float().cpu().numpy()
                     both = torch.cat(
                         [
                             composite_torch(pred[:, :3], pred[:, 3:], self.background),
