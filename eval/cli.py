@@ -83,7 +83,10 @@ def run(
     steps: Annotated[int | None, typer.Option(help="Sampling steps of the model (default 20).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of every decomposition (default 0).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Items per batch (default 8).")] = None,
-    actors: Annotated[int | None, typer.Option(help="Actors per pool (default 1).")] = None,
+    predict_actors: Annotated[int | None, typer.Option(help="Actors that decompose (default 1).")] = None,
+    score_actors: Annotated[
+        int | None, typer.Option(help="Actors that compute the metrics (default 1).")
+    ] = None,
     gpu: Annotated[
         bool, typer.Option("--gpu", help="One GPU per actor (models and feature networks).")
     ] = False,
@@ -112,7 +115,8 @@ def run(
         "steps": steps,
         "seed": seed,
         "batch_size": batch_size,
-        "actors": actors,
+        "predict_actors": predict_actors,
+        "score_actors": score_actors,
         "threads": threads,
         "num_gpus": 1.0 if gpu else None,
         "bf16": bf16,

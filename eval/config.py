@@ -94,8 +94,10 @@ class EvalConfig:
     """Seed of every decomposition (each item gets this seed: reruns give the same layers)."""
     batch_size: int = 8
     """Items per Ray Data batch, for inference and for feature extraction."""
-    actors: int = 1
-    """Actors per pool (one pool decomposes, one computes the features)."""
+    predict_actors: int = 1
+    """Actors of the pool that decomposes (each holds every model)."""
+    score_actors: int = 1
+    """Actors of the pool that computes the metrics and features (each holds the three feature networks)."""
     num_gpus: float = 0.0
     """GPUs per actor (0: CPU); the model and the feature networks run on ``cuda`` when > 0."""
     bf16: bool | None = None
@@ -136,7 +138,7 @@ class EvalConfig:
     def _check(self) -> None:
         if self.metric_size < 16:
             raise ValueError(f"eval.metric_size must be at least 16 pixels, got {self.metric_size}")
-        for name in ("batch_size", "actors", "steps"):
+        for name in ("batch_size", "predict_actors", "score_actors", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_samples < 0 or self.num_gpus < 0 or self.num_cpus <= 0 or self.threads < 0:

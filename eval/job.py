@@ -237,9 +237,12 @@ def _score(cfg, registry, dataset, split, models, networks, prompt_types, s: Eva
     prefix = cfg.registry.prefix
     device = "cuda" if s.num_gpus > 0 else "cpu"
     ds = _dataset_rows(read_dataset(registry, dataset.ref, split), s)
-    items = ds.flat_map(lambda row: expand_row(row, prompt_types))
+    # Blocks of one batch each: a shard is read as one block, and without this the whole split would reach the
+    # pools as one block (one actor busy, scoring waiting for the last prediction).
+    items = ds.flat_map(lambda row: expand_row(row, prompt_types)).repartition(
+        target_num_rows_per_block=s.batch_size
+    )
     common = {
-        "compute": ActorPoolStrategy(size=s.actors),
         "num_cpus": s.num_cpus,
         "num_gpus": s.num_gpus,
         "batch_format": "pandas",
@@ -248,6 +251,7 @@ def _score(cfg, registry, dataset, split, models, networks, prompt_types, s: Eva
     predicted = items.map_batches(
         PredictStage,
         fn_constructor_args=(models, s.metric_size, fields, prefix),
+        compute=ActorPoolStrategy(size=s.predict_actors),
         fn_constructor_kwargs={
             "steps": s.steps,
             "guidance": s.guidance,
@@ -261,6 +265,7 @@ def _score(cfg, registry, dataset, split, models, networks, prompt_types, s: Eva
     scored = predicted.map_batches(
         ScoreStage,
         fn_constructor_args=(models, s.metric_size, networks, fields, prefix),
+        compute=ActorPoolStrategy(size=s.score_actors),
         fn_constructor_kwargs={
             "device": device,
             "threads": s.threads,
