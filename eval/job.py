@@ -112,9 +112,14 @@ def _network_refs(registry, s: EvalConfig) -> tuple[dict[str, str], bool]:
 def _resolve_subject(registry, spec: str) -> str:
     if spec in BASELINES:
         return spec
+    from reflade.train.model import BUNDLE_FILE
+
     v = registry.resolve(spec)
     if v.kind != "model":
         raise EvalError(f"{v.ref} is a {v.kind}; --model takes a model reference, classical or copy-visible")
+    # Checked here, where it is one line, rather than as a failed actor start inside Ray Data.
+    if BUNDLE_FILE not in {f["path"] for f in v.files}:
+        raise EvalError(f"{v.ref} is not a RefLayer model (no {BUNDLE_FILE} among its files)")
     return v.ref
 
 

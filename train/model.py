@@ -89,7 +89,9 @@ __all__ = [
 
 FORMAT = "reflade.reflayer"
 FORMAT_VERSION = 1
-_BUNDLE = "bundle.json"
+BUNDLE_FILE = "bundle.json"
+"""The file that makes a folder (and a registry version) a RefLayer model bundle."""
+_BUNDLE = BUNDLE_FILE
 _LOW_CPU_MEM = importlib.util.find_spec("accelerate") is not None
 """diffusers loads without first initialising random weights only with accelerate; say so, don't warn."""
 _KIND_INIT_STD = 0.3

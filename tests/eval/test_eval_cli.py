@@ -59,6 +59,9 @@ def test_unknown_model_and_a_wrong_kind(env, capsys):
     v = env.create("weights", "w", files={"x.txt": __file__}, progress=False)
     assert run_typer(app, ["run", "--model", v.ref], "reflade eval") == 1
     assert "is a weights; --model takes a model reference" in _err(capsys)
+    m = env.create("model", "notamodel", files={"x.txt": __file__}, progress=False)
+    assert run_typer(app, ["run", "--model", m.ref], "reflade eval") == 1
+    assert f"{m.ref} is not a RefLayer model (no bundle.json among its files)" in _err(capsys)
 
 
 def test_config_section_is_checked(env, capsys, monkeypatch):
