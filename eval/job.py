@@ -294,27 +294,28 @@ def _score(cfg, registry, dataset, split, models, networks, prompt_types, s: Eva
 def _pictures(registry, dataset, scored, item_ids: list[str], models: list[str]) -> dict[str, dict[str, Any]]:
     """For the report's grid: per item id, the image, the prompt, the ground truth and every model's prediction
     (PNG bytes at the metric frame)."""
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from reflade.engine.schema import shard_files
 
     wanted = set(item_ids)
     out: dict[str, dict[str, Any]] = {i: {"preds": {}} for i in item_ids}
-    for batch in scored.select_columns(["item_id", "model", "pred_png", "refused"]).iter_batches(
+    for batch in scored.select_columns(["item_id", "model", "pred_png"]).iter_batches(
         batch_format="pandas", batch_size=512
     ):
         for r in batch[batch["item_id"].isin(wanted)].to_dict("records"):
             out[r["item_id"]]["preds"][r["model"]] = r["pred_png"]
-    samples = {i.split("/", 1)[0] for i in item_ids}
-    paths = [registry.storage.path(dataset.key(f["path"])) for f in shard_files(dataset)]
-    for path in paths:
-        table = pq.read_table(path, filesystem=registry.storage.fs)
-        table = table.filter(
-            pc.is_in(table.column("sample_id"), value_set=__import__("pyarrow").array(sorted(samples)))
+    by_sample: dict[str, list[str]] = {}
+    for item_id in item_ids:
+        by_sample.setdefault(item_id.split("/", 1)[0], []).append(item_id)
+    for f in shard_files(dataset):
+        # Only the few rows shown: the filter skips row groups whose sample_id statistics exclude them.
+        table = pq.read_table(
+            registry.storage.path(dataset.key(f["path"])),
+            filesystem=registry.storage.fs,
+            filters=[("sample_id", "in", sorted(by_sample))],
         )
         for row in table.to_pylist():
-            for item_id in item_ids:
-                if item_id.split("/", 1)[0] == row["sample_id"]:
-                    out[item_id]["row"] = row
+            for item_id in by_sample.get(row["sample_id"], []):
+                out[item_id]["row"] = row
     return out
