@@ -66,6 +66,25 @@ def registry(storage) -> Registry:
     return Registry(storage, prefix=f"registry-{uuid.uuid4().hex[:10]}")
 
 
+@pytest.fixture
+def registry_env(registry, storage_config, monkeypatch) -> Registry:
+    """The test registry in this process's environment, as a user's shell has it (what the CLI reads: endpoint,
+    bucket, credentials, registry prefix), and a fresh CLI configuration; returns the registry."""
+    from reflade.platform import cli
+
+    for var, value in {
+        "REFLADE_STORAGE_ENDPOINT": storage_config.endpoint,
+        "REFLADE_STORAGE_BUCKET": storage_config.bucket,
+        "AWS_ACCESS_KEY_ID": storage_config.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": storage_config.secret_access_key,
+        "REFLADE_REGISTRY_PREFIX": registry.prefix.rstrip("/"),
+    }.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(cli.STATE, "_config", None)
+    yield registry
+    cli.STATE._config = None
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(seaweed, credentials_file):
     """A local Ray cluster started by this process (never one left by `ray start` or `reflade up`).

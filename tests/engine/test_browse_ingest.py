@@ -66,15 +66,8 @@ def test_stats_counts():
     assert s["by_prompt_type"]["text+box/coarse"] == 4
 
 
-def test_data_cli_export_import_stats(registry, storage_config, tmp_path, monkeypatch, capsys):
-    for var, value in {
-        "REFLADE_STORAGE_ENDPOINT": storage_config.endpoint,
-        "REFLADE_STORAGE_BUCKET": storage_config.bucket,
-        "AWS_ACCESS_KEY_ID": storage_config.access_key_id,
-        "AWS_SECRET_ACCESS_KEY": storage_config.secret_access_key,
-        "REFLADE_REGISTRY_PREFIX": registry.prefix.rstrip("/"),
-    }.items():
-        monkeypatch.setenv(var, value)
+def test_data_cli_export_import_stats(registry_env, tmp_path, capsys):
+    registry = registry_env
     (tmp_path / "ds" / "shards").mkdir(parents=True)
     write_shard([make_row(i) for i in range(3)], str(tmp_path / "ds" / "shards" / "a.parquet"))
     v = registry.create("dataset", "browse-src", tmp_path / "ds")

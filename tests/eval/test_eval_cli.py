@@ -7,24 +7,12 @@ import json
 import pytest
 
 from reflade.eval.cli import app
-from reflade.platform import cli as platform_cli
 from reflade.platform.cli import run_typer
 
 
 @pytest.fixture
-def env(registry, storage_config, monkeypatch):
-    """The test registry in the environment, as a shell has it; a fresh configuration per test."""
-    for var, value in {
-        "REFLADE_STORAGE_ENDPOINT": storage_config.endpoint,
-        "REFLADE_STORAGE_BUCKET": storage_config.bucket,
-        "AWS_ACCESS_KEY_ID": storage_config.access_key_id,
-        "AWS_SECRET_ACCESS_KEY": storage_config.secret_access_key,
-        "REFLADE_REGISTRY_PREFIX": registry.prefix.rstrip("/"),
-    }.items():
-        monkeypatch.setenv(var, value)
-    monkeypatch.setattr(platform_cli.STATE, "_config", None)
-    yield registry
-    platform_cli.STATE._config = None
+def env(registry_env):
+    return registry_env
 
 
 def _err(capsys) -> str:

@@ -41,25 +41,18 @@ def _rows(seeds, split):
 
 
 @pytest.fixture
-def env(registry, storage_config, monkeypatch, tmp_path):
+def env(registry_env, tmp_path):
     """A dataset (2 train scenes, 1 test scene) and a random tiny VAE registered; the configuration in the
     environment, as a shell has it."""
     from reflade.train.vae import build_tiny_vae
 
+    registry = registry_env
     rows = _rows((11, 12), "train") + _rows((13,), "test")
     (tmp_path / "ds" / "shards").mkdir(parents=True)
     write_shard(rows, str(tmp_path / "ds" / "shards" / "part-0.parquet"))
     dataset = registry.create("dataset", "cli-src", tmp_path / "ds", progress=False)
     build_tiny_vae(64, seed=0).save_pretrained(tmp_path / "vae", safe_serialization=True)
     vae = registry.create("weights", "tiny-vae", tmp_path / "vae", progress=False)
-    for var, value in {
-        "REFLADE_STORAGE_ENDPOINT": storage_config.endpoint,
-        "REFLADE_STORAGE_BUCKET": storage_config.bucket,
-        "AWS_ACCESS_KEY_ID": storage_config.access_key_id,
-        "AWS_SECRET_ACCESS_KEY": storage_config.secret_access_key,
-        "REFLADE_REGISTRY_PREFIX": registry.prefix.rstrip("/"),
-    }.items():
-        monkeypatch.setenv(var, value)
     return {
         "dataset": dataset.ref,
         "vae": vae.ref,

@@ -135,16 +135,9 @@ def _register_dataset(registry, folder, name: str, splits) -> str:
     return registry.create("dataset", name, folder, progress=False).ref
 
 
-def test_vae_phase_registers_and_loads(registry, storage_config, tmp_path, monkeypatch):
+def test_vae_phase_registers_and_loads(registry_env, tmp_path):
+    registry = registry_env
     dataset = _register_dataset(registry, tmp_path / "ds", "vae-src", ("train", "train", "train", "test"))
-    for var, value in {
-        "REFLADE_STORAGE_ENDPOINT": storage_config.endpoint,
-        "REFLADE_STORAGE_BUCKET": storage_config.bucket,
-        "AWS_ACCESS_KEY_ID": storage_config.access_key_id,
-        "AWS_SECRET_ACCESS_KEY": storage_config.secret_access_key,
-        "REFLADE_REGISTRY_PREFIX": registry.prefix.rstrip("/"),
-    }.items():
-        monkeypatch.setenv(var, value)
     # Through the command line, as a person runs it.
     argv = [
         "train",
