@@ -28,20 +28,6 @@ __all__ = [
     "compare_to_baselines",
 ]
 
-PER_SAMPLE = (
-    "alpha_iou",
-    "alpha_sad",
-    "alpha_mse",
-    "psnr_visible",
-    "ssim_visible",
-    "hidden_rgb_mae",
-    "hidden_alpha_iou",
-    "s_vis",
-    "s_gen",
-)
-"""Per-sample metrics, averaged per group (NaN samples left out)."""
-HIGHER_IS_BETTER = {"alpha_iou", "psnr_visible", "ssim_visible", "hidden_alpha_iou", "s_gen", "hpa"}
-LOWER_IS_BETTER = {"alpha_sad", "alpha_mse", "hidden_rgb_mae", "s_vis", "s_fid"}
 WEIGHT_FREE = (
     "alpha_iou",
     "alpha_sad",
@@ -52,6 +38,10 @@ WEIGHT_FREE = (
     "hidden_alpha_iou",
 )
 """Metrics that need no network: meaningful whatever the feature networks are."""
+PER_SAMPLE = (*WEIGHT_FREE, "s_vis", "s_gen")
+"""Per-sample metrics, averaged per group (NaN samples left out)."""
+HIGHER_IS_BETTER = {"alpha_iou", "psnr_visible", "ssim_visible", "hidden_alpha_iou", "s_gen", "hpa"}
+LOWER_IS_BETTER = {"alpha_sad", "alpha_mse", "hidden_rgb_mae", "s_vis", "s_fid"}
 
 
 def better(metric: str, a: float, b: float) -> bool | None:
