@@ -238,6 +238,7 @@ def _score(cfg, registry, dataset, split, models, networks, prompt_types, s: Eva
     from reflade.platform.worker import storage_fields
 
     connect(cfg)
+    _check_room(s)
     fields = storage_fields(cfg)
     prefix = cfg.registry.prefix
     device = "cuda" if s.num_gpus > 0 else "cpu"
@@ -289,6 +290,22 @@ def _score(cfg, registry, dataset, split, models, networks, prompt_types, s: Eva
             "(see `reflade data stats`)"
         )
     return acc, scored
+
+
+def _check_room(s: EvalConfig) -> None:
+    """Refuse CPU pools that leave the streaming read no core: Ray Data would wait forever, without an error."""
+    import ray
+
+    if s.num_gpus > 0:
+        return  # GPU pools: an autoscaling cluster may add the nodes they ask for
+    have = float(ray.cluster_resources().get("CPU", 0.0))
+    pools = (s.predict_actors + s.score_actors) * s.num_cpus
+    if pools + 1.0 > have + 1e-9:
+        raise EvalError(
+            f"the actor pools ask for {pools:g} CPUs ({s.predict_actors} + {s.score_actors} actors x "
+            f"eval.num_cpus {s.num_cpus:g}) and the read tasks need 1 more, but the cluster has {have:g}: the job "
+            "would wait forever; lower eval.num_cpus or the actor counts"
+        )
 
 
 def _pictures(registry, dataset, scored, item_ids: list[str], models: list[str]) -> dict[str, dict[str, Any]]:

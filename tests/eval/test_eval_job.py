@@ -202,3 +202,11 @@ def test_all_prompt_types_and_a_refusal(world):
     assert all(t["refused"] == t["n"] for (p, _), t in by.items() if p == "text:fine")
     assert all(t["refused"] == 0 for (p, _), t in by.items() if p == "point:coarse")
     assert r["refused"]["classical"] == 2 and r["refused"]["copy-visible"] == 0
+
+
+def test_pools_that_leave_the_read_no_core_are_refused(world):
+    from reflade.eval.job import EvalError
+
+    greedy = dataclasses.replace(world["settings"], predict_actors=2, score_actors=1, num_cpus=0.5)
+    with pytest.raises(EvalError, match="ask for 1.5 CPUs .* cluster has 2: the job would wait forever"):
+        _run(world, "copy-visible", settings=greedy)
