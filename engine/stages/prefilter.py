@@ -10,7 +10,9 @@ Classical rules only (no model weights). For each input file:
 3. Measure, then reject near-constant, grayscale and blurry images.
 4. Hash (64-bit pHash) so that near-duplicates can be found (:func:`find_near_duplicates`).
 
-Every rejection is a reason ``"<code>: <human text>"``; :func:`reason_code` extracts the code, one of
+Steps 1 and 2 are :func:`decode_image_file`, public so that other readers of untrusted bytes (the serving API)
+share them without the quality rules; it raises :class:`ImageRejected`. Every rejection is a reason
+``"<code>: <human text>"``; :func:`reason_code` extracts the code, one of
 :data:`REASON_CODES`. Nothing raised while reading or decoding escapes (``MemoryError`` excepted: with pixel counts
 capped, running out of memory means the worker is starved, not that the file is bad, so the task should fail and
 be retried rather than quarantine a healthy image).
@@ -47,8 +49,10 @@ __all__ = [
     "ACCEPTED_FORMATS",
     "REASON_CODES",
     "Decoded",
+    "ImageRejected",
     "PreFilter",
     "decode_and_check",
+    "decode_image_file",
     "find_near_duplicates",
     "laplacian_sharpness",
     "perceptual_hash",
@@ -126,12 +130,25 @@ def reason_code(reason: str) -> str:
     return reason.split(":", 1)[0].strip() if reason else ""
 
 
-class _Reject(Exception):
-    """Internal: carries a reason out of the decoding steps."""
+class ImageRejected(ValueError):
+    """A file refused by :func:`decode_image_file` (or by the pre-filter's quality rules).
 
-    def __init__(self, reason: str):
+    Attributes:
+        reason: ``"<code>: <human text>"``, code in :data:`REASON_CODES`.
+        info: what was read before the refusal: ``original_size`` ((width, height) from the header, None when
+            none could be read) and ``scores`` (``aspect``, ``animated`` when measured); empty when not from
+            decoding.
+    """
+
+    def __init__(self, reason: str, info: dict[str, Any] | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.info: dict[str, Any] = info if info is not None else {}
+
+    @property
+    def code(self) -> str:
+        """The reason's code (``"too_large"``, ``"truncated"``, ...)."""
+        return reason_code(self.reason)
 
 
 def decode_and_check(data: bytes, cfg: EngineConfig, name: str = "") -> Decoded:
@@ -149,26 +166,115 @@ def decode_and_check(data: bytes, cfg: EngineConfig, name: str = "") -> Decoded:
     """
     result = Decoded(ok=False)
     try:
-        rgb = _decode(bytes(data), cfg, name, result)
+        rgb, info = decode_image_file(
+            data,
+            max_bytes=cfg.max_file_mb * 1024 * 1024,
+            max_pixels=cfg.max_pixels,
+            max_side=cfg.max_side,
+            min_side=cfg.min_side,
+            max_aspect=cfg.max_aspect,
+            name=name,
+        )
+    except ImageRejected as rejection:
+        _record(result, rejection.info)
+        result.reason = rejection.reason
+        return result
+    _record(result, info)
+    try:
         _measure(rgb, cfg, result)
-    except _Reject as rejection:
+    except ImageRejected as rejection:
         result.ok = False
         result.reason = rejection.reason
     except MemoryError:
         raise
-    except Exception as exc:  # any decoder failure is the file's fault: quarantine it, never crash the batch
+    except Exception as exc:  # a failure while measuring is the file's fault too: quarantine, never crash
         result.ok = False
         result.reason = _reason_for_exception(exc)
     return result
 
 
-def _decode(data: bytes, cfg: EngineConfig, name: str, result: Decoded) -> np.ndarray:
-    """Header checks, then pixels: HxWx3 uint8 RGB, capped and oriented. Fills ``original_size``."""
+def _record(result: Decoded, info: dict[str, Any]) -> None:
+    result.original_size = info.get("original_size")
+    result.scores.update(info.get("scores", {}))
+
+
+def decode_image_file(
+    data: bytes,
+    *,
+    max_bytes: float,
+    max_pixels: int,
+    max_side: int,
+    min_side: int = 1,
+    max_aspect: float = math.inf,
+    name: str = "",
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode untrusted image bytes safely: the pre-filter's header checks and decoding, no quality rules.
+
+    Refused without decoding pixels: empty data, more than ``max_bytes``, a format outside
+    :data:`ACCEPTED_FORMATS`, a header declaring more than ``max_pixels`` (or more than Pillow's own guard), a
+    shorter side below ``min_side``, a side ratio above ``max_aspect``. Then the first frame is decoded to 8-bit
+    RGB (alpha composited over white, 16-bit scaled), the longest side capped at ``max_side`` and the EXIF
+    orientation applied (see the module docstring).
+
+    Args:
+        data: the file's bytes, any format.
+        max_bytes: largest accepted file, bytes.
+        max_pixels: largest accepted width x height declared by the header.
+        max_side: longest side of the result, pixels (area downscale above it, aspect ratio kept).
+        min_side: smallest accepted shorter side, pixels.
+        max_aspect: largest accepted longest/shortest side ratio.
+        name: the file's name, only used in messages.
+
+    Returns:
+        (HxWx3 uint8 RGB, info) with info ``original_size`` ((width, height) declared by the header, before EXIF
+        orientation), ``format`` (Pillow's name) and ``scores`` (``aspect``; ``animated`` 1.0 when frames after
+        the first were dropped).
+
+    Raises:
+        ImageRejected: the reason, ``"<code>: <text>"`` with code ``empty``, ``too_large``, ``not_an_image``,
+            ``truncated``, ``corrupt``, ``unsupported``, ``too_small`` or ``aspect``; its ``info`` holds what
+            was read before. Nothing else (``MemoryError`` aside).
+    """
+    info: dict[str, Any] = {"original_size": None, "format": None, "scores": {}}
+    try:
+        rgb = _decode(
+            bytes(data),
+            max_bytes=max_bytes,
+            max_pixels=max_pixels,
+            max_side=max_side,
+            min_side=min_side,
+            max_aspect=max_aspect,
+            name=name,
+            info=info,
+        )
+    except ImageRejected as rejection:
+        rejection.info = info
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # any decoder failure is the file's fault
+        raise ImageRejected(_reason_for_exception(exc), info) from exc
+    return rgb, info
+
+
+def _decode(
+    data: bytes,
+    *,
+    max_bytes: float,
+    max_pixels: int,
+    max_side: int,
+    min_side: int,
+    max_aspect: float,
+    name: str,
+    info: dict[str, Any],
+) -> np.ndarray:
+    """Header checks, then pixels: HxWx3 uint8 RGB, capped and oriented. Fills ``info`` as it reads."""
     if not data:
-        raise _Reject("empty: zero bytes")
-    max_bytes = cfg.max_file_mb * 1024 * 1024
+        raise ImageRejected("empty: zero bytes")
     if len(data) > max_bytes:
-        raise _Reject(f"too_large: file is {len(data) / 2**20:.1f} MiB > {cfg.max_file_mb:g} MiB")
+        raise ImageRejected(
+            f"too_large: file is {len(data):,} bytes > {max_bytes:,.0f} bytes ({max_bytes / 2**20:g} MiB)"
+        )
 
     try:
         img = Image.open(io.BytesIO(data), formats=_accepted_formats())
@@ -176,42 +282,43 @@ def _decode(data: bytes, cfg: EngineConfig, name: str, result: Decoded) -> np.nd
         # Pillow's own guard (2 x Image.MAX_IMAGE_PIXELS) fired while reading the header: nothing was decoded.
         found = re.search(r"\((\d+) pixels\)", str(exc))
         declared = f"{int(found.group(1)):.1e} px" if found else "too many pixels"
-        raise _Reject(
-            f"too_large: header declares {declared} > {cfg.max_pixels:.1e} (Pillow refused it)"
+        raise ImageRejected(
+            f"too_large: header declares {declared} > {max_pixels:.1e} (Pillow refused it)"
         ) from None
     except UnidentifiedImageError:
         head = data[:12]
         label = f" {name!r}" if name else ""
-        raise _Reject(
+        raise ImageRejected(
             f"not_an_image: no accepted format ({', '.join(ACCEPTED_FORMATS)}) recognises{label}"
             f" ({len(data)} bytes, starting {head!r})"
         ) from None
 
     with img:
         width, height = img.size
-        result.original_size = (width, height)
+        info["original_size"] = (width, height)
+        info["format"] = img.format
         # Refuse on the header alone: Image.open is lazy, no pixel has been decoded yet.
         if width <= 0 or height <= 0:
-            raise _Reject(f"corrupt: header declares {width}x{height}")
-        if width * height > cfg.max_pixels:
-            raise _Reject(
-                f"too_large: header declares {width}x{height} ({width * height:.1e} px > {cfg.max_pixels:.1e})"
+            raise ImageRejected(f"corrupt: header declares {width}x{height}")
+        if width * height > max_pixels:
+            raise ImageRejected(
+                f"too_large: header declares {width}x{height} ({width * height:.1e} px > {max_pixels:.1e})"
             )
-        if min(width, height) < cfg.min_side:
-            raise _Reject(f"too_small: {width}x{height} < {cfg.min_side}")
+        if min(width, height) < min_side:
+            raise ImageRejected(f"too_small: {width}x{height} < {min_side}")
         aspect = max(width, height) / min(width, height)
-        result.scores["aspect"] = float(aspect)
-        if aspect > cfg.max_aspect:
-            raise _Reject(f"aspect: {aspect:.2f} > {cfg.max_aspect:g}")
+        info["scores"]["aspect"] = float(aspect)
+        if aspect > max_aspect:
+            raise ImageRejected(f"aspect: {aspect:.2f} > {max_aspect:g}")
 
         try:
             if getattr(img, "is_animated", False):
-                result.scores["animated"] = 1.0
+                info["scores"]["animated"] = 1.0
                 img.seek(0)
         except Exception:  # a broken later frame does not spoil the first one
             img.seek(0)
 
-        scale = min(1.0, cfg.max_side / max(width, height))
+        scale = min(1.0, max_side / max(width, height))
         target = (max(1, round(width * scale)), max(1, round(height * scale)))
         if scale < 1.0 and img.format in ("JPEG", "MPO"):
             img.draft(None, target)  # let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target
@@ -246,9 +353,9 @@ def _orientation(img: Image.Image) -> int:
 def _check_complete(data: bytes, fmt: str | None) -> None:
     """Structural end-of-data check, used only when Pillow was told to accept truncated files."""
     if fmt in ("JPEG", "MPO") and not _jpeg_has_eoi(data):
-        raise _Reject("truncated: JPEG data ends before its end-of-image marker")
+        raise ImageRejected("truncated: JPEG data ends before its end-of-image marker")
     if fmt == "PNG" and b"IEND" not in data:
-        raise _Reject("truncated: PNG data ends before its IEND chunk")
+        raise ImageRejected("truncated: PNG data ends before its IEND chunk")
 
 
 def _jpeg_has_eoi(data: bytes) -> bool:
@@ -283,7 +390,7 @@ def _to_rgb_or_premultiplied(img: Image.Image) -> np.ndarray:
             return np.asarray(img)
         return np.asarray(img if mode == "RGB" else img.convert("RGB"))
     except ValueError as exc:  # Pillow has no conversion from this mode
-        raise _Reject(f"unsupported: pixel mode {mode} ({exc})") from None
+        raise ImageRejected(f"unsupported: pixel mode {mode} ({exc})") from None
 
 
 def _scale_high_depth(values: np.ndarray, mode: str) -> np.ndarray:
@@ -324,13 +431,13 @@ def _measure(rgb: np.ndarray, cfg: EngineConfig, result: Decoded) -> None:
 
     # Possible after capping only when max_aspect exceeds max_side / min_side.
     if min(width, height) < cfg.min_side:
-        raise _Reject(f"too_small: {width}x{height} after capping < {cfg.min_side}")
+        raise ImageRejected(f"too_small: {width}x{height} after capping < {cfg.min_side}")
     if std < cfg.min_std:
-        raise _Reject(f"near_constant: std {std:.1f} < {cfg.min_std:g}")
+        raise ImageRejected(f"near_constant: std {std:.1f} < {cfg.min_std:g}")
     if saturation < cfg.min_saturation:
-        raise _Reject(f"grayscale: saturation {saturation:.3f} < {cfg.min_saturation:g}")
+        raise ImageRejected(f"grayscale: saturation {saturation:.3f} < {cfg.min_saturation:g}")
     if sharpness < cfg.min_sharpness:
-        raise _Reject(f"blurry: laplacian variance {sharpness:.1f} < {cfg.min_sharpness:g}")
+        raise ImageRejected(f"blurry: laplacian variance {sharpness:.1f} < {cfg.min_sharpness:g}")
     result.ok = True
 
 
