@@ -1,0 +1,245 @@
+"""The decomposition service on a real local Ray cluster and SeaweedFS, over real HTTP: the tiny model (two versions)
+and classical; each endpoint, both kinds, auth, versions side by side, an alias moved under traffic, 4xx errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import uuid
+import zipfile
+
+import numpy as np
+import pytest
+import requests
+
+from reflade.engine.schema import decode_image, encode_png
+from reflade.engine.synth import make_scene
+from reflade.platform.registry import Registry
+
+pytestmark = pytest.mark.usefixtures("ray_cluster", "one_torch_thread")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(storage, storage_config, tiny_vae, tmp_path_factory):
+    """The app deployed with a fresh registry: model/reflayer@1 and @2 (production -> @1), one API token."""
+    from ray import serve
+
+    from reflade.serve.app import TOKEN_HASHES_KEY, build_app
+    from reflade.serve.auth import new_token
+    from reflade.serve.config import APP_NAME, ServeConfig
+    from reflade.train.model import build_reflayer
+    from reflade.train.text import MiniLMTextEncoder, minilm_folder
+
+    tmp = tmp_path_factory.mktemp("serve")
+    registry = Registry(storage, prefix=f"registry-{uuid.uuid4().hex[:10]}")
+    refs = []
+    for seed in (0, 1):
+        bundle = build_reflayer("tiny", vae=tiny_vae(), text=MiniLMTextEncoder(minilm_folder()), seed=seed)
+        refs.append(registry.create("model", "reflayer", bundle.save(tmp / f"m{seed}"), progress=False).ref)
+    registry.set_alias(refs[0], "production")
+    token, digest = new_token()
+    storage.put_json(
+        f"{registry.prefix.rstrip('/')}/{TOKEN_HASHES_KEY}", {"tokens": [{"name": "t", "hash": digest}]}
+    )
+    port = _free_port()
+    s = ServeConfig(port=port, steps=2, alias_refresh_s=1.0, num_cpus=0.5, max_batch_size=4)
+    fields = {
+        "endpoint": storage_config.endpoint,
+        "bucket": storage_config.bucket,
+        "region": storage_config.region,
+    }
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(s, fields, registry.prefix.rstrip("/")), name=APP_NAME, route_prefix="/")
+    try:
+        yield {"url": f"http://127.0.0.1:{port}", "token": token, "refs": refs, "registry": registry}
+    finally:
+        serve.shutdown()
+
+
+def _scene():
+    scene = make_scene(3, size=(64, 80), n_objects=(2, 2))
+    return scene.image, [int(v) for v in scene.objects[0].box]
+
+
+def _post(service, body, token=True, **kw):
+    headers = {"Authorization": f"Bearer {service['token']}"} if token else {}
+    return requests.post(service["url"] + "/v1/decompose", json=body, headers=headers, timeout=120, **kw)
+
+
+def _body(image, **kw):
+    return {"image": base64.b64encode(encode_png(image)).decode(), **kw}
+
+
+def test_health_and_readiness_are_open(service):
+    assert requests.get(service["url"] + "/healthz", timeout=30).json() == {"status": "ok"}
+    ready = requests.get(service["url"] + "/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["model"] == service["refs"][0]
+
+
+def test_auth(service):
+    image, box = _scene()
+    r = _post(service, _body(image, prompt={"box": box}, model="classical"), token=False)
+    assert r.status_code == 401, r.text
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_token"
+    r = requests.post(
+        service["url"] + "/v1/decompose",
+        json=_body(image, prompt={"box": box}, model="classical"),
+        headers={"Authorization": "Bearer rl_wrong"},
+        timeout=60,
+    )
+    assert r.status_code == 403 and r.json()["error"]["code"] == "invalid_token"
+
+
+def test_decompose_png_and_json_both_kinds(service):
+    image, box = _scene()
+    r = _post(service, _body(image, prompt={"box": box}, model="classical"))
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers["X-RefLade-Model"] == "classical"
+    layer = decode_image(r.content, "RGBA")
+    assert layer.shape == (64, 80, 4)
+    r = _post(
+        service,
+        _body(
+            image, prompt={"box": box, "text": "the red shape"}, kind="background", response="json", seed=5
+        ),
+    )
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["model"] == service["refs"][0] and doc["seed"] == 5 and doc["kind"] == "background"
+    bg = decode_image(base64.b64decode(doc["layer_png"]), "RGBA")
+    assert bg.shape == (64, 80, 4) and doc["timings"]["batch_size"] >= 1
+
+
+def test_multipart_upload(service):
+    image, box = _scene()
+    r = requests.post(
+        service["url"] + "/v1/decompose",
+        files={"image": ("scene.png", encode_png(image), "image/png")},
+        data={"box": ",".join(map(str, box)), "text": "a shape", "kind": "foreground", "model": "classical"},
+        headers={"Authorization": f"Bearer {service['token']}"},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert decode_image(r.content, "RGBA").shape == (64, 80, 4)
+
+
+def test_layer_stack_zip_and_ora(service):
+    image, box = _scene()
+    prompts = [{"box": box}, {"points": [[box[0] + 3, box[1] + 3, 1]]}, {"box": [0, 0, 40, 40]}]
+    headers = {"Authorization": f"Bearer {service['token']}"}
+    for fmt in ("zip", "ora"):
+        r = requests.post(
+            service["url"] + "/v1/decompose/layers",
+            params={"format": fmt},
+            json=_body(image, prompts=prompts, model="classical"),
+            headers=headers,
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        z = zipfile.ZipFile(io.BytesIO(r.content))
+        pngs = [n for n in z.namelist() if n.endswith(".png") and not n.startswith(("Thumbnails", "merged"))]
+        assert len(pngs) >= 3
+        if fmt == "ora":
+            assert z.namelist()[0] == "mimetype" and z.read("mimetype") == b"image/openraster"
+
+
+def test_versions_side_by_side_and_an_alias_moved_under_traffic(service):
+    image, box = _scene()
+    m1, m2 = service["refs"]
+    seen = {}
+    for ref in (m1, m2):
+        r = _post(service, _body(image, prompt={"box": box}, model=ref, response="json"))
+        assert r.status_code == 200, r.text
+        seen[ref] = r.json()["model"]
+    assert seen == {m1: m1, m2: m2}
+    statuses, models = [], []
+
+    def client(n):
+        for _ in range(n):
+            r = _post(service, _body(image, prompt={"box": box}, response="json"))
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                models.append(r.json()["model"])
+
+    threads = [threading.Thread(target=client, args=(4,)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    service["registry"].set_alias(m2, "production")
+    for t in threads:
+        t.join(timeout=300)
+    assert statuses and set(statuses) == {200}
+    import time
+
+    time.sleep(1.5)  # alias_refresh_s
+    r = _post(service, _body(image, prompt={"box": box}, response="json"))
+    assert r.json()["model"] == m2
+    assert set(models) <= {m1, m2}
+    service["registry"].set_alias(m1, "production")
+
+
+@pytest.mark.parametrize(
+    "body_fn, status, code",
+    [
+        (
+            lambda img, box: {
+                "image": base64.b64encode(encode_png(img)[:50]).decode(),
+                "prompt": {"box": box},
+            },
+            400,
+            None,
+        ),
+        (lambda img, box: _body(img, prompt={"box": box}, model="model/nope@1"), 404, "unknown_model"),
+        (lambda img, box: _body(img, prompt={"text": "the red shape"}, model="classical"), 422, "refused"),
+        (lambda img, box: _body(img, prompt={"box": [0, 0, 500, 500]}, model="classical"), 422, None),
+        (lambda img, box: _body(img, prompt={}, model="classical"), 422, None),
+        (lambda img, box: _body(img, prompt={"box": box}, kind="scene"), 422, None),
+    ],
+)
+def test_bad_requests_are_4xx_json_and_the_service_stays_healthy(service, body_fn, status, code):
+    image, box = _scene()
+    r = _post(service, body_fn(image, box))
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and (code is None or err["code"] == code)
+    assert requests.get(service["url"] + "/healthz", timeout=30).status_code == 200
+
+
+def test_wrong_content_type_and_bad_json(service):
+    headers = {"Authorization": f"Bearer {service['token']}"}
+    r = requests.post(
+        service["url"] + "/v1/decompose",
+        data=b"hello",
+        headers={**headers, "Content-Type": "text/plain"},
+        timeout=30,
+    )
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    r = requests.post(
+        service["url"] + "/v1/decompose",
+        data=b"{nope",
+        headers={**headers, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 400
+
+
+def test_models_metrics_and_the_client(service):
+    from reflade.serve.client import Client, ServeError
+
+    client = Client(service["url"], service["token"])
+    assert client.models()["default"]["version"] in service["refs"]
+    image, box = _scene()
+    layer = client.decompose(image, {"box": box}, kind="foreground", model="classical")
+    assert layer.shape == (64, 80, 4) and layer.dtype == np.uint8
+    with pytest.raises(ServeError, match="HTTP 404 unknown_model"):
+        client.decompose(image, {"box": box}, model="model/absent@1")
+    text = requests.get(service["url"] + "/metrics", timeout=30).text
+    assert 'reflade_requests_total{endpoint="decompose",model="classical",status="200"}' in text
+    assert "reflade_batch_size_total" in text and "reflade_request_seconds_bucket" in text
