@@ -137,6 +137,9 @@ class StackConfig:
     """Ray runtime-env agent port."""
     metrics_export_port: int = 52467
     """Ray metrics export port."""
+    serve_port: int = 8000
+    """HTTP port of the decomposition service (Ray Serve's proxy, `reflade serve up`), on ``host``; `reflade up`
+    checks it is free with the others."""
     ray_num_cpus: int | None = None
     """CPUs the Ray head offers (None: all)."""
     start_timeout_s: float = 60.0

@@ -388,6 +388,7 @@ class EmbeddedStack:
             "Ray dashboard agent": self.cfg.dashboard_agent_port,
             "Ray runtime-env agent": self.cfg.runtime_env_agent_port,
             "Ray metrics export": self.cfg.metrics_export_port,
+            "Ray Serve HTTP": self.cfg.serve_port,
         }
 
     def up(self, log=print) -> dict[str, Any]:

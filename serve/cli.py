@@ -47,7 +47,7 @@ def _registry(cfg):
 @app.command("up")
 def up(
     model: Annotated[str | None, typer.Option(help="Default model reference (default: serve.model).")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port (default: serve.port).")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: stack.serve_port, 8000).")] = None,
 ) -> None:
     """Deploy (or update) the service on the running cluster (the embedded head by default) and wait until it
     answers."""
@@ -59,11 +59,12 @@ def up(
     from reflade.serve.config import APP_NAME
 
     cfg = get_config()
-    s = serve_settings(cfg, {"model": model, "port": port})
+    s = serve_settings(cfg, {"model": model})
+    host, port = cfg.stack.host, port or cfg.stack.serve_port
     connect(cfg)
-    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(s, storage_fields(cfg), cfg.registry.prefix), name=APP_NAME, route_prefix="/")
-    console.print(f"service up: http://{s.host}:{s.port} (default model {s.model}; `reflade serve status`)")
+    console.print(f"service up: http://{host}:{port} (default model {s.model}; `reflade serve status`)")
 
 
 @app.command("status")
@@ -234,7 +235,7 @@ def decompose(
     steps: Annotated[int | None, typer.Option(help="Sampling steps (default: the service's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the decomposition.")] = 0,
     url: Annotated[
-        str | None, typer.Option(help="Service URL (default: http://serve.host:serve.port).")
+        str | None, typer.Option(help="Service URL (default: http://stack.host:stack.serve_port).")
     ] = None,
     token: Annotated[
         str | None,
@@ -263,8 +264,7 @@ def decompose(
     if not prompt:
         raise typer.BadParameter("give a prompt: --box, --point or --text (or a mix)")
     cfg = get_config()
-    s = serve_settings(cfg)
-    client = Client(url or f"http://{s.host}:{s.port}", token or saved_token(cfg))
+    client = Client(url or f"http://{cfg.stack.host}:{cfg.stack.serve_port}", token or saved_token(cfg))
     doc = client.decompose_json(image, prompt, kind, model=model, steps=steps, seed=seed)
     output.write_bytes(encode_png(doc["layer"]))
     console.print(

@@ -1,5 +1,6 @@
 """The ``serve`` configuration section (YAML key ``serve``, variables ``REFLADE_SERVE_<FIELD>``): flat fields, as Ray
-Serve's deployment options take them. Imports neither Ray nor FastAPI (the loader imports every section at each
+Serve's deployment options take them. Where the service listens is the ``stack`` section's (``host``,
+``serve_port``), so that `reflade up` checks the port with the others. Imports neither Ray nor FastAPI (the loader imports every section at each
 ``reflade`` invocation)."""
 
 from __future__ import annotations
@@ -18,10 +19,6 @@ class ServeConfig:
 
     model: str = "model/reflayer@production"
     """Default model reference of a request that names none (an alias is re-resolved every ``alias_refresh_s``)."""
-    host: str = "127.0.0.1"
-    """Interface Serve's HTTP proxy binds to."""
-    port: int = 8000
-    """Serve's HTTP port."""
     min_replicas: int = 1
     """Fewest decomposer replicas (autoscaling)."""
     max_replicas: int = 2
@@ -88,8 +85,6 @@ class ServeConfig:
             raise ConfigError(
                 f"serve.min_replicas {self.min_replicas} exceeds serve.max_replicas {self.max_replicas}"
             )
-        if not 1 <= self.port <= 65535:
-            raise ConfigError(f"serve.port must be a TCP port, got {self.port}")
         if self.max_queued_requests < 0 or self.max_upload_mb <= 0 or self.max_pixels < 1:
             raise ConfigError("serve.max_queued_requests must be >= 0, max_upload_mb and max_pixels > 0")
         if self.steps > self.max_steps:

@@ -149,6 +149,7 @@ _RAY_PORT_KEYS = (
     "dashboard_agent_port",
     "runtime_env_agent_port",
     "metrics_export_port",
+    "serve_port",
 )
 
 

@@ -70,6 +70,7 @@ def stack(tmp_path_factory):
         REFLADE_STACK_DASHBOARD_AGENT_PORT=str(_free_port()),
         REFLADE_STACK_RUNTIME_ENV_AGENT_PORT=str(_free_port()),
         REFLADE_STACK_METRICS_EXPORT_PORT=str(_free_port()),
+        REFLADE_STACK_SERVE_PORT=str(_free_port()),
         REFLADE_STACK_RAY_NUM_CPUS="2",
         PYTHONPATH=str(_plugin_dir(root)),
         COLUMNS="200",
@@ -146,6 +147,7 @@ def test_port_taken_is_named(stack, tmp_path):
             "DASHBOARD_AGENT_PORT",
             "RUNTIME_ENV_AGENT_PORT",
             "METRICS_EXPORT_PORT",
+            "SERVE_PORT",
         )
     }
     proc = stack["run"]("up", "--state-dir", str(tmp_path / "a"), check=False, extra_env=fresh_ray)
@@ -167,6 +169,28 @@ def test_port_taken_is_named(stack, tmp_path):
     assert proc.returncode == 1
     assert f"port {taken_dashboard} (Ray dashboard) on 127.0.0.1 is already in use" in proc.stderr
     assert not (tmp_path / "b" / "stack.json").exists()
+
+    # the decomposition service's port is checked with the others, before anything starts
+    fresh_ray["REFLADE_STACK_DASHBOARD_PORT"] = str(_free_port())
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        fresh_ray["REFLADE_STACK_SERVE_PORT"] = str(held.getsockname()[1])
+        proc = stack["run"](
+            "up",
+            "--state-dir",
+            str(tmp_path / "c"),
+            "--s3-port",
+            str(find_free_base_port()),
+            check=False,
+            extra_env=fresh_ray,
+        )
+    assert proc.returncode == 1
+    assert (
+        f"port {fresh_ray['REFLADE_STACK_SERVE_PORT']} (Ray Serve HTTP) on 127.0.0.1 is already in use"
+        in proc.stderr
+    )
+    assert not (tmp_path / "c" / "stack.json").exists()
 
 
 def test_registry_commands_as_a_user(stack, tmp_path):

@@ -50,7 +50,7 @@ def service(storage, storage_config, tiny_vae, tmp_path_factory):
         f"{registry.prefix.rstrip('/')}/{TOKEN_HASHES_KEY}", {"tokens": [{"name": "t", "hash": digest}]}
     )
     port = _free_port()
-    s = ServeConfig(port=port, steps=2, alias_refresh_s=1.0, num_cpus=0.5, max_batch_size=4)
+    s = ServeConfig(steps=2, alias_refresh_s=1.0, num_cpus=0.5, max_batch_size=4)
     fields = {
         "endpoint": storage_config.endpoint,
         "bucket": storage_config.bucket,
