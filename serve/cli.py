@@ -215,7 +215,7 @@ def _floats(text: str, n: int, what: str) -> list[float]:
         raise typer.BadParameter(f"{what} takes numbers, got {text!r}") from None
 
 
-@decompose_app.callback(invoke_without_command=True)
+@decompose_app.command("decompose")
 def decompose(
     image: Annotated[
         Path, typer.Argument(help="The image file (PNG, JPEG, ...).", exists=True, dir_okay=False)

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REFLADE = str(Path(sys.executable).parent / "reflade")
@@ -198,6 +199,36 @@ def test_evaluation(sh):
         "--fit-bounds",
     )
     assert "Pearson" in out and "classical" in out and "after" in out
+
+
+def test_serving(sh):
+    import skimage.data
+    from PIL import Image
+
+    out = sh("serve", "token", "create")
+    assert out.strip().splitlines()[-1].startswith("rl_")
+    assert f"http://127.0.0.1:{sh.ports['serve_port']}" in sh(
+        "serve", "up", "--model", "model/reflayer@candidate"
+    )
+    assert "ingress" in sh("serve", "status") and "decomposer" in sh("serve", "status")
+    Image.fromarray(skimage.data.coffee()[::4, ::4]).save(sh.root / "photo.png")
+    out = sh("decompose", "photo.png", "--box", "40,30,100,90", "--text", "the red cup", "-o", "layer.png")
+    assert "model/reflayer@" in out and (sh.root / "layer.png").is_file()
+    sh(
+        "decompose",
+        "photo.png",
+        "--box",
+        "40,30,100,90",
+        "-o",
+        "bg.png",
+        "--kind",
+        "background",
+        "--model",
+        "classical",
+    )
+    layer = np.asarray(Image.open(sh.root / "bg.png"))
+    assert layer.shape == (100, 150, 4) and (layer[..., 3] == 255).all()
+    assert "service removed" in sh("serve", "down")
 
 
 def test_jobs(sh):
