@@ -89,7 +89,9 @@ def test_bench_eval_quick(tmp_path):
     assert ray["floor_s"] == pytest.approx(ray["seconds"] - ray["window_s"])
     assert ray["window_samples_per_s"] == pytest.approx(6 / ray["window_s"])
     for stage in ("predict_stage", "score_stage"):
-        assert ray[stage]["blocks"] == 2 and _positive(ray[stage]["block_wall_s"])  # 6 items, batch 4
+        # 6 items in blocks of at most a batch (4); a pool's task may bundle a short block with the next one (seen
+        # once in a fresh clone: 1 task of 6 rows), so how many tasks each pool ran is Ray Data's to choose
+        assert ray[stage]["blocks"] >= 1 and _positive(ray[stage]["block_wall_s"])
         assert 0 <= ray[stage]["first_block_s"] <= ray[stage]["last_block_end_s"]
     # every arm scored the same (item, model) pairs, to within batching's last bits
     assert set(result["consistency"]) == {"(b)", "(a) cold"}
