@@ -89,7 +89,7 @@ def run_demo(
     timer = StepTimer(console)
     stack = EmbeddedStack(cfg.stack, cfg.storage)
     was_running = bool(stack.read_state()) and stack.status().get("healthy", False)
-    made: dict[str, Any] = {"output": output}
+    made: dict[str, Any] = {"output": output, "keep": keep}
     output.mkdir(parents=True, exist_ok=True)
     try:
         with timer.step("stack up (SeaweedFS + Ray head)"):

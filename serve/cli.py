@@ -44,13 +44,8 @@ def _registry(cfg):
     return Registry.from_config(cfg)
 
 
-@app.command("up")
-def up(
-    model: Annotated[str | None, typer.Option(help="Default model reference (default: serve.model).")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port (default: stack.serve_port, 8000).")] = None,
-) -> None:
-    """Deploy (or update) the service on the running cluster (the embedded head by default) and wait until it
-    answers."""
+def deploy(cfg, settings, port: int | None = None) -> str:
+    """Deploy (or update) the application on the cluster ``cfg`` names; returns its URL."""
     from ray import serve
 
     from reflade.platform.cluster import connect
@@ -58,13 +53,24 @@ def up(
     from reflade.serve.app import build_app
     from reflade.serve.config import APP_NAME
 
+    host, port = cfg.stack.host, port or cfg.stack.serve_port
+    connect(cfg, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(settings, storage_fields(cfg), cfg.registry.prefix), name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+@app.command("up")
+def up(
+    model: Annotated[str | None, typer.Option(help="Default model reference (default: serve.model).")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: stack.serve_port, 8000).")] = None,
+) -> None:
+    """Deploy (or update) the service on the running cluster (the embedded head by default) and wait until it
+    answers."""
     cfg = get_config()
     s = serve_settings(cfg, {"model": model})
-    host, port = cfg.stack.host, port or cfg.stack.serve_port
-    connect(cfg)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(s, storage_fields(cfg), cfg.registry.prefix), name=APP_NAME, route_prefix="/")
-    console.print(f"service up: http://{host}:{port} (default model {s.model}; `reflade serve status`)")
+    url = deploy(cfg, s, port)
+    console.print(f"service up: {url} (default model {s.model}; `reflade serve status`)")
 
 
 @app.command("status")
@@ -124,9 +130,17 @@ def token_create(
 ) -> None:
     """Make a new API token: printed ONCE; its hash goes to the bucket (the service reads it within seconds), and
     the token to this user's state directory (0600) for `reflade decompose`."""
+    cfg = get_config()
+    token, path = create_token(cfg, name)
+    console.print(f"token {name!r} (shown once; also saved for this user in {path}):")
+    print(token)
+
+
+def create_token(cfg, name: str) -> tuple[str, Path]:
+    """A new API token: its hash added to the bucket's list (compare-and-swap), the token saved for this user
+    (mode 0600) in the state directory. Returns the token and where it was saved."""
     from reflade.serve.auth import new_token
 
-    cfg = get_config()
     token, digest = new_token()
     _update_tokens(cfg, lambda tokens: tokens + [{"name": name, "hash": digest, "created": _now()}])
     path = cfg.stack.resolved_state_dir() / TOKEN_FILE
@@ -134,8 +148,7 @@ def token_create(
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
-    console.print(f"token {name!r} (shown once; also saved for this user in {path}):")
-    print(token)
+    return token, path
 
 
 @token_app.command("ls")

@@ -59,7 +59,14 @@ def service(storage, storage_config, tiny_vae, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(s, fields, registry.prefix.rstrip("/")), name=APP_NAME, route_prefix="/")
     try:
-        yield {"url": f"http://127.0.0.1:{port}", "token": token, "refs": refs, "registry": registry}
+        yield {
+            "url": f"http://127.0.0.1:{port}",
+            "token": token,
+            "refs": refs,
+            "registry": registry,
+            "fields": fields,
+            "prefix": registry.prefix.rstrip("/"),
+        }
     finally:
         serve.shutdown()
 
@@ -243,3 +250,33 @@ def test_models_metrics_and_the_client(service):
     text = requests.get(service["url"] + "/metrics", timeout=30).text
     assert 'reflade_requests_total{endpoint="decompose",model="classical",status="200"}' in text
     assert "reflade_batch_size_total" in text and "reflade_request_seconds_bucket" in text
+
+
+def test_full_queues_answer_503_with_retry_after(service):
+    """Redeployed with one replica taking one request and one waiting: a burst gets 200s and 503s, never a 500."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from reflade.serve.app import build_app
+    from reflade.serve.config import APP_NAME, ServeConfig
+
+    tight = ServeConfig(
+        steps=30,
+        num_cpus=0.5,
+        min_replicas=1,
+        max_replicas=1,
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        max_batch_size=1,
+    )
+    serve.run(build_app(tight, service["fields"], service["prefix"]), name=APP_NAME, route_prefix="/")
+    image, box = _scene()
+    body = _body(image, prompt={"box": box}, response="json")
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: _post(service, body), range(10)))
+    codes = [r.status_code for r in answers]
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+    busy = next(r for r in answers if r.status_code == 503)
+    assert busy.headers["Retry-After"] == "1" and busy.json()["error"]["code"] == "busy"
+    assert requests.get(service["url"] + "/healthz", timeout=30).status_code == 200
