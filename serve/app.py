@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from reflade.serve.config import ServeConfig
 
-__all__ = ["TOKEN_HASHES_KEY", "build_app"]
+__all__ = ["TOKEN_HASHES_KEY", "app_from_args", "build_app"]
 
 TOKEN_HASHES_KEY = "serve/token-hashes.json"
 """Where ``reflade serve token create`` keeps the token hashes, under the registry prefix in the bucket."""
@@ -56,6 +56,25 @@ def build_app(settings: ServeConfig, storage_fields: dict[str, Any], registry_pr
     return ingress_cls.options(ray_actor_options={"num_cpus": 0}).bind(
         decomposer, asdict(s), storage_fields, registry_prefix
     )
+
+
+def app_from_args(args: dict[str, Any]):
+    """Application builder for a Serve config file (``import_path: reflade.serve.app:app_from_args``; what
+    ``reflade serve config`` writes for ``serve deploy`` on a remote cluster): ``args`` holds ``settings`` (the
+    ``serve`` section's fields), ``storage`` (endpoint, bucket, region: no credentials) and ``registry_prefix``.
+
+    Raises:
+        ValueError: a missing key or a storage field that is not a location (a credential must not travel this way).
+    """
+    missing = [k for k in ("settings", "storage", "registry_prefix") if k not in args]
+    if missing:
+        raise ValueError(f"reflade.serve.app:app_from_args needs args {missing}")
+    extra = sorted(set(args["storage"]) - {"endpoint", "bucket", "region"})
+    if extra:
+        raise ValueError(f"args.storage may hold only endpoint, bucket and region, not {extra}")
+    settings = ServeConfig(**args["settings"])
+    settings.validate()
+    return build_app(settings, dict(args["storage"]), str(args["registry_prefix"]))
 
 
 # ---------------------------------------------------------------------------------------------- decomposer

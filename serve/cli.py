@@ -73,6 +73,56 @@ def up(
     console.print(f"service up: {url} (default model {s.model}; `reflade serve status`)")
 
 
+@app.command("config")
+def config_file(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the Serve config (YAML).")],
+    model: Annotated[str | None, typer.Option(help="Default model reference (default: serve.model).")] = None,
+    host: Annotated[
+        str, typer.Option(help="Interface the proxies bind to on the remote cluster.")
+    ] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="HTTP port on the remote cluster.")] = 8000,
+    wheel: Annotated[
+        str | None,
+        typer.Option(
+            help="URI of this project's wheel for the cluster's runtime_env (py_modules), e.g. s3://...whl."
+        ),
+    ] = None,
+) -> None:
+    """Write a Serve config file for `serve deploy` on a remote cluster (or a KubeRay RayService's serveConfigV2):
+    the application, its settings and where the bucket is. No credential goes in it: the cluster's pods take them
+    from their own environment."""
+    import dataclasses
+
+    import yaml
+
+    from reflade.platform.worker import storage_fields
+    from reflade.serve.config import APP_NAME
+
+    cfg = get_config()
+    s = serve_settings(cfg, {"model": model})
+    application: dict[str, Any] = {
+        "name": APP_NAME,
+        "route_prefix": "/",
+        "import_path": "reflade.serve.app:app_from_args",
+        "args": {
+            "settings": dataclasses.asdict(s),
+            "storage": storage_fields(cfg),
+            "registry_prefix": cfg.registry.prefix,
+        },
+    }
+    if wheel:
+        application["runtime_env"] = {"py_modules": [wheel]}
+    doc = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": host, "port": port},
+        "applications": [application],
+    }
+    output.write_text(yaml.safe_dump(doc, sort_keys=False))
+    console.print(
+        f"wrote {output}: `serve deploy {output}` on the cluster (or paste it as a RayService's serveConfigV2)"
+    )
+
+
 @app.command("status")
 def status(as_json: JsonOpt = False) -> None:
     """The application's and its deployments' state and replica counts."""

@@ -280,3 +280,40 @@ def test_full_queues_answer_503_with_retry_after(service):
     busy = next(r for r in answers if r.status_code == 503)
     assert busy.headers["Retry-After"] == "1" and busy.json()["error"]["code"] == "busy"
     assert requests.get(service["url"] + "/healthz", timeout=30).status_code == 200
+
+
+def test_serve_config_file_for_a_remote_cluster(registry_env, tmp_path):
+    """`reflade serve config` writes a file Ray Serve's own schema accepts, whose builder makes the app, with no
+    credential in it."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from reflade.platform.cli import run_typer
+    from reflade.serve.app import app_from_args
+    from reflade.serve.cli import app
+
+    out = tmp_path / "serve.yaml"
+    args = [
+        "config",
+        "-o",
+        str(out),
+        "--model",
+        "model/reflayer@7",
+        "--wheel",
+        "s3://b/reflade-0.1.0-py3-none-any.whl",
+    ]
+    assert run_typer(app, args, "reflade serve") == 0
+    text = out.read_text()
+    doc = yaml.safe_load(text)
+    ServeDeploySchema(**doc)  # raises on anything Serve would refuse
+    a = doc["applications"][0]
+    assert (
+        a["import_path"] == "reflade.serve.app:app_from_args"
+        and a["args"]["settings"]["model"] == "model/reflayer@7"
+    )
+    assert set(a["args"]["storage"]) == {"endpoint", "bucket", "region"}
+    secret = registry_env.storage.config.secret_access_key
+    assert secret and secret not in text and "secret" not in text.lower()
+    assert app_from_args(a["args"]) is not None
+    with pytest.raises(ValueError, match="not \\['secret_access_key'\\]"):
+        app_from_args({**a["args"], "storage": {**a["args"]["storage"], "secret_access_key": "x"}})
