@@ -74,19 +74,7 @@ JSON_FIELDS: tuple[str, ...] = (
     "response",
 )
 """Keys of a JSON request body."""
-FORM_FIELDS: tuple[str, ...] = (
-    "prompt",
-    "prompts",
-    "box",
-    "points",
-    "text",
-    "kind",
-    "model",
-    "steps",
-    "seed",
-    "guidance",
-    "response",
-)
+FORM_FIELDS: tuple[str, ...] = ("prompt", "prompts", "box", "points", "text", *JSON_FIELDS[3:])
 """Text fields of a multipart request (the image and the mask come as files)."""
 
 _MAX_MODEL_CHARS = 200
