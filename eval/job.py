@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from reflade.eval.config import BASELINES, EvalConfig, parse_prompt_types
+from reflade.eval.fid import FID_BACKGROUND
 from reflade.eval.hpa import HPANormalization
 from reflade.platform.errors import ReportedError
 
@@ -159,7 +160,7 @@ def run_eval(cfg, request: EvalRequest, *, log: Callable[[str], None] = print) -
         "networks": networks,
         "stand_in": stand_in,
         "metric_size": s.metric_size,
-        "fid_background": list(__import__("reflade.eval.fid", fromlist=["x"]).FID_BACKGROUND),
+        "fid_background": list(FID_BACKGROUND),
         "steps": s.steps,
         "guidance": s.guidance,
         "seed": s.seed,
