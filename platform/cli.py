@@ -599,13 +599,7 @@ def _load_plugins() -> list[str]:
         if not isinstance(sub, typer.Typer):
             problems.append(f"command {ep.name!r} ({ep.value}) is not a Typer app; skipped")
             continue
-        if sub.registered_callback is None and not sub.registered_groups and len(sub.registered_commands) == 1:
-            # A Typer app of one command and no callback is that command (`reflade decompose IMAGE -o ...`), not
-            # a group whose options would stop at the first argument.
-            only = sub.registered_commands[0]
-            app.command(name=ep.name, help=only.help)(only.callback)
-        else:
-            app.add_typer(sub, name=ep.name)
+        app.add_typer(sub, name=ep.name)
         taken.add(ep.name)
         _PLUGINS_ADDED.add((ep.name, ep.value))
     return problems

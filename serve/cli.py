@@ -19,7 +19,12 @@ token_app = typer.Typer(
     help="Bearer API tokens (only their hashes are kept, in the bucket).", no_args_is_help=True
 )
 app.add_typer(token_app, name="token")
-decompose_app = typer.Typer(help="Decompose an image through the running service.")
+# A group with only a callback, so that `reflade decompose IMAGE -o ...` takes options after its argument (a
+# group stops reading options at its first argument unless told otherwise).
+decompose_app = typer.Typer(
+    help="Decompose an image through the running service.",
+    context_settings={"allow_interspersed_args": True},
+)
 
 TOKEN_FILE = "serve-token"
 """The last token `reflade serve token create` made, kept for this user (mode 0600) in the state directory, so that
@@ -278,7 +283,7 @@ def _floats(text: str, n: int, what: str) -> list[float]:
         raise typer.BadParameter(f"{what} takes numbers, got {text!r}") from None
 
 
-@decompose_app.command("decompose")
+@decompose_app.callback(invoke_without_command=True)
 def decompose(
     image: Annotated[
         Path, typer.Argument(help="The image file (PNG, JPEG, ...).", exists=True, dir_okay=False)
