@@ -276,7 +276,7 @@ def elo(
     out: dict[str, Any] = {"elo": {m: r.to_dict() for m, r in ratings.items()}}
     if reports:
         from reflade.eval.alignment import human_alignment
-        from reflade.eval.elo import fit_bounds
+        from reflade.eval.bounds_fit import fit_bounds
 
         metrics, normalization = alignment_inputs(
             reg, [r.strip() for r in reports.split(",") if r.strip()], kind

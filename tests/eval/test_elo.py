@@ -9,12 +9,12 @@ import random
 import numpy as np
 import pytest
 
+from reflade.eval.bounds_fit import fit_bounds
 from reflade.eval.elo import (
     EloError,
     Vote,
     VoteError,
     elo_with_ci,
-    fit_bounds,
     fit_elo,
     parse_votes,
     read_votes,
