@@ -85,6 +85,15 @@ def _body(image, **kw):
     return {"image": base64.b64encode(encode_png(image)).decode(), **kw}
 
 
+def test_openapi_describes_the_bodies_and_errors(service):
+    doc = requests.get(service["url"] + "/openapi.json", timeout=30).json()
+    op = doc["paths"]["/v1/decompose"]["post"]
+    assert set(op["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert op["requestBody"]["content"]["application/json"]["schema"]["required"] == ["image"]
+    assert {"200", "401", "413", "422", "503"} <= set(op["responses"])
+    assert "/v1/decompose/layers" in doc["paths"] and "/v1/models" in doc["paths"]
+
+
 def test_health_and_readiness_are_open(service):
     assert requests.get(service["url"] + "/healthz", timeout=30).json() == {"status": "ok"}
     ready = requests.get(service["url"] + "/readyz", timeout=30)
