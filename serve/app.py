@@ -26,98 +26,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from reflade.serve.config import ServeConfig
+from reflade.serve.openapi import route_doc
 
 __all__ = ["TOKEN_HASHES_KEY", "app_from_args", "build_app"]
 
 TOKEN_HASHES_KEY = "serve/token-hashes.json"
 """Where ``reflade serve token create`` keeps the token hashes, under the registry prefix in the bucket."""
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-# The request bodies, described for OpenAPI (the routes read the raw request: JSON or multipart, checked by
-# reflade.serve.requests, which is where every rule lives; these schemas document the shapes).
-_PROMPT = {
-    "type": "object",
-    "description": "Any mix of points, box, mask and text, in the image's pixels.",
-    "properties": {
-        "points": {
-            "type": "array",
-            "items": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3},
-            "description": "[[x, y, label], ...]; label 1 positive, 0 negative",
-        },
-        "box": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
-        "mask": {"type": "string", "description": "base64 PNG of the image's size (0/255, or alpha)"},
-        "text": {"type": "string"},
-        "granularity": {"type": "string", "enum": ["coarse", "fine"]},
-    },
-}
-_JSON_BODY = {
-    "type": "object",
-    "required": ["image"],
-    "properties": {
-        "image": {"type": "string", "description": "base64 image (PNG, JPEG, WebP, ...)"},
-        "prompt": _PROMPT,
-        "prompts": {"type": "array", "items": _PROMPT},
-        "kind": {"type": "string", "enum": ["foreground", "background"], "default": "foreground"},
-        "model": {
-            "type": "string",
-            "description": "model reference (model/reflayer@production) or classical",
-        },
-        "steps": {"type": "integer", "minimum": 1},
-        "seed": {"type": "integer", "minimum": 0},
-        "guidance": {"type": "number", "minimum": 0},
-        "response": {"type": "string", "enum": ["png", "json"], "default": "png"},
-    },
-}
-_FORM_BODY = {
-    "type": "object",
-    "required": ["image"],
-    "properties": {
-        "image": {"type": "string", "format": "binary"},
-        "mask": {"type": "string", "format": "binary"},
-        "prompt": {"type": "string", "description": "a prompt object as JSON"},
-        **{
-            k: {"type": "string"}
-            for k in ("box", "points", "text", "kind", "model", "steps", "seed", "guidance")
-        },
-    },
-}
-_ERROR = {
-    "type": "object",
-    "properties": {
-        "error": {
-            "type": "object",
-            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-            "required": ["code", "message"],
-        }
-    },
-}
-
-
-def _openapi(ok: dict[str, Any]) -> dict[str, Any]:
-    errors = {
-        str(code): {"description": text, "content": {"application/json": {"schema": _ERROR}}}
-        for code, text in (
-            (400, "malformed request"),
-            (401, "no token"),
-            (403, "wrong token"),
-            (404, "unknown model"),
-            (413, "upload or image too large"),
-            (415, "unsupported content or image type"),
-            (422, "invalid prompt, kind or option"),
-            (503, "queues full: retry after Retry-After seconds"),
-        )
-    }
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": _JSON_BODY},
-                "multipart/form-data": {"schema": _FORM_BODY},
-            },
-        },
-        "responses": {"200": ok, **errors},
-    }
 
 
 def build_app(settings: ServeConfig, storage_fields: dict[str, Any], registry_prefix: str):
@@ -455,7 +370,7 @@ def _ingress_class(s: ServeConfig):
 
         @api.post(
             "/v1/decompose",
-            openapi_extra=_openapi(
+            openapi_extra=route_doc(
                 {
                     "description": "the layer",
                     "content": {"image/png": {}, "application/json": {"schema": {"type": "object"}}},
@@ -501,7 +416,7 @@ def _ingress_class(s: ServeConfig):
 
         @api.post(
             "/v1/decompose/layers",
-            openapi_extra=_openapi(
+            openapi_extra=route_doc(
                 {"description": "the layer stack", "content": {"application/zip": {}, "image/openraster": {}}}
             ),
         )
