@@ -129,7 +129,7 @@ def _decomposer_class(s: ServeConfig):
                         guidance=guidance,
                         seeds=[items[i]["seed"] for i in idx],
                     )
-                except Exception as e:  # the prompt checks run before any compute: say which
+                except ValueError as e:  # PromptError and bad options, raised before any compute; a bug stays a 500
                     for i in idx:
                         out[i] = {"error": f"{type(e).__name__}: {e}"}
                     continue
