@@ -111,31 +111,14 @@ def _decomposer_class(s: ServeConfig):
 
         @serve.batch(max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s)
         async def batched(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            # One model call per (model, steps, guidance): what a batched call must share.
-            groups: dict[tuple, list[int]] = {}
-            for i, it in enumerate(items):
-                groups.setdefault((it["model"], it["steps"], it["guidance"]), []).append(i)
+            from reflade.serve.batching import decompose_group, group_items
+
             out: list[dict[str, Any] | None] = [None] * len(items)
-            for (model_id, steps, guidance), idx in groups.items():
+            for (model_id, _, _), idx in group_items(items).items():
                 model = await self.model(model_id)
-                t0 = time.perf_counter()
-                try:
-                    layers = await asyncio.to_thread(
-                        model.decompose,
-                        [items[i]["image"] for i in idx],
-                        [items[i]["prompt"] for i in idx],
-                        [items[i]["kind"] for i in idx],
-                        steps=steps,
-                        guidance=guidance,
-                        seeds=[items[i]["seed"] for i in idx],
-                    )
-                except ValueError as e:  # PromptError and bad options, raised before any compute; a bug stays a 500
-                    for i in idx:
-                        out[i] = {"error": f"{type(e).__name__}: {e}"}
-                    continue
-                secs = time.perf_counter() - t0
-                for i, layer in zip(idx, layers, strict=True):
-                    out[i] = {"layer": layer, "batch_size": len(idx), "seconds": secs}
+                results = await asyncio.to_thread(decompose_group, model, [items[i] for i in idx])
+                for i, result in zip(idx, results, strict=True):
+                    out[i] = result
             return out
 
     return Decomposer

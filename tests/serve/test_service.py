@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
-import uuid
 import zipfile
 
 import numpy as np
@@ -16,59 +14,8 @@ import requests
 
 from reflade.engine.schema import decode_image, encode_png
 from reflade.engine.synth import make_scene
-from reflade.platform.registry import Registry
 
 pytestmark = pytest.mark.usefixtures("ray_cluster", "one_torch_thread")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def service(storage, storage_config, tiny_vae, tmp_path_factory):
-    """The app deployed with a fresh registry: model/reflayer@1 and @2 (production -> @1), one API token."""
-    from ray import serve
-
-    from reflade.serve.app import TOKEN_HASHES_KEY, build_app
-    from reflade.serve.auth import new_token
-    from reflade.serve.config import APP_NAME, ServeConfig
-    from reflade.train.model import build_reflayer
-    from reflade.train.text import MiniLMTextEncoder, minilm_folder
-
-    tmp = tmp_path_factory.mktemp("serve")
-    registry = Registry(storage, prefix=f"registry-{uuid.uuid4().hex[:10]}")
-    refs = []
-    for seed in (0, 1):
-        bundle = build_reflayer("tiny", vae=tiny_vae(), text=MiniLMTextEncoder(minilm_folder()), seed=seed)
-        refs.append(registry.create("model", "reflayer", bundle.save(tmp / f"m{seed}"), progress=False).ref)
-    registry.set_alias(refs[0], "production")
-    token, digest = new_token()
-    storage.put_json(
-        f"{registry.prefix.rstrip('/')}/{TOKEN_HASHES_KEY}", {"tokens": [{"name": "t", "hash": digest}]}
-    )
-    port = _free_port()
-    s = ServeConfig(steps=2, alias_refresh_s=1.0, num_cpus=0.5, max_batch_size=4)
-    fields = {
-        "endpoint": storage_config.endpoint,
-        "bucket": storage_config.bucket,
-        "region": storage_config.region,
-    }
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(s, fields, registry.prefix.rstrip("/")), name=APP_NAME, route_prefix="/")
-    try:
-        yield {
-            "url": f"http://127.0.0.1:{port}",
-            "token": token,
-            "refs": refs,
-            "registry": registry,
-            "fields": fields,
-            "prefix": registry.prefix.rstrip("/"),
-        }
-    finally:
-        serve.shutdown()
 
 
 def _scene():
@@ -265,10 +212,7 @@ def test_full_queues_answer_503_with_retry_after(service):
     """Redeployed with one replica taking one request and one waiting: a burst gets 200s and 503s, never a 500."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ray import serve
-
-    from reflade.serve.app import build_app
-    from reflade.serve.config import APP_NAME, ServeConfig
+    from reflade.serve.config import ServeConfig
 
     tight = ServeConfig(
         steps=30,
@@ -279,11 +223,14 @@ def test_full_queues_answer_503_with_retry_after(service):
         max_queued_requests=1,
         max_batch_size=1,
     )
-    serve.run(build_app(tight, service["fields"], service["prefix"]), name=APP_NAME, route_prefix="/")
+    service["deploy"](tight)
     image, box = _scene()
     body = _body(image, prompt={"box": box}, response="json")
-    with ThreadPoolExecutor(10) as pool:
-        answers = list(pool.map(lambda _: _post(service, body), range(10)))
+    try:
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(lambda _: _post(service, body), range(10)))
+    finally:
+        service["deploy"]()
     codes = [r.status_code for r in answers]
     assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
     busy = next(r for r in answers if r.status_code == 503)
