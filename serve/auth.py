@@ -13,7 +13,7 @@ import re
 import secrets
 from collections.abc import Iterable
 
-from reflade.serve.requests import ApiError
+from reflade.serve.errors import ApiError
 
 __all__ = ["TOKEN_PREFIX", "TokenChecker", "hash_token", "new_token"]
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import reflade.serve.requests as requests_module
+import reflade.serve.uploads as uploads_module
 from reflade.engine.decompose import prepare
 from reflade.engine.stages.prefilter import ImageRejected
 from reflade.serve.requests import (
@@ -168,7 +168,7 @@ def test_unsupported_pixel_mode_is_415(monkeypatch):
     def refuse(data, **kwargs):
         raise ImageRejected("unsupported: pixel mode XYZ (no conversion)")
 
-    monkeypatch.setattr(requests_module, "decode_image_file", refuse)
+    monkeypatch.setattr(uploads_module, "decode_image_file", refuse)
     err = api_error(decode_upload, b"anything", LIMITS)
     assert (err.status, err.code) == (415, "unsupported_image") and "XYZ" in err.message
 
@@ -231,7 +231,7 @@ def test_base64_of_the_wrong_type_is_422():
 def test_huge_base64_is_413_before_decoding(monkeypatch):
     huge = "A" * (64 * 2**20)  # 48 MiB once decoded
     calls = []
-    monkeypatch.setattr(requests_module.base64, "b64decode", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(uploads_module.base64, "b64decode", lambda *a, **k: calls.append(1))
     started = time.perf_counter()
     err = api_error(parse_json_request, {"image": huge, "prompt": {"box": [0, 0, 4, 4]}}, LIMITS)
     assert (err.status, err.code) == (413, "too_large")
