@@ -248,8 +248,12 @@ def _ingress_class(s: ServeConfig):
             hit = self.resolved.get(ref)
             if hit and now < hit[1]:
                 return hit[0]
-            from reflade.platform.registry import RegistryError
+            from reflade.platform.registry import Ref, RegistryError
 
+            try:
+                Ref.parse(ref)  # a malformed reference is the client's mistake (422), an absent one a 404
+            except RegistryError as e:
+                raise ApiError(422, "bad_model_reference", str(e)) from None
             try:
                 v = await asyncio.to_thread(self.registry.resolve, ref)
             except RegistryError as e:
@@ -274,8 +278,11 @@ def _ingress_class(s: ServeConfig):
                 raw = await request.body()
                 try:
                     body = json.loads(raw)
-                except (ValueError, UnicodeDecodeError):
-                    raise ApiError(400, "bad_json", "the body is not valid JSON") from None
+                # UnicodeDecodeError is a ValueError; RecursionError is JSON nested too deeply.
+                except (ValueError, RecursionError):
+                    raise ApiError(
+                        400, "invalid_json", "the body is not valid JSON (or nested too deeply)"
+                    ) from None
                 return parse_json_request(body, self.limits)
             if ctype.startswith("multipart/form-data"):
                 form = await request.form(max_files=2, max_fields=32)
