@@ -26,13 +26,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from reflade.serve.config import ServeConfig
+from reflade.serve.metrics import Metrics
 from reflade.serve.openapi import route_doc
 
 __all__ = ["TOKEN_HASHES_KEY", "app_from_args", "build_app"]
 
 TOKEN_HASHES_KEY = "serve/token-hashes.json"
 """Where ``reflade serve token create`` keeps the token hashes, under the registry prefix in the bucket."""
-_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 def build_app(settings: ServeConfig, storage_fields: dict[str, Any], registry_prefix: str):
@@ -125,56 +125,6 @@ def _decomposer_class(s: ServeConfig):
 
 
 # ---------------------------------------------------------------------------------------------- ingress
-class _Metrics:
-    """Prometheus text counters kept by the ingress: requests, latencies and batch sizes per model version."""
-
-    def __init__(self):
-        self.requests: dict[tuple[str, str, str], int] = {}
-        self.latency: dict[str, list[float]] = {}
-        self.batches: dict[tuple[str, int], int] = {}
-
-    def observe(
-        self, endpoint: str, model: str, status: int, seconds: float, batch: int | None = None
-    ) -> None:
-        key = (endpoint, model, str(status))
-        self.requests[key] = self.requests.get(key, 0) + 1
-        hist = self.latency.setdefault(model, [0.0] * (len(_LATENCY_BUCKETS) + 2))
-        for b, bound in enumerate(_LATENCY_BUCKETS):
-            if seconds <= bound:
-                hist[b] += 1
-        hist[-2] += 1  # count (+Inf)
-        hist[-1] += seconds  # sum
-        if batch:
-            self.batches[(model, batch)] = self.batches.get((model, batch), 0) + 1
-
-    def text(self) -> str:
-        lines = [
-            "# HELP reflade_requests_total Requests answered, by endpoint, model version and status.",
-            "# TYPE reflade_requests_total counter",
-        ]
-        for (endpoint, model, status), n in sorted(self.requests.items()):
-            lines.append(
-                f'reflade_requests_total{{endpoint="{endpoint}",model="{model}",status="{status}"}} {n}'
-            )
-        lines += [
-            "# HELP reflade_request_seconds Latency of decompositions, by model version.",
-            "# TYPE reflade_request_seconds histogram",
-        ]
-        for model, h in sorted(self.latency.items()):
-            for b, bound in enumerate(_LATENCY_BUCKETS):
-                lines.append(f'reflade_request_seconds_bucket{{model="{model}",le="{bound}"}} {h[b]:g}')
-            lines.append(f'reflade_request_seconds_bucket{{model="{model}",le="+Inf"}} {h[-2]:g}')
-            lines.append(f'reflade_request_seconds_count{{model="{model}"}} {h[-2]:g}')
-            lines.append(f'reflade_request_seconds_sum{{model="{model}"}} {h[-1]:.6f}')
-        lines += [
-            "# HELP reflade_batch_size_total Model calls by batch size and model version.",
-            "# TYPE reflade_batch_size_total counter",
-        ]
-        for (model, size), n in sorted(self.batches.items()):
-            lines.append(f'reflade_batch_size_total{{model="{model}",size="{size}"}} {n}')
-        return "\n".join(lines) + "\n"
-
-
 def _ingress_class(s: ServeConfig):
     from fastapi import FastAPI
     from fastapi.middleware.cors import CORSMiddleware
@@ -218,7 +168,7 @@ def _ingress_class(s: ServeConfig):
             )
             self.resolved: dict[str, tuple[str, float]] = {}
             self.tokens: tuple[Any, float] | None = None
-            self.metrics = _Metrics()
+            self.metrics = Metrics()
 
         # ------------------------------------------------------------------ helpers
         async def _auth(self, request: Request) -> None:
@@ -311,11 +261,26 @@ def _ingress_class(s: ServeConfig):
                 "seed": req.seed,
                 "model": model,
             }
-            try:
-                handle = self.decomposer.options(multiplexed_model_id=model)
-                result = await handle.decompose.remote(item)
-            except BackPressureError:
-                raise ApiError(503, "busy", "the decomposer's queue is full; retry shortly") from None
+            from ray.exceptions import RayActorError
+            from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+            handle = self.decomposer.options(multiplexed_model_id=model)
+            for attempt in range(self.s.replica_retries + 1):
+                try:
+                    result = await handle.decompose.remote(item)
+                    break
+                except BackPressureError:
+                    raise ApiError(503, "busy", "the decomposer's queue is full; retry shortly") from None
+                # A replica lost mid-request (its process died): the same request again (a decomposition is a
+                # pure function of the item and its seed) on another or a restarted replica, then a 503.
+                except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as e:
+                    if attempt == self.s.replica_retries:
+                        raise ApiError(
+                            503,
+                            "replica_lost",
+                            f"the decomposer replica was lost ({type(e).__name__}); retry",
+                        ) from None
+                    await asyncio.sleep(0.5 * (attempt + 1))
             if "error" in result:
                 raise ApiError(422, "refused", result["error"])
             return result

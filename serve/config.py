@@ -33,6 +33,8 @@ class ServeConfig:
     """Requests a decomposer replica takes at once (more wait in the queue)."""
     max_queued_requests: int = 16
     """Requests waiting for a replica; beyond this the service answers 503 with Retry-After."""
+    replica_retries: int = 2
+    """Times the ingress sends a request again when its decomposer replica is lost mid-request (then 503)."""
     max_batch_size: int = 4
     """Requests one batched model call takes (they share steps and guidance; any image sizes)."""
     batch_wait_timeout_s: float = 0.02
@@ -85,6 +87,8 @@ class ServeConfig:
             raise ConfigError(
                 f"serve.min_replicas {self.min_replicas} exceeds serve.max_replicas {self.max_replicas}"
             )
+        if self.replica_retries < 0:
+            raise ConfigError(f"serve.replica_retries must be >= 0, got {self.replica_retries}")
         if self.max_queued_requests < 0 or self.max_upload_mb <= 0 or self.max_pixels < 1:
             raise ConfigError("serve.max_queued_requests must be >= 0, max_upload_mb and max_pixels > 0")
         if self.steps > self.max_steps:
