@@ -215,14 +215,17 @@ def autoscaling_arm(args, world, port: int, settings_a, result) -> None:
 
 
 def replica_threads(num_cpus: float) -> dict[str, Any]:
-    """Thread counts in a Ray worker with a replica's CPUs (what the decomposer's replica starts with)."""
+    """Thread counts in a Ray worker with a replica's CPUs (what the decomposer's replica starts with), and where it
+    imports ``reflade.serve`` from."""
     import ray
 
     ray.cloudpickle.register_pickle_by_value(bm)  # the workers cannot import bench/'s modules
 
     @ray.remote(num_cpus=num_cpus)
     def probe() -> dict[str, Any]:
-        return bm.thread_report()
+        import reflade.serve.batching as batching
+
+        return {**bm.thread_report(), "reflade_serve": os.path.dirname(batching.__file__)}
 
     return ray.get(probe.remote())
 
@@ -243,7 +246,8 @@ def run(args) -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     result.update(command=" ".join(["python", *sys.argv]), params=params, definitions=rp.DEFINITIONS)
-    result.update(targets=rp.TARGETS, machine=bt.machine_info(), arms={}, deploy_s={}, status="failed")
+    result.update(targets=rp.TARGETS, machine=bt.machine_info(), source=source_info())
+    result.update(arms={}, deploy_s={}, status="failed")
     m = result["machine"]
     print(f"serve benchmark | {m['cpus_usable']} usable CPUs ({m['cpu_model']}) | ray {m['ray']} | torch "
           f"{m['torch']} | load average {os.getloadavg()}", flush=True)  # fmt: skip
@@ -359,8 +363,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, flag.replace("-", "_"))
         if value <= 0 and flag not in ("wait-quiet", "quiet-below"):
             ap.error(f"--{flag} must be > 0")
-    args.in_process_sizes = sorted({1, args.batch_size})
+    sizes = {1, args.batch_size} if args.smoke else {1, 2, args.batch_size, 2 * args.batch_size}
+    args.in_process_sizes = sorted(sizes)
     return args
+
+
+def source_info() -> dict[str, Any]:
+    """Where ``reflade.serve`` was imported from, and the repository's commit and uncommitted product files (a
+    shared checkout may hold someone's work in progress)."""
+    import subprocess
+
+    import reflade.serve.app as app
+
+    root = Path(__file__).resolve().parents[1]
+    info: dict[str, Any] = {"reflade_serve_app": app.__file__}
+    try:
+        git = ["git", "-C", str(root)]
+        info["git_head"] = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--", "platform", "engine", "train", "serve", "eval"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        info["uncommitted"] = [line[3:] for line in status.splitlines()]
+    except OSError:
+        pass
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
