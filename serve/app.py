@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from reflade.serve.config import ServeConfig
 from reflade.serve.metrics import Metrics
-from reflade.serve.openapi import route_doc
+from reflade.serve.openapi import PAIR_DOC, VOTE_DOC, route_doc
 
 __all__ = ["TOKEN_HASHES_KEY", "app_from_args", "build_app"]
 
@@ -169,6 +169,9 @@ def _ingress_class(s: ServeConfig):
             self.resolved: dict[str, tuple[str, float]] = {}
             self.tokens: tuple[Any, float] | None = None
             self.metrics = Metrics()
+            from reflade.serve.votes import VoteBook
+
+            self.votes = VoteBook(self.registry)
 
         # ------------------------------------------------------------------ helpers
         async def _auth(self, request: Request) -> None:
@@ -394,6 +397,44 @@ def _ingress_class(s: ServeConfig):
             if format == "ora":
                 return Response(openraster(req.image, named), media_type="image/openraster", headers=headers)
             return Response(zip_layers(named), media_type="application/zip", headers=headers)
+
+        # ------------------------------------------------------------------ pages, votes (pages.py, votes.py)
+        @api.get("/", include_in_schema=False)
+        async def decompose_page(self):
+            from reflade.serve.pages import static_response
+
+            return static_response("index.html")
+
+        @api.get("/vote", include_in_schema=False)
+        async def vote_page(self):
+            from reflade.serve.pages import static_response
+
+            return static_response("vote.html")
+
+        @api.get("/static/{name}", include_in_schema=False)
+        async def static(self, name: str):
+            from reflade.serve.pages import static_response
+
+            return static_response(name)
+
+        @api.get("/v1/vote/pair", openapi_extra=PAIR_DOC)
+        async def vote_pair(self, request: Request):
+            """A dataset item decomposed by two models (A on the left, at random), for a person to judge."""
+            from reflade.serve.votes import make_pair
+
+            await self._auth(request)
+            return await make_pair(
+                request.query_params, self.registry, self._resolve, self._run, self.s.steps
+            )
+
+        @api.post("/v1/votes", openapi_extra=VOTE_DOC)
+        async def vote(self, request: Request):
+            """Record a vote as a new version of ``votes/NAME`` (every vote of that name so far)."""
+            from reflade.serve.votes import parse_vote, read_vote_body
+
+            await self._auth(request)
+            name, vote = parse_vote(await read_vote_body(request))
+            return JSONResponse(await self.votes.record(name, vote), status_code=201)
 
     return Ingress
 

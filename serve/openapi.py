@@ -1,4 +1,4 @@
-"""The decomposition routes' request bodies and answers, described for OpenAPI.
+"""The decomposition and vote routes' request bodies and answers, described for OpenAPI.
 
 The routes read the raw request (JSON or multipart) and :mod:`reflade.serve.requests` checks it: every rule lives
 there; these schemas document the shapes for clients and fuzzers (``/openapi.json``).
@@ -6,7 +6,7 @@ there; these schemas document the shapes for clients and fuzzers (``/openapi.jso
 
 from typing import Any
 
-__all__ = ["route_doc"]
+__all__ = ["PAIR_DOC", "VOTE_DOC", "route_doc"]
 
 _PROMPT = {
     "type": "object",
@@ -91,3 +91,129 @@ def route_doc(ok: dict[str, Any]) -> dict[str, Any]:
         },
         "responses": {"200": ok, **errors},
     }
+
+
+# ---------------------------------------------------------------------------------------------- votes
+def _errors(*pairs: tuple[int, str]) -> dict[str, Any]:
+    return {
+        str(code): {"description": text, "content": {"application/json": {"schema": _ERROR}}}
+        for code, text in pairs
+    }
+
+
+_LAYER = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string"},
+        "layer_png": {"type": "string", "description": "base64 RGBA PNG"},
+    },
+}
+PAIR_DOC: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "dataset",
+            "in": "query",
+            "required": True,
+            "schema": {"type": "string"},
+            "description": "dataset/NAME[@VERSION][:SPLIT]; the split defaults to test",
+        },
+        {
+            "name": "a",
+            "in": "query",
+            "required": True,
+            "schema": {"type": "string"},
+            "description": "a model",
+        },
+        {
+            "name": "b",
+            "in": "query",
+            "required": True,
+            "schema": {"type": "string"},
+            "description": "another",
+        },
+        {
+            "name": "prompt_type",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "only prompts of this type (box, text+box:fine)",
+        },
+        {"name": "seed", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},
+    ],
+    "responses": {
+        "200": {
+            "description": "the pair; A is shown on the left",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "item": {"type": "string"},
+                            "prompt_type": {"type": "string"},
+                            "description": {"type": "string"},
+                            "image_png": {"type": "string"},
+                            "a": _LAYER,
+                            "b": _LAYER,
+                        },
+                    }
+                }
+            },
+        },
+        **_errors(
+            (401, "no token"),
+            (403, "wrong token"),
+            (404, "unknown dataset or model, or no item"),
+            (422, "invalid parameter, the same model twice, or refused prompts"),
+            (503, "queues full: retry after Retry-After seconds"),
+        ),
+    },
+}
+"""``openapi_extra`` of ``GET /v1/vote/pair``."""
+VOTE_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "item", "prompt", "model_a", "model_b", "winner"],
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"},
+                        "item": {"type": "string"},
+                        "prompt": {"type": "string"},
+                        "model_a": {"type": "string"},
+                        "model_b": {"type": "string"},
+                        "winner": {"type": "string", "enum": ["a", "b", "tie"]},
+                    },
+                }
+            }
+        },
+    },
+    "responses": {
+        "201": {
+            "description": "recorded: the new version of votes/NAME",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "ref": {"type": "string"},
+                            "version": {"type": "integer"},
+                            "n_votes": {"type": "integer"},
+                        },
+                    }
+                }
+            },
+        },
+        **_errors(
+            (400, "malformed JSON"),
+            (401, "no token"),
+            (403, "wrong token"),
+            (409, "the latest version of votes/NAME is not readable as votes"),
+            (413, "body too large"),
+            (415, "not JSON"),
+            (422, "invalid vote or name"),
+        ),
+    },
+}
+"""``openapi_extra`` of ``POST /v1/votes``."""
