@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 TOP = ("platform", "engine", "train", "serve", "eval")
 VENV_PYTHON = Path(sys.executable)
 DOC_SUFFIXES = (".md", ".rst")
+PAGE_FILES = ("index.html", "vote.html", "common.js", "decompose.js", "vote.js", "pages.css")
+"""The service's web pages (serve/static/), package data that must reach the wheel."""
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -272,6 +274,8 @@ def test_wheel_carries_every_source_and_data_file(wheel):
             if p.is_file() and not _skip(p) and p.suffix not in DOC_SUFFIXES:
                 expected.add("reflade/" + p.relative_to(REPO).as_posix())
     assert "reflade/platform/config.py" in expected
+    # The service's pages are data files (no .py beside them but the package's __init__): they ship too.
+    assert {f"reflade/serve/static/{n}" for n in PAGE_FILES} <= expected
     missing = sorted(expected - names)
     assert not missing, f"files of the source tree missing from the wheel: {missing}"
     assert not any(n.startswith(("reflade/__init__", "platform/", "tests/")) for n in names), sorted(names)
@@ -292,6 +296,23 @@ def test_wheel_entry_points(wheel):
     for group, eps in declared.items():
         for name, value in eps.items():
             assert parser[group][name].strip() == value, (group, name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_wheel_serves_the_pages_from_itself(fresh_env, tmp_path):
+    # What the ingress does (serve/pages.py, importlib.resources) from the installed wheel, not the source tree.
+    script = (
+        "import json, reflade.serve.static as s; from reflade.serve.pages import static_files; "
+        "print(json.dumps({'names': sorted(static_files()), 'file': s.__file__, "
+        "'index': static_files()['index.html'].decode()[:200]}))"
+    )
+    proc = _run([fresh_env / "bin" / "python", "-c", script], cwd=tmp_path, timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(PAGE_FILES) <= set(report["names"]), report["names"]
+    assert Path(report["file"]).resolve().is_relative_to(fresh_env.resolve())
+    assert report["index"].startswith("<!doctype html>")
 
 
 @pytest.mark.slow
