@@ -138,7 +138,13 @@ PAIR_DOC: dict[str, Any] = {
             "schema": {"type": "string"},
             "description": "only prompts of this type (box, text+box:fine)",
         },
-        {"name": "seed", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},
+        {
+            "name": "seed",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+            "description": "the same seed gives the same pair (item, sides, decomposition seed)",
+        },
     ],
     "responses": {
         "200": {
@@ -179,10 +185,10 @@ VOTE_DOC: dict[str, Any] = {
                     "required": ["name", "item", "prompt", "model_a", "model_b", "winner"],
                     "properties": {
                         "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"},
-                        "item": {"type": "string"},
-                        "prompt": {"type": "string"},
-                        "model_a": {"type": "string"},
-                        "model_b": {"type": "string"},
+                        "item": {"type": "string", "minLength": 1, "maxLength": 300},
+                        "prompt": {"type": "string", "minLength": 1, "maxLength": 300},
+                        "model_a": {"type": "string", "minLength": 1, "maxLength": 300},
+                        "model_b": {"type": "string", "minLength": 1, "maxLength": 300},
                         "winner": {"type": "string", "enum": ["a", "b", "tie"]},
                     },
                 }
