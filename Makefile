@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench lint format wheel chromium clean-venv
 
-# Headless Chromium renders report.html in tests/eval/test_report_html.py (skipped without it): Debian's package,
+# Headless Chromium renders report.html in tests/eval/test_report_html.py and drives the service's pages in
+# tests/serve/test_pages.py (through Playwright's executable_path; those tests are skipped without it): Debian's package,
 # through apt-get as root or with passwordless sudo; `apt-get update` only when the first install fails.
 CHROMIUM_INSTALL = \
     if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; exit 0; fi; \
@@ -33,7 +34,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]' && \
 	touch $(STAMP) && \
 	echo "venv ready in $$(( $$(date +%s) - start )) s ($(VENV))" && \
-	{ ( $(CHROMIUM_INSTALL) ) || echo "note: no chromium, so the report's browser test is skipped (make chromium)"; }
+	{ ( $(CHROMIUM_INSTALL) ) || echo "note: no chromium, so the browser tests (report, pages) are skipped (make chromium)"; }
 
 demo: $(STAMP)
 	$(BIN)/reflade demo $(DEMO_ARGS)

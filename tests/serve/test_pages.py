@@ -76,6 +76,10 @@ def browser():
         pytest.skip(
             "chromium is not installed: run `make chromium` (Debian's chromium) to test the pages in a browser"
         )
+    pytest.importorskip(
+        "playwright.sync_api",
+        reason="the playwright package is missing: pip install -e '.[dev]' (make test does)",
+    )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -148,6 +152,29 @@ def test_openapi_documents_the_vote_routes_and_not_the_pages(service):
 
 
 # ---------------------------------------------------------------------------------------------- the vote API
+def test_a_prompt_as_the_vote_page_shows_it():
+    from reflade.serve.votes import describe_prompt, prompt_for_page
+
+    mask = encode_png(np.where(np.arange(12).reshape(3, 4) > 5, 255, 0).astype(np.uint8))
+    prompt = {
+        "type": "text+point",
+        "points": [(3, 4, 1), (5, 6, 0)],
+        "box": None,
+        "mask": mask,
+        "text": "a disc",
+    }
+    page = prompt_for_page(prompt)
+    assert page["points"] == [[3, 4, 1], [5, 6, 0]] and page["box"] is None and page["granularity"] == "fine"
+    assert base64.b64decode(page["mask_png"]) == mask and json.dumps(page)
+    fg = describe_prompt(prompt, "foreground")
+    assert (
+        fg
+        == 'the object given by "a disc" + 1 positive, 1 negative point(s) + the blue mask, complete (its foreground layer)'
+    )
+    bg = describe_prompt({"box": [1, 2, 30, 40]}, "background")
+    assert bg == "the scene without the object given by box (1, 2)-(30, 40) (the background layer)"
+
+
 def test_a_pair_is_a_test_item_decomposed_by_both_models(service, dataset):
     m1 = service["refs"][0]
     r = _pair(service, dataset=dataset["ref"], a="classical", b=m1, prompt_type="box", seed=7)
