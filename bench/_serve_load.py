@@ -152,8 +152,8 @@ def summarize(answers: list[Answer], wall_s: float) -> dict[str, Any]:
     """Counts by status (``0``: no answer), throughput of 200s over the wall time, latency percentiles of the 200s
     and of the others, and the medians of where an answered request's time went: ``outside_ingress_ms`` (client,
     HTTP, Serve's proxy: latency - the ingress's total_s), ``ingress_ms`` (parse, auth, the handle call, the
-    replica's queue and batch wait, PNG encoding: total_s - model_s) and ``model_ms`` (the batched model call,
-    shared by its batch)."""
+    replica's queue and batch wait, PNG encoding: total_s - model_s), ``model_ms`` (the batched model call,
+    shared by its batch) and ``serve_ms`` (latency - model_s: all but the model)."""
     ok = [a for a in answers if a.status == 200]
     codes: dict[str, int] = {}
     for a in answers:
@@ -181,6 +181,7 @@ def summarize(answers: list[Answer], wall_s: float) -> dict[str, Any]:
             ),
             "ingress_ms": float(np.median([t - m for t, m in zip(total, model, strict=True)])),
             "model_ms": float(np.median(model)),
+            "serve_ms": float(np.median([1000 * a.seconds - m for a, m in zip(timed, model, strict=True)])),
         }
         sizes: dict[str, int] = {}
         for a in timed:

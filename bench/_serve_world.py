@@ -120,6 +120,7 @@ def in_process(world: dict[str, Any], settings, sizes: list[int], items: int, th
     base = {"image": req.image, "prompt": req.prompts[0], "kind": req.kind, "steps": settings.steps}
     base.update(guidance=1.0, model=world["model"])
     out: dict[str, Any] = {"load_s": load_s, "threads": torch.get_num_threads(), "sizes": {}}
+    out["request_work_ms"] = request_work(pipe, base)
     for size in sizes:
         decompose_group(pipe, [{**base, "seed": i} for i in range(size)])  # warm-up, untimed
         calls, done = [], 0
@@ -142,6 +143,31 @@ def in_process(world: dict[str, Any], settings, sizes: list[int], items: int, th
             **latency_stats(calls),
         }
     return out
+
+
+def request_work(pipe, base: dict[str, Any], repeat: int = 50) -> dict[str, float]:
+    """Medians (ms) of the per-request work the ingress does around the model, here in one thread: parsing the
+    benchmark's JSON body (``json.loads`` and ``parse_json_request``: base64, the image header checks and decoding,
+    the prompt) and making the JSON answer of a layer (``encode_png``, base64, ``json.dumps``)."""
+    import json
+
+    import numpy as np
+
+    from reflade.engine.schema import encode_png
+    from reflade.serve.batching import decompose_group
+    from reflade.serve.requests import Limits, parse_json_request
+
+    raw = json.dumps(request_body()).encode()
+    layer = decompose_group(pipe, [{**base, "seed": 0}])[0]["layer"]
+    parse, answer = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        parse_json_request(json.loads(raw), Limits())
+        t1 = time.perf_counter()
+        json.dumps({"layer_png": base64.b64encode(encode_png(layer)).decode(), "seed": 1})
+        answer.append(time.perf_counter() - t1)
+        parse.append(t1 - t)
+    return {"parse_ms": 1000 * float(np.median(parse)), "answer_ms": 1000 * float(np.median(answer))}
 
 
 # ---------------------------------------------------------------------------------------------- replicas

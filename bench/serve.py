@@ -70,6 +70,7 @@ SMOKE = {
     "scale_idle": 2.0,
     "steps": 2,
     "wait_quiet": 0.0,
+    "rounds": 1,
 }
 """--smoke: every arm runs, a few seconds each (the autoscaler has no time to act)."""
 
@@ -100,51 +101,65 @@ def _warm_up(target, clients: int) -> None:
     load.closed_loop(target, clients, 120.0, 2 * clients)
 
 
-def serve_arms(args, world, port: int, settings_a, meter, result) -> None:
-    """(a) and (b) on fixed replicas, the floor and the overload test."""
+def in_process_arm(args, world, settings, meter, result, note: str) -> None:
+    """(c) once more: every batch size, appended to ``result["runs"]["c"]``."""
+    print(f"\n(c) in process, batch sizes {args.in_process_sizes}, {note}", flush=True)
+    if args.wait_quiet:
+        meter.wait_quiet(args.wait_quiet, args.quiet_below)
+    c, cpu = meter.measure(
+        lambda: sw.in_process(world, settings, args.in_process_sizes, args.in_process_items, THREADS)
+    )
+    result["runs"]["c"].append({**c, "cpu": cpu, "note": note})
+    for size, e in c["sizes"].items():
+        print(
+            f"  batch {size}: {e['throughput_rps']:.2f} items/s, {e['ms_per_item']:.1f} ms per item",
+            flush=True,
+        )
+
+
+def serve_round(args, world, port: int, settings_a, meter, result, first: bool) -> None:
+    """One round of (a) then (b) on fixed replicas, each redeployed: one client, then ``--clients`` clients; the
+    first round also measures the floor (after (a)'s deploy) and the overload test (after (a))."""
     url = f"http://127.0.0.1:{port}"
-    body = sw.request_body()
-    target = load.json_target(url + "/v1/decompose", body, world["token"], args.timeout)
-    arms = result["arms"]
+    target = load.json_target(url + "/v1/decompose", sw.request_body(), world["token"], args.timeout)
+    runs = result["runs"]
+
+    def arm(key: str, fn, **extra) -> dict[str, Any]:
+        a = _arm(meter, args, fn, **extra)
+        runs.setdefault(key, []).append(a)
+        _show(rp.ARMS[key], a)
+        return a
+
     for key, settings in (("a", settings_a), ("b", dataclasses.replace(settings_a, max_batch_size=1))):
         print(f"\n{rp.ARMS[key]}: deploying (max_batch_size={settings.max_batch_size})", flush=True)
-        result["deploy_s"][key] = sw.deploy(world, settings, port)
+        result["deploy_s"].setdefault(key, []).append(sw.deploy(world, settings, port))
         _warm_up(target, args.clients)
-        if key == "a":
+        if key == "a" and first:
             floor = load.Target(url + "/healthz", None, {}, args.timeout)
-            arms["floor"] = _arm(
-                meter,
-                args,
+            arm(
+                "floor",
                 lambda floor=floor: load.closed_loop(floor, 1, args.low_duration, args.floor_requests),
                 clients=1,
             )
-            _show(rp.ARMS["floor"], arms["floor"])
-        low = f"low_{key}"
-        arms[low] = _arm(
-            meter, args, lambda: load.closed_loop(target, 1, args.low_duration, args.low_requests), clients=1
+        arm(
+            f"low_{key}", lambda: load.closed_loop(target, 1, args.low_duration, args.low_requests), clients=1
         )
-        _show(rp.ARMS[low], arms[low])
-        arms[key] = _arm(
-            meter,
-            args,
+        busy = arm(
+            key,
             lambda: load.closed_loop(target, args.clients, args.duration, args.max_requests),
             clients=args.clients,
         )
-        _show(rp.ARMS[key], arms[key])
         bt.write(result, args.out)
-        if key == "a" and arms["a"]["throughput_rps"] > 0:
-            rate = rp.TARGETS["overload_factor"] * arms["a"]["throughput_rps"]
-            over = _arm(
-                meter,
-                args,
+        if key == "a" and first and busy["throughput_rps"] > 0:
+            rate = rp.TARGETS["overload_factor"] * busy["throughput_rps"]
+            over = arm(
+                "overload",
                 lambda rate=rate: load.open_loop(target, rate, args.overload_duration, args.max_outstanding),
                 clients=f"open {rate:.1f}/s",
                 offered_rps=rate,
             )
             after, _ = load.closed_loop(target, 1, args.timeout, 1)  # does it answer once the burst is over?
             over["answers_after"] = [a.status for a in after]
-            arms["overload"] = over
-            _show(rp.ARMS["overload"], over)
             bt.write(result, args.out)
 
 
@@ -247,7 +262,7 @@ def run(args) -> int:
     }
     result.update(command=" ".join(["python", *sys.argv]), params=params, definitions=rp.DEFINITIONS)
     result.update(targets=rp.TARGETS, machine=bt.machine_info(), source=source_info())
-    result.update(arms={}, deploy_s={}, status="failed")
+    result.update(runs={"c": []}, arms={}, deploy_s={}, status="failed")
     m = result["machine"]
     print(f"serve benchmark | {m['cpus_usable']} usable CPUs ({m['cpu_model']}) | ray {m['ray']} | torch "
           f"{m['torch']} | load average {os.getloadavg()}", flush=True)  # fmt: skip
@@ -268,26 +283,25 @@ def run(args) -> int:
         params["serve_config"] = dataclasses.asdict(settings)
         params["batch_wait_timeout_s"] = settings.batch_wait_timeout_s
 
-        print(f"\n(c) in process, batch sizes {args.in_process_sizes}, no Ray cluster up", flush=True)
-        if args.wait_quiet:
-            meter.wait_quiet(args.wait_quiet, args.quiet_below)
-        result["in_process"] = sw.in_process(
-            world, settings, args.in_process_sizes, args.in_process_items, THREADS
-        )
-        for size, e in result["in_process"]["sizes"].items():
-            print(f"  batch {size}: {e['throughput_rps']:.2f} items/s, {e['ms_per_item']:.1f} ms per item")
+        in_process_arm(args, world, settings, meter, result, "no Ray cluster up")
         bt.write(result, args.out)
 
         ray_tmp = bt.start_ray(args.cores)
         result["threads"] = {
             "driver": bm.thread_report(),
             "replica": replica_threads(settings.num_cpus),
-            "in_process": result["in_process"]["threads"],
+            "in_process": result["runs"]["c"][0]["threads"],
         }
         print(f"threads: replica {bm.fmt_threads(result['threads']['replica'])}; in process "
               f"torch={result['threads']['in_process']}", flush=True)  # fmt: skip
         port = _free_port()
-        serve_arms(args, world, port, settings, meter, result)
+        for r in range(args.rounds):
+            if r:
+                in_process_arm(
+                    args, world, settings, meter, result, f"round {r + 1}, Serve deployed and idle"
+                )
+            serve_round(args, world, port, settings, meter, result, first=r == 0)
+        rp.pick_best(result)
         if args.scale_max > 1:
             autoscaling_arm(args, world, port, settings, result)
         rp.summarize(result)
@@ -327,6 +341,7 @@ FLAGS: tuple[tuple[str, type, Any, str], ...] = (
     ("replicas", int, 1, "fixed decomposer replicas of (a) and (b)"),
     ("num-cpus", float, 1.0, "ServeConfig.num_cpus of (a) and (b)"),
     ("in-process-items", int, 48, "items of (c) per batch size"),
+    ("rounds", int, 2, "rounds of (c), (a) and (b) (one client and --clients), the best of each compared"),
     ("scale-max", int, 3, "max_replicas of the autoscaling run (1: no autoscaling run)"),
     ("scale-num-cpus", float, 0.5, "num_cpus per replica of the autoscaling run"),
     ("upscale-delay", float, 2.0, "upscale_delay_s of the autoscaling run"),

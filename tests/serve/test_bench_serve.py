@@ -70,13 +70,14 @@ def test_bench_serve_smoke(tmp_path):
 
     arms = r["arms"]
     assert set(arms) == {"a", "b", "low_a", "low_b", "floor", "overload"}
+    assert r["params"]["rounds"] == 1 and all(len(v) == 1 for v in r["runs"].values())
     for key, arm in arms.items():  # every arm got answers, none hung
         assert arm["ok"] > 0 and _positive(arm["throughput_rps"]), key
         assert arm["hangs"] == 0 and arm["server_errors"] == 0, (key, arm.get("errors"))
         assert arm["p50_ms"] <= arm["p95_ms"] <= arm["p99_ms"], key
     for key in ("a", "b", "low_a", "low_b"):
         br = arms[key]["breakdown"]
-        assert br["model_ms"] > 0 and set(br) == {"outside_ingress_ms", "ingress_ms", "model_ms"}
+        assert br["model_ms"] > 0 and set(br) == {"outside_ingress_ms", "ingress_ms", "model_ms", "serve_ms"}
         assert arms[key]["codes"] == {"200": arms[key]["requests"]}
     assert set(arms["b"]["batch_sizes"]) == {"1"}  # max_batch_size=1: never batched
     assert max(int(k) for k in arms["a"]["batch_sizes"]) <= 4
@@ -149,6 +150,32 @@ def _summary_line(rp, arm) -> str:
     return next(v for v in result["summary"]["verdict"] if v.startswith("at 2x"))
 
 
+def test_the_least_disturbed_round_of_each_arm_is_compared():
+    rp = _bench_module("_serve_report")
+    c1 = {"threads": 1, "request_work_ms": {"parse_ms": 2.0, "answer_ms": 1.0}}
+    c1["sizes"] = {"1": {"throughput_rps": 8.0}, "4": {"throughput_rps": 12.0}}
+    c2 = {"threads": 1, "request_work_ms": {"parse_ms": 1.5, "answer_ms": 1.2}}
+    c2["sizes"] = {"1": {"throughput_rps": 9.0}, "4": {"throughput_rps": 11.0}}
+    result = {
+        "arms": {},
+        "runs": {
+            "c": [c1, c2],
+            "a": [{"throughput_rps": 5.0}, {"throughput_rps": 7.0}],
+            "low_b": [{"p50_ms": 120.0}, {"p50_ms": 110.0}],
+            "floor": [{"p50_ms": 4.0}],
+        },
+    }
+    rp.pick_best(result)
+    assert result["arms"]["a"] == {"throughput_rps": 7.0, "round": 2}
+    assert result["arms"]["low_b"] == {"p50_ms": 110.0, "round": 2} and result["arms"]["floor"]["round"] == 1
+    sizes = result["in_process"]["sizes"]
+    assert sizes["1"] == {"throughput_rps": 9.0, "round": 2} and sizes["4"] == {
+        "throughput_rps": 12.0,
+        "round": 1,
+    }
+    assert result["in_process"]["request_work_ms"] == {"parse_ms": 1.5, "answer_ms": 1.0}
+
+
 def test_load_summary_and_percentiles():
     ld = _bench_module("_serve_load")
     timings = {"total_s": 0.1, "model_s": 0.06, "batch_size": 2}
@@ -158,6 +185,8 @@ def test_load_summary_and_percentiles():
     assert s["requests"] == 5 and s["ok"] == 3 and s["codes"] == {"0": 1, "200": 3, "503": 1}
     assert s["hangs"] == 1 and s["server_errors"] == 0 and s["throughput_rps"] == 1.5
     assert s["p50_ms"] == pytest.approx(120.0) and s["batch_sizes"] == {"2": 3}
-    assert s["breakdown"] == pytest.approx({"outside_ingress_ms": 20.0, "ingress_ms": 40.0, "model_ms": 60.0})
+    assert s["breakdown"] == pytest.approx(
+        {"outside_ingress_ms": 20.0, "ingress_ms": 40.0, "model_ms": 60.0, "serve_ms": 60.0}
+    )
     assert s["errors"] == ["timeout"]  # a 503's body is an expected answer, not an error
     assert ld.per_second(answers, 1.0) == [{"t_s": 1, "ok_per_s": 3, "p50_ms": pytest.approx(120.0)}]
