@@ -54,9 +54,14 @@ def build_app(settings: ServeConfig, storage_fields: dict[str, Any], registry_pr
         max_queued_requests=s.max_queued_requests,
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
     ).bind(storage_fields, registry_prefix, device)
-    return ingress_cls.options(ray_actor_options={"num_cpus": 0}).bind(
-        decomposer, asdict(s), storage_fields, registry_prefix
-    )
+    # The ingress only parses and waits on the decomposer, so it takes many requests at once: the back-pressure that
+    # answers 503 is the decomposer's bounded queue, not an unbounded queue in front of the ingress (Serve's default
+    # of 5 ongoing requests per replica would let the proxy queue the excess without limit).
+    return ingress_cls.options(
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=s.ingress_max_ongoing_requests,
+        max_queued_requests=s.ingress_max_ongoing_requests,
+    ).bind(decomposer, asdict(s), storage_fields, registry_prefix)
 
 
 def app_from_args(args: dict[str, Any]):

@@ -33,6 +33,10 @@ class ServeConfig:
     """Requests a decomposer replica takes at once (more wait in the queue)."""
     max_queued_requests: int = 16
     """Requests waiting for a replica; beyond this the service answers 503 with Retry-After."""
+    ingress_max_ongoing_requests: int = 256
+    """Requests the ingress replica holds at once (each waits on the decomposer; as many again may wait for the
+    ingress, then Serve's proxy answers 503). Keep it above the decomposers' ongoing + queued requests, so that
+    overload is answered by their bounded queue (503 with Retry-After) and never waits without bound."""
     replica_retries: int = 2
     """Times the ingress sends a request again when its decomposer replica is lost mid-request (then 503)."""
     max_batch_size: int = 4
@@ -86,6 +90,10 @@ class ServeConfig:
         if self.min_replicas > self.max_replicas:
             raise ConfigError(
                 f"serve.min_replicas {self.min_replicas} exceeds serve.max_replicas {self.max_replicas}"
+            )
+        if self.ingress_max_ongoing_requests < 1:
+            raise ConfigError(
+                f"serve.ingress_max_ongoing_requests must be >= 1, got {self.ingress_max_ongoing_requests}"
             )
         if self.replica_retries < 0:
             raise ConfigError(f"serve.replica_retries must be >= 0, got {self.replica_retries}")
