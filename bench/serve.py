@@ -7,17 +7,20 @@ local Ray cluster of ``--cores`` CPUs with Serve's proxy on a free port, deploys
 come back) and sends real ``POST /v1/decompose`` requests (a 64 px synthetic scene, a box, the service's default
 model and steps). Arms, each bounded by a duration and a request count, every request with a timeout:
 
-(c) in process, before Ray starts: the model the replica loads (``RefLayerPipeline.from_registry``) through the
-    deployment's batched code path ``reflade.serve.batching.decompose_group``, one item at a time and
-    ``--batch-size`` items per call (the batching ceiling);
+(c) in process, before Ray starts (first round): the model the replica loads (``RefLayerPipeline.from_registry``)
+    through the deployment's batched code path ``reflade.serve.batching.decompose_group``, one item at a time and
+    ``--batch-size`` items per call (the batching ceiling; also 2 and 2x ``--batch-size``);
 (a) Serve with batching (``max_batch_size=--batch-size``), ``--replicas`` fixed replicas: one client (low load),
-    ``--clients`` clients, then an open-loop overload at 2x the throughput just measured (200s and 503s expected,
-    no 500s, no hangs); ``GET /healthz`` gives the floor of an HTTP round trip through Serve;
+    ``--clients`` clients, then (first round) an open-loop overload at 2x the throughput just measured (200s and
+    503s expected, no 500s, no hangs); ``GET /healthz`` gives the floor of an HTTP round trip through Serve;
 (b) Serve without batching (``max_batch_size=1``): one client, then ``--clients`` clients;
 autoscaling: ``min_replicas=1``, ``max_replicas=--scale-max``, ``--scale-num-cpus`` each, short upscale and
     downscale delays; ``--clients`` clients for ``--scale-load`` s, then idle until the replicas are back to one
     (at most ``--scale-idle`` s), the replica counts polled from ``serve.status()`` every second; a plot (PNG) is
     written beside the JSON.
+
+``--rounds`` (default 2) runs (c), (a) and (b) again (redeployed; (c) then with Serve deployed and idle); the least
+disturbed run of each arm is compared (highest throughput, lowest p50 at one client), every run is kept in ``runs``.
 
 Threads (design.md, Pitfalls): every thread variable is T (``RLBENCH_THREADS``, default 1) in this process and so
 in Ray's workers, which inherit it; (c) runs with T torch threads, as a replica does (probed and stored). The machine
