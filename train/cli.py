@@ -53,7 +53,14 @@ def train(
     phase: Annotated[
         str | None,
         typer.Option(
-            help="transformer (flow matching), alpha (alpha decoder) or both (default: transformer)."
+            help="transformer (flow matching), alpha (alpha decoder) or both (default: both; the pipeline needs "
+            "a trained alpha decoder)."
+        ),
+    ] = None,
+    alpha_samples: Annotated[
+        int | None,
+        typer.Option(
+            help="Samples of each micro-batch the alpha decoder's loss reads, drawn at random; 0: all (default: 0)."
         ),
     ] = None,
     batch_size: Annotated[
@@ -67,6 +74,18 @@ def train(
     ] = None,
     warmup_steps: Annotated[
         int | None, typer.Option(help="Linear learning-rate warmup steps (default: 10).")
+    ] = None,
+    lr_schedule: Annotated[
+        str | None,
+        typer.Option(
+            help="After the warmup: constant, or cosine down to a tenth of --lr (default: constant)."
+        ),
+    ] = None,
+    timestep_sampling: Annotated[
+        str | None,
+        typer.Option(
+            help="Noise levels of the flow-matching loss: logit-normal or uniform (default: logit-normal)."
+        ),
     ] = None,
     optimizer: Annotated[
         str | None, typer.Option(help="adamw (fused on CUDA) or sgd (default: adamw).")
@@ -144,6 +163,9 @@ def train(
         "use_gpu": gpu,
         "steps": steps,
         "phase": phase,
+        "alpha_samples": alpha_samples,
+        "lr_schedule": lr_schedule,
+        "timestep_sampling": timestep_sampling,
         "batch_size": batch_size,
         "grad_accum": grad_accum,
         "lr": lr,

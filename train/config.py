@@ -16,10 +16,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PHASES", "TrainConfig", "TrainSettings"]
+__all__ = ["LR_SCHEDULES", "PHASES", "TIMESTEP_SAMPLINGS", "TrainConfig", "TrainSettings"]
 
 PHASES = ("transformer", "alpha", "both")
 """What a run trains: the transformer (flow matching), the alpha decoder, or both (sum of the losses)."""
+LR_SCHEDULES = ("constant", "cosine")
+"""Learning-rate schedules after the warmup."""
+TIMESTEP_SAMPLINGS = ("logit-normal", "uniform")
+"""How the flow-matching loss draws noise levels before the shift (``reflade.train.losses.sample_sigmas``): SD3's
+``sigmoid(N(0, 1))``, or uniform in [0, 1)."""
 
 
 @dataclass(kw_only=True)
@@ -28,8 +33,14 @@ class TrainSettings:
 
     preset: str = "tiny"
     """Model preset (``tiny`` or ``sd3-medium``)."""
-    phase: str = "transformer"
-    """What trains: ``transformer`` (flow matching), ``alpha`` (alpha decoder) or ``both`` (sum of the losses)."""
+    phase: str = "both"
+    """What trains: ``transformer`` (flow matching), ``alpha`` (alpha decoder) or ``both`` (sum of the losses). The
+    pipeline decodes alpha with the alpha decoder, so a model meant to decompose trains both (a ``transformer``-only
+    run leaves the alpha decoder as initialised: the sigmoid of the VAE decoder's mean colour, not an alpha)."""
+    alpha_samples: int = 0
+    """Samples of each micro-batch the alpha decoder's loss reads, drawn at random per step (0: all of them). The
+    alpha decoder (the VAE decoder's shape, at full resolution) costs several times the tiny transformer per sample
+    and converges in far fewer samples, so a few per step train it at a fraction of the cost."""
     steps: int = 100
     """Optimiser steps in all (a resumed run counts the steps done before)."""
     batch_size: int = 4
@@ -38,6 +49,9 @@ class TrainSettings:
     """Peak learning rate (after warmup; constant afterwards)."""
     warmup_steps: int = 10
     """Linear warmup from lr / warmup_steps to lr over this many steps (0: none)."""
+    lr_schedule: str = "constant"
+    """After the warmup: ``constant``, or ``cosine`` (half a cosine from ``lr`` down to a tenth of it at the last
+    of ``steps``)."""
     optimizer: str = "adamw"
     """``adamw`` (weight decay 0.01) or ``sgd`` (momentum 0.9)."""
     grad_accum: int = 1
@@ -48,6 +62,8 @@ class TrainSettings:
     """bf16 autocast; None: on for CUDA, off on the CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, more compute)."""
+    timestep_sampling: str = "logit-normal"
+    """How the flow-matching loss draws noise levels: ``logit-normal`` (SD3's) or ``uniform``."""
     drop_text: float = 0.1
     """Per-sample probability of replacing the text by the empty one (classifier-free guidance)."""
     drop_canvas: float = 0.1
@@ -82,11 +98,19 @@ class TrainSettings:
         """
         if self.phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(
+                f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {self.timestep_sampling!r}"
+            )
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         for name in ("steps", "batch_size", "grad_accum", "workers", "checkpoint_every", "report_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if int(self.alpha_samples) < 0:
+            raise ValueError(f"alpha_samples must be >= 0, got {self.alpha_samples}")
         if self.report_interval_s < 0:
             raise ValueError(f"report_interval_s must be >= 0, got {self.report_interval_s}")
         if not 0.0 <= self.ema_decay < 1.0:

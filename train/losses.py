@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from reflade.engine.schema import KINDS
+from reflade.train.config import TIMESTEP_SAMPLINGS
 from reflade.train.model import RefLayerBundle
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "kind_indices",
     "premultiply_over_grey",
     "sample_sigmas",
+    "TIMESTEP_SAMPLINGS",
 ]
 
 
@@ -132,11 +134,27 @@ def kind_indices(kinds: list[str], batch: int | None = None) -> torch.Tensor:
 
 
 def sample_sigmas(
-    bundle: RefLayerBundle, batch: int, generator: torch.Generator | None = None
+    bundle: RefLayerBundle,
+    batch: int,
+    generator: torch.Generator | None = None,
+    sampling: str = "logit-normal",
 ) -> torch.Tensor:
-    """(B,) noise levels in (0, 1): logit-normal, shifted by the scheduler's ``shift`` (on the generator's device)."""
+    """(B,) noise levels in [0, 1): drawn by ``sampling`` (:data:`TIMESTEP_SAMPLINGS`), then shifted by the
+    scheduler's ``shift`` (on the generator's device).
+
+    Logit-normal (SD3's) puts most draws near 0.5; uniform weighs every level as the Euler sampler's evenly spaced
+    steps do, the high-noise levels where a layer's shape is decided included.
+
+    Raises:
+        ValueError: an unknown ``sampling``.
+    """
     dev = generator.device if generator is not None else torch.device("cpu")
-    u = torch.sigmoid(torch.randn(batch, generator=generator, device=dev))
+    if sampling == "logit-normal":
+        u = torch.sigmoid(torch.randn(batch, generator=generator, device=dev))
+    elif sampling == "uniform":
+        u = torch.rand(batch, generator=generator, device=dev)
+    else:
+        raise ValueError(f"unknown timestep sampling {sampling!r} (known: {', '.join(TIMESTEP_SAMPLINGS)})")
     shift = float(bundle.scheduler.config.shift)
     return shift * u / (1.0 + (shift - 1.0) * u)
 
@@ -159,6 +177,7 @@ def flow_matching_loss(
     drop_canvas: float = 0.1,
     *,
     mixed_precision: bool | None = None,
+    timestep_sampling: str = "logit-normal",
 ) -> torch.Tensor:
     """Rectified-flow loss of the transformer phase: mean squared error of the predicted velocity.
 
@@ -169,6 +188,7 @@ def flow_matching_loss(
             e.g. for comparing losses fairly.
         drop_text, drop_canvas: per-sample probabilities of replacing the text / canvas by the empty one.
         mixed_precision: bf16 autocast (default: on CUDA only).
+        timestep_sampling: how noise levels are drawn (:func:`sample_sigmas`).
 
     Returns:
         Scalar loss (float32).
@@ -177,7 +197,7 @@ def flow_matching_loss(
     x0 = latents["target"].to(device)
     b = x0.shape[0]
     dev = generator.device if generator is not None else torch.device("cpu")
-    sigmas = sample_sigmas(bundle, b, generator).to(device)
+    sigmas = sample_sigmas(bundle, b, generator, timestep_sampling).to(device)
     noise = torch.randn(x0.shape, generator=generator, device=dev).to(device)
     s = sigmas.view(-1, 1, 1, 1)
     noisy = (1.0 - s) * x0 + s * noise

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -157,6 +158,8 @@ class PhaseLoss(nn.Module):
         self.drop_text = float(settings.drop_text)
         self.drop_canvas = float(settings.drop_canvas)
         self.bf16 = settings.bf16
+        self.alpha_samples = int(settings.alpha_samples)
+        self.timestep_sampling = settings.timestep_sampling
         want = {id(p) for p in trainable_parameters(bundle.model, settings.phase)}
         for p in bundle.model.parameters():
             p.requires_grad_(id(p) in want)
@@ -175,10 +178,26 @@ class PhaseLoss(nn.Module):
                 self.drop_text,
                 self.drop_canvas,
                 mixed_precision=self.bf16,
+                timestep_sampling=self.timestep_sampling,
             )
         if self.phase in ("alpha", "both"):
-            loss = loss + alpha_decoder_loss(self._bundle, latents, mixed_precision=self.bf16)
+            loss = loss + alpha_decoder_loss(
+                self._bundle, _alpha_subset(latents, self.alpha_samples, generator), mixed_precision=self.bf16
+            )
         return loss
+
+
+def _alpha_subset(
+    latents: dict[str, torch.Tensor], k: int, generator: torch.Generator | None
+) -> dict[str, torch.Tensor]:
+    """The ``target`` and ``alpha`` of ``k`` samples of the batch drawn at random (all of them when ``k`` is 0 or
+    covers the batch); drawn after the flow-matching loss's draws, so those stay as they were."""
+    b = latents["target"].shape[0]
+    if k <= 0 or k >= b:
+        return latents
+    dev = generator.device if generator is not None else torch.device("cpu")
+    idx = torch.randperm(b, generator=generator, device=dev)[:k]
+    return {key: latents[key][idx.to(latents[key].device)] for key in ("target", "alpha")}
 
 
 def trainable_parameters(model: nn.Module, phase: str) -> list[nn.Parameter]:
@@ -196,10 +215,20 @@ def make_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01, fused=fused or None)
 
 
+_COSINE_FINAL_FRACTION = 0.1
+"""The cosine schedule ends at this fraction of the peak learning rate."""
+
+
 def lr_at(step: int, settings: TrainSettings) -> float:
-    """Learning rate of optimiser step ``step`` (0-based): linear warmup, then constant."""
+    """Learning rate of optimiser step ``step`` (0-based): linear warmup, then constant or a cosine decay to a
+    tenth of the peak at the last step (``settings.lr_schedule``)."""
     if settings.warmup_steps > 0 and step < settings.warmup_steps:
         return settings.lr * (step + 1) / settings.warmup_steps
+    if settings.lr_schedule == "cosine":
+        span = max(1, settings.steps - 1 - settings.warmup_steps)
+        t = min(1.0, max(0.0, (step - settings.warmup_steps) / span))
+        f = _COSINE_FINAL_FRACTION
+        return settings.lr * (f + (1.0 - f) * 0.5 * (1.0 + math.cos(math.pi * t)))
     return settings.lr
 
 
@@ -367,6 +396,8 @@ def train_plain(
     settings: TrainSettings,
     *,
     log: Callable[[str], Any] | None = None,
+    evaluate: Callable[[int, float], Any] | None = None,
+    evaluate_every: int = 0,
 ) -> dict[str, Any]:
     """A single-process loop with the same step function as the Ray loop (the benchmark's baseline).
 
@@ -375,9 +406,15 @@ def train_plain(
         batches: numpy batches as :func:`preprocess_row` makes them (``image``, ``layer``, ``canvas``, ``text``,
             ``kind``) or cached-latents batches (:data:`LATENT_COLUMNS`), cycled until ``settings.steps``
             optimiser steps are done.
+        evaluate: called as ``evaluate(steps_done, train_seconds)`` before the first step, every
+            ``evaluate_every`` steps and after the last, with the weights that would be registered then (the EMA
+            weights when ``ema_decay`` is on, swapped in for the call); ``train_seconds`` excludes the
+            evaluations. For learning curves.
+        evaluate_every: steps between evaluations (0: only before the first step and after the last).
 
     Returns:
-        ``loss`` (last step), ``losses``, ``steps``, ``samples``, ``wall_s``, ``steps_per_s``, ``samples_per_s``.
+        ``loss`` (last step), ``losses``, ``steps``, ``samples``, ``wall_s`` (training only), ``steps_per_s``,
+        ``samples_per_s``; with ``evaluate``: ``evaluations`` (what it returned, in order) and ``evaluate_s``.
     """
     torch.manual_seed(settings.seed)
     bundle.set_gradient_checkpointing(settings.gradient_checkpointing)
@@ -390,8 +427,21 @@ def train_plain(
     if not batches:
         raise ValueError("no batches to train on")
     losses, samples = [], 0
+    evaluations: list[Any] = []
+    eval_s = 0.0
     it = _cycle(batches)
     t0 = time.perf_counter()
+
+    def run_evaluation(done: int) -> None:
+        nonlocal eval_s
+        t = time.perf_counter()
+        with _swapped_in(bundle.model, ema):
+            evaluations.append(evaluate(done, t - t0 - eval_s))
+        bundle.model.train()
+        eval_s += time.perf_counter() - t
+
+    if evaluate is not None:
+        run_evaluation(0)
     for step in range(settings.steps):
         micro = []
         for _ in range(settings.grad_accum):
@@ -401,10 +451,15 @@ def train_plain(
         losses.append(train_step(loss_module, optimizer, micro, settings, step, ema=ema, model=bundle.model))
         if log and (step + 1) % settings.report_every == 0:
             log(f"step {step + 1}/{settings.steps} loss {losses[-1]:.4f}")
-    wall = time.perf_counter() - t0
+        done = step + 1
+        if evaluate is not None and (
+            done == settings.steps or (evaluate_every and done % evaluate_every == 0)
+        ):
+            run_evaluation(done)
+    wall = time.perf_counter() - t0 - eval_s
     if ema is not None:
         _load_ema(bundle.model, ema)
-    return {
+    out = {
         "loss": losses[-1],
         "losses": losses,
         "steps": settings.steps,
@@ -413,6 +468,29 @@ def train_plain(
         "steps_per_s": settings.steps / wall,
         "samples_per_s": samples / wall,
     }
+    if evaluate is not None:
+        out.update(evaluations=evaluations, evaluate_s=eval_s)
+    return out
+
+
+class _swapped_in:
+    """The EMA weights in the model for a ``with`` block, the trained ones back after it (no-op without EMA)."""
+
+    def __init__(self, model: nn.Module, ema: dict[str, torch.Tensor] | None):
+        self.model, self.ema, self.saved = model, ema, None
+
+    def __enter__(self):
+        self.model.eval()
+        if self.ema is not None:
+            named = dict(self.model.named_parameters())
+            self.saved = {k: named[k].detach().clone() for k in self.ema}
+            _load_ema(self.model, self.ema)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            _load_ema(self.model, self.saved)
+        return False
 
 
 def _cycle(items: list) -> Iterator:
