@@ -107,7 +107,7 @@ def in_process(world: dict[str, Any], settings, sizes: list[int], items: int, th
     for the whole call)."""
     import torch
 
-    from reflade.serve.batching import decompose_group
+    from reflade.serve.batching import decompose_group, request_item
     from reflade.serve.requests import Limits, parse_json_request
     from reflade.train.pipeline_reflayer import RefLayerPipeline
 
@@ -116,9 +116,8 @@ def in_process(world: dict[str, Any], settings, sizes: list[int], items: int, th
     pipe = RefLayerPipeline.from_registry(world["model"], world["registry"], device="cpu")
     load_s = time.perf_counter() - t
     req = parse_json_request(request_body(), Limits())
-    # The item as the ingress hands it to the decomposer (reflade.serve.app, Ingress._run), seeds drawn per item.
-    base = {"image": req.image, "prompt": req.prompts[0], "kind": req.kind, "steps": settings.steps}
-    base.update(guidance=1.0, model=world["model"])
+    # The item as the ingress hands it to the decomposer (the same builder), seeds drawn per item.
+    base = request_item(req, req.prompts[0], model=world["model"], default_steps=settings.steps)
     out: dict[str, Any] = {"load_s": load_s, "threads": torch.get_num_threads(), "sizes": {}}
     out["request_work_ms"] = request_work(pipe, base)
     for size in sizes:

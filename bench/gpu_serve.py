@@ -10,9 +10,10 @@ as the ingress makes them (an HxWx3 uint8 image at ``--resolution``, a box + poi
 - ``batch1``: ``--iters`` calls of one item: p50 / p95 latency (s);
 - ``batch<N>``: ``--batch-iters`` calls of ``--batch`` items: items/s and seconds per call.
 
-Both for each of ``--weights``: ``deployed`` = float32 weights under bf16 autocast, which is what the deployment
-builds today (``RefLayerPipeline.from_registry(ref, registry, device="cuda")`` with no dtype), and ``bf16`` = weights
-cast with ``RefLayerBundle.to(dtype=torch.bfloat16)`` (how bench/gpu_check.py's 1.05-1.14 s anchor was measured).
+Both for each of ``--weights``: ``deployed`` = the weight dtype a decomposer replica loads with the ``serve``
+section's defaults on this device (``reflade.serve.batching.replica_dtype``: bfloat16 on CUDA with ``serve.bf16``,
+as bench/gpu_check.py's 1.05-1.14 s anchor was measured; float32 on the CPU), and ``float32`` = float32 weights
+under bf16 autocast (what a replica does with ``serve.bf16: false``).
 Anchors (H100): decomposition at batch 1, 1024 px, 28 steps, bf16 weights 1.05-1.14 s; 28 bare MM-DiT steps 0.86 s;
 target p50 <= 1.2 s all in, stretch 1.0 s.
 
@@ -89,7 +90,7 @@ def make_items(n: int, side: int, steps: int, model: str) -> list[dict[str, Any]
 
 def build(args, device, weights: str):
     """The pipeline the deployment would hold: RefLayer at ``--preset``, random init, on ``device``; ``bf16``
-    weights cast to bfloat16, ``deployed`` left float32 (autocast on CUDA, as ``RefLayerPipeline`` defaults)."""
+    ``deployed``: cast as a replica casts (``replica_dtype``); ``float32``: left float32 (autocast on CUDA)."""
     import torch
 
     from reflade.train.model import build_reflayer
@@ -103,8 +104,12 @@ def build(args, device, weights: str):
         with torch.device(device):  # 2 B random weights: drawn on the GPU, not the CPU
             bundle = build_reflayer("sd3-medium", resolution=args.resolution)
     bundle.to(device)
-    if weights == "bf16":
-        bundle.to(dtype=torch.bfloat16)
+    from reflade.serve.batching import replica_dtype
+    from reflade.serve.config import ServeConfig
+
+    dtype = replica_dtype(ServeConfig().bf16, str(device)) if weights == "deployed" else None
+    if dtype:
+        bundle.to(dtype=getattr(torch, dtype))
     bundle.model.eval().requires_grad_(False)
     return RefLayerPipeline(bundle)
 
@@ -240,9 +245,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--device", default=None, help="torch device (default: cuda if available, else the smoke run)"
     )
-    p.add_argument("--weights", nargs="+", choices=("deployed", "bf16"), default=None,
-                   help="deployed: float32 under autocast, as the deployment loads; bf16: cast weights "
-                        "(default: both on CUDA, deployed on the CPU)")  # fmt: skip
+    p.add_argument("--weights", nargs="+", choices=("deployed", "float32"), default=None,
+                   help="deployed: the dtype a replica loads (bf16 on CUDA by serve.bf16); float32: under "
+                        "autocast (default: both on CUDA, deployed on the CPU)")  # fmt: skip
     for name, (real, smoke, text) in DEFAULTS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=str if name == "preset" else int, default=None,
                        choices=("sd3-medium", "tiny") if name == "preset" else None,
@@ -262,7 +267,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, (real, smoke, _) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, smoke if args.smoke else real)
-    args.weights = args.weights or (["deployed", "bf16"] if args.device.startswith("cuda") else ["deployed"])
+    args.weights = args.weights or (
+        ["deployed", "float32"] if args.device.startswith("cuda") else ["deployed"]
+    )
     for name in ("resolution", "steps", "batch", "iters", "batch_iters"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

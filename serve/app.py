@@ -42,6 +42,8 @@ def build_app(settings: ServeConfig, storage_fields: dict[str, Any], registry_pr
     decomposer_cls = _decomposer_class(s)
     ingress_cls = _ingress_class(s)
     device = "cuda" if s.num_gpus > 0 else "cpu"
+    from reflade.serve.batching import replica_dtype
+
     decomposer = decomposer_cls.options(
         autoscaling_config={
             "min_replicas": s.min_replicas,
@@ -49,11 +51,12 @@ def build_app(settings: ServeConfig, storage_fields: dict[str, Any], registry_pr
             "target_ongoing_requests": s.target_ongoing_requests,
             "upscale_delay_s": s.upscale_delay_s,
             "downscale_delay_s": s.downscale_delay_s,
+            "look_back_period_s": s.look_back_period_s,
         },
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
-    ).bind(storage_fields, registry_prefix, device)
+    ).bind(storage_fields, registry_prefix, device, replica_dtype(s.bf16, device))
     # The ingress only parses and waits on the decomposer, so it takes many requests at once: the back-pressure that
     # answers 503 is the decomposer's bounded queue, not an unbounded queue in front of the ingress (Serve's default
     # of 5 ongoing requests per replica would let the proxy queue the excess without limit).
@@ -91,22 +94,28 @@ def _decomposer_class(s: ServeConfig):
     class Decomposer:
         """Holds models (by exact registry version) and ``classical``; decomposes batches of requests."""
 
-        def __init__(self, storage_fields: dict[str, Any], registry_prefix: str, device: str):
+        def __init__(
+            self, storage_fields: dict[str, Any], registry_prefix: str, device: str, dtype: str | None = None
+        ):
             from reflade.engine.classical_decomposer import ClassicalDecomposer
             from reflade.platform.worker import worker_registry
 
             self.registry = worker_registry(storage_fields, registry_prefix)
             self.device = device
+            self.dtype = dtype  # "bfloat16" on a GPU with serve.bf16 (reflade.serve.batching.replica_dtype)
             self.classical = ClassicalDecomposer()
 
         @serve.multiplexed(max_num_models_per_replica=s.max_models_per_replica)
         async def model(self, model_id: str):
             if model_id == "classical":
                 return self.classical
+            import torch
+
             from reflade.train.pipeline_reflayer import RefLayerPipeline
 
+            dtype = getattr(torch, self.dtype) if self.dtype else None
             return await asyncio.to_thread(
-                RefLayerPipeline.from_registry, model_id, self.registry, device=self.device
+                RefLayerPipeline.from_registry, model_id, self.registry, device=self.device, dtype=dtype
             )
 
         async def decompose(self, item: dict[str, Any]) -> dict[str, Any]:
@@ -260,15 +269,9 @@ def _ingress_class(s: ServeConfig):
         async def _run(self, req, prompt: dict[str, Any], model: str) -> dict[str, Any]:
             from ray.serve.exceptions import BackPressureError
 
-            item = {
-                "image": req.image,
-                "prompt": prompt,
-                "kind": req.kind,
-                "steps": req.steps or self.s.steps,
-                "guidance": 1.0 if req.guidance is None else req.guidance,
-                "seed": req.seed,
-                "model": model,
-            }
+            from reflade.serve.batching import request_item
+
+            item = request_item(req, prompt, model=model, default_steps=self.s.steps)
             from ray.exceptions import RayActorError
             from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 

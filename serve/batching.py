@@ -11,7 +11,29 @@ from __future__ import annotations
 import time
 from typing import Any
 
-__all__ = ["decompose_group", "group_items"]
+__all__ = ["decompose_group", "group_items", "replica_dtype", "request_item"]
+
+
+def request_item(req: Any, prompt: dict[str, Any], *, model: str, default_steps: int) -> dict[str, Any]:
+    """The item the ingress hands the decomposer for one prompt of a checked request
+    (:class:`reflade.serve.requests.DecomposeRequest`): the service's default steps when the request names none,
+    guidance 1 (the conditional branch only) unless given, ``model`` the exact reference or ``classical``."""
+    return {
+        "image": req.image,
+        "prompt": prompt,
+        "kind": req.kind,
+        "steps": req.steps or default_steps,
+        "guidance": 1.0 if req.guidance is None else req.guidance,
+        "seed": req.seed,
+        "model": model,
+    }
+
+
+def replica_dtype(bf16: bool, device: str) -> str | None:
+    """The weight dtype a decomposer replica casts its models to: ``"bfloat16"`` on a GPU with ``serve.bf16``
+    (the measured 1024 px decomposition is 1.05-1.14 s on an H100 with bf16 weights, 1.53 s with float32 weights
+    under autocast), else None (float32, as saved)."""
+    return "bfloat16" if bf16 and str(device).startswith("cuda") else None
 
 
 def group_items(items: list[dict[str, Any]]) -> dict[tuple[str, int, float], list[int]]:

@@ -37,6 +37,8 @@ class ServeConfig:
     """Requests the ingress replica holds at once (each waits on the decomposer; as many again may wait for the
     ingress, then Serve's proxy answers 503). Keep it above the decomposers' ongoing + queued requests, so that
     overload is answered by their bounded queue (503 with Retry-After) and never waits without bound."""
+    look_back_period_s: float = 30.0
+    """Window over which the autoscaler averages ongoing requests (Ray Serve's default; shorter reacts faster)."""
     replica_retries: int = 2
     """Times the ingress sends a request again when its decomposer replica is lost mid-request (then 503)."""
     max_batch_size: int = 4
@@ -63,6 +65,9 @@ class ServeConfig:
     """CPUs per decomposer replica."""
     num_gpus: float = 0.0
     """GPUs per decomposer replica (the models run on ``cuda`` when > 0)."""
+    bf16: bool = True
+    """On a GPU (``num_gpus`` > 0), cast the models' weights to bfloat16 when a replica loads them (float32 on a
+    CPU either way)."""
     require_token: bool = True
     """Refuse requests without a valid bearer token (health endpoints stay open); tokens are made with
     ``reflade serve token create``, which stores only their hashes, in the bucket."""
@@ -95,6 +100,8 @@ class ServeConfig:
             raise ConfigError(
                 f"serve.ingress_max_ongoing_requests must be >= 1, got {self.ingress_max_ongoing_requests}"
             )
+        if not self.look_back_period_s > 0:
+            raise ConfigError(f"serve.look_back_period_s must be > 0, got {self.look_back_period_s}")
         if self.replica_retries < 0:
             raise ConfigError(f"serve.replica_retries must be >= 0, got {self.replica_retries}")
         if self.max_queued_requests < 0 or self.max_upload_mb <= 0 or self.max_pixels < 1:

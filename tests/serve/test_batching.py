@@ -52,3 +52,19 @@ def test_one_call_per_group_and_a_refusal_fails_only_its_own_item():
     assert set(mixed[1]) == {"error"} and "text" in mixed[1]["error"].lower()
     # The pair refused before compute, then each alone: the good one decomposed, the text-only one refused again.
     assert model.calls == [2, 1, 1]
+
+
+def test_the_item_the_ingress_builds_and_the_replica_dtype():
+    from reflade.serve.batching import replica_dtype, request_item
+    from reflade.serve.requests import DecomposeRequest
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    req = DecomposeRequest(image=image, prompts=[{"box": [0, 0, 4, 4]}], kind="background", seed=7)
+    item = request_item(req, req.prompts[0], model="model/m@2", default_steps=20)
+    assert item["steps"] == 20 and item["guidance"] == 1.0 and item["seed"] == 7 and item["kind"] == "background"
+    req.steps, req.guidance = 3, 2.5
+    item = request_item(req, req.prompts[0], model="classical", default_steps=20)
+    assert (item["steps"], item["guidance"], item["model"]) == (3, 2.5, "classical")
+    assert item["image"] is image and set(group_items([item])) == {("classical", 3, 2.5)}
+    assert replica_dtype(True, "cuda") == "bfloat16" and replica_dtype(True, "cuda:1") == "bfloat16"
+    assert replica_dtype(False, "cuda") is None and replica_dtype(True, "cpu") is None
