@@ -66,7 +66,53 @@ def eval_step(cfg, registry, timer, made, console) -> None:
                 for b, v in c["baselines"].items()
             )
             console.print(f"  {c['kind']:<10} {c['metric']:<16} model {_fmt(c['value'])}  |  {others}")
+        strips = sample_strips(folder, folder.parent / "decompositions")
+        console.print(
+            f"{len(strips)} pictures (image + prompt | each model's layer over a checkerboard | ground truth): "
+            f"{folder.parent / 'decompositions'}"
+        )
         console.print(f"report {report.ref}: {folder / 'report.html'}")
+
+
+def sample_strips(report_folder: Path, out: Path) -> list[Path]:
+    """One picture per sample of a report's grid (its best and worst items of each kind): the report's cells side
+    by side (image with the prompt drawn, each model's layer over a checkerboard, the ground truth), each under its
+    name; written to ``out`` as ``KIND-WHICH-ITEM.png``.
+
+    Raises:
+        FileNotFoundError: the folder holds no ``report.json``.
+    """
+    import re
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from reflade.engine.schema import decode_image, encode_png
+
+    data = json.loads((report_folder / "report.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, entry in enumerate(data.get("grid", [])):
+        cells = [
+            (name, decode_image((report_folder / rel).read_bytes(), "RGB"))
+            for name, rel in entry["cells"].items()
+        ]
+        h = max(a.shape[0] for _, a in cells)
+        scale = max(1, 128 // h)  # small metric frames are enlarged (nearest) so a person can see them
+        pad, label = 4, 14
+        tiles = []
+        for name, arr in cells:
+            img = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
+            tile = Image.new("RGB", (img.width + pad, h * scale + label), "white")
+            tile.paste(img, (0, label))
+            ImageDraw.Draw(tile).text((1, 1), name[: max(4, img.width // 6)], fill=(0, 0, 0))
+            tiles.append(np.asarray(tile))
+        strip = np.concatenate(tiles, axis=1)
+        item = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(entry["item_id"]))[:80]
+        path = out / f"{k:02d}-{entry['kind']}-{entry['which']}-{item}.png"
+        path.write_bytes(encode_png(strip))
+        written.append(path)
+    return written
 
 
 def _latest_report(registry, model: str):

@@ -16,6 +16,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from reflade.engine.config import EngineConfig
@@ -213,3 +214,24 @@ def test_report_images_load_in_chromium(report, served, tmp_path):
     assert len(probe) == 1 and probe[0][2] == 0, probe
     # Everything the page fetched came from the served folder.
     assert result["resources"] and all(r.startswith(served + "/") for r in result["resources"])
+
+
+def test_the_demo_writes_one_picture_per_grid_sample(report, tmp_path):
+    """The main job's pictures (eval.demo.sample_strips): one per grid entry, every cell side by side, labelled."""
+    from reflade.engine.schema import decode_image
+    from reflade.eval.demo import sample_strips
+
+    folder, content = report
+    written = sample_strips(folder, tmp_path / "decompositions")
+    assert len(written) == len(content["grid"]) > 0
+    for path, entry in zip(written, content["grid"], strict=True):
+        strip = decode_image(path.read_bytes(), "RGB")
+        cells = [decode_image((folder / rel).read_bytes(), "RGB") for rel in entry["cells"].values()]
+        scale = max(1, 128 // max(c.shape[0] for c in cells))
+        assert strip.shape[1] == sum(
+            c.shape[1] * scale + 4 for c in cells
+        )  # every cell, enlarged, with its gap
+        first = cells[0]
+        top = strip[14 : 14 + first.shape[0] * scale : scale, : first.shape[1] * scale : scale]
+        assert np.array_equal(top, first)  # the image + prompt cell itself, not a placeholder
+        assert entry["kind"] in path.name and entry["which"] in path.name
