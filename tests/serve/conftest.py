@@ -1,4 +1,5 @@
-"""One decomposition service for every HTTP test module of the suite (deploying the app costs tens of seconds).
+"""The decomposition service for an HTTP test module: one deployment per module, removed (``serve.shutdown``) at the
+module's end, so its replicas never hold the cluster's CPUs while later modules (Ray Train, Ray Data) need them.
 
 ``service`` deploys the app on the session's Ray cluster and SeaweedFS with a fresh registry: two versions of the
 tiny model (``production`` -> the first), one API token. A test that redeploys with other settings calls
@@ -21,7 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def service(ray_cluster, storage, storage_config, tiny_vae, tmp_path_factory):
     """The app deployed with a fresh registry: model/reflayer@1 and @2 (production -> @1), one API token."""
     import torch
