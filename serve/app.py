@@ -252,7 +252,14 @@ def _ingress_class(s: ServeConfig):
                     ) from None
                 return parse_json_request(body, self.limits)
             if ctype.startswith("multipart/form-data"):
-                form = await request.form(max_files=2, max_fields=32)
+                from starlette.exceptions import HTTPException
+
+                try:
+                    form = await request.form(max_files=2, max_fields=32)
+                except HTTPException as e:  # malformed multipart: the service's JSON error, not Starlette's
+                    raise ApiError(
+                        400, "invalid_multipart", f"the multipart body is malformed: {e.detail}"
+                    ) from None
                 files, fields = {}, {}
                 for key, value in form.multi_items():
                     if hasattr(value, "read"):
