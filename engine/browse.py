@@ -5,6 +5,11 @@ An exported sample is a folder ``<split>/<kind>/<sample_id>/`` with ``image.png`
 ``prompt_<k>_mask.png`` per mask prompt, and ``sample.json`` (every other column). ``import_folder`` reads
 exactly that layout back, so a person can curate an export (delete bad samples, fix a mask) and import it as
 the ``quality`` split.
+
+Both refuse any path that would leave their folder, before they write or register anything: an export checks every
+row first (its ``sample_id``, ``split`` and ``kind`` name its folder; ``validate_row`` holds them to the schema's
+values), an import resolves every file it reads (symbolic links followed) and refuses one outside its sample
+folder (a mask named ``/etc/passwd`` or ``../../x`` in ``sample.json``) or a sample folder outside ``src``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from reflade.engine.schema import SCHEMA_VERSION, SchemaError, decode_image, encode_png, validate_row
+from reflade.engine.schema import (
+    SCHEMA_VERSION,
+    SchemaError,
+    decode_image,
+    encode_png,
+    quoted,
+    validate_row,
+)
 
 
 def checkerboard(h: int, w: int, cell: int = 8) -> np.ndarray:
@@ -50,12 +62,36 @@ def draw_prompts(image: np.ndarray, prompts: list[dict[str, Any]]) -> np.ndarray
     return out
 
 
+def _inside(root: Path, path: Path, what: str) -> Path:
+    """``path`` resolved (symbolic links followed) if it stays under ``root`` (itself resolved).
+
+    Raises:
+        SchemaError: naming ``what`` and ``root``.
+    """
+    resolved = path.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise SchemaError(f"{what} leaves {root}: refused")
+    return resolved
+
+
 def export_rows(rows: list[dict[str, Any]], dest: Path) -> int:
-    """Write rows as browsable sample folders under ``dest``; returns the number written."""
+    """Write rows as browsable sample folders under ``dest``; returns the number written.
+
+    Raises:
+        SchemaError: a row does not follow the format or its folder would leave ``dest`` (a ``sample_id`` of
+            ``../x``, a link inside ``dest``); every row is checked first, so nothing is written then.
+    """
+    dest = Path(dest)
+    root = dest.resolve()
+    folders = []
+    for row in rows:
+        validate_row(row, decode=False)  # sample_id, split and kind become the folder's path
+        folder = dest / row["split"] / row["kind"] / row["sample_id"]
+        _inside(root, folder, f"sample {row['sample_id']}: folder {folder}")
+        folders.append(folder)
     dest.mkdir(parents=True, exist_ok=True)
     index = []
-    for row in rows:
-        folder = dest / row["split"] / row["kind"] / row["sample_id"]
+    for row, folder in zip(rows, folders, strict=True):
         folder.mkdir(parents=True, exist_ok=True)
         image = decode_image(row["image"], "RGB")
         layer = decode_image(row["layer"], "RGBA")
@@ -104,6 +140,13 @@ def export_rows(rows: list[dict[str, Any]], dest: Path) -> int:
     return len(rows)
 
 
+def _read_in_folder(folder: Path, own: Path, name: Any, what: str) -> bytes:
+    """The bytes of file ``name`` of sample ``folder`` (``own``: the folder resolved), if it stays inside."""
+    if not isinstance(name, str) or not name:
+        raise SchemaError(f"sample folder {folder}: {what} must be a file name, not {quoted(name, 200)}")
+    return _inside(own, folder / name, f"sample folder {folder}: {what} {quoted(name, 200)}").read_bytes()
+
+
 def import_folder(src: Path, split: str | None = "quality") -> list[dict[str, Any]]:
     """Read sample folders (as ``export_rows`` writes them) back into validated rows.
 
@@ -111,21 +154,29 @@ def import_folder(src: Path, split: str | None = "quality") -> list[dict[str, An
         split: the split to give every row (``quality`` for hand-curated data); None keeps each sample's own.
 
     Raises:
-        SchemaError: a sample folder is incomplete or its content does not follow the format (names it).
+        SchemaError: a sample folder is incomplete, its content does not follow the format, or a path in it
+            leaves its folder (names the folder and the path). Nothing is returned then: one bad sample refuses
+            the whole import.
     """
     rows = []
+    root = Path(src).resolve()
     folders = sorted(p.parent for p in Path(src).rglob("sample.json"))
     if not folders:
         raise SchemaError(f"{src} holds no sample folders (no sample.json found)")
     for folder in folders:
+        own = _inside(root, folder, f"sample folder {folder}")
+
+        def read(name: Any, what: str) -> bytes:
+            return _read_in_folder(folder, own, name, what)  # noqa: B023 (called within this iteration)
+
         try:
-            meta = json.loads((folder / "sample.json").read_text())
+            meta = json.loads(read("sample.json", "sample.json"))
             prompts = []
-            for p in meta["prompts"]:
+            for k, p in enumerate(meta["prompts"]):
                 q = dict(p)
-                q["mask"] = (folder / p["mask"]).read_bytes() if p.get("mask") else None
+                q["mask"] = read(p["mask"], f"prompt {k}'s mask") if p.get("mask") else None
                 prompts.append(q)
-            image = decode_image((folder / "image.png").read_bytes(), "RGB")
+            image = decode_image(read("image.png", "image.png"), "RGB")
             row = {
                 "schema_version": meta.get("schema_version", SCHEMA_VERSION),
                 "sample_id": meta["sample_id"],
@@ -134,8 +185,8 @@ def import_folder(src: Path, split: str | None = "quality") -> list[dict[str, An
                 "image": encode_png(image),
                 "width": image.shape[1],
                 "height": image.shape[0],
-                "layer": (folder / "layer.png").read_bytes(),
-                "visible_mask": (folder / "visible_mask.png").read_bytes(),
+                "layer": read("layer.png", "layer.png"),
+                "visible_mask": read("visible_mask.png", "visible_mask.png"),
                 "kind": meta["kind"],
                 "category": meta["category"],
                 "prompts": prompts,
@@ -143,9 +194,12 @@ def import_folder(src: Path, split: str | None = "quality") -> list[dict[str, An
                 "scores": meta.get("scores") or {},
                 "provenance": meta.get("provenance") or {},
             }
-        except (OSError, KeyError, json.JSONDecodeError) as e:
+            validate_row(row, decode=True)
+        except SchemaError:
+            raise
+        # A broken or hostile sample.json (missing keys, wrong types), an unreadable or undecodable file.
+        except (OSError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise SchemaError(f"sample folder {folder}: {type(e).__name__}: {e}") from None
-        validate_row(row, decode=True)
         rows.append(row)
     ids = [r["sample_id"] for r in rows]
     if len(set(ids)) != len(ids):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from reflade.platform.registry import Ref, Registry, RegistryError
 from reflade.platform.storage import Storage, parse_uri
 
 RAW_PREFIX = "raw/sha256/"
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class IngestError(ReportedError, ValueError):
@@ -40,6 +42,30 @@ class InputItem:
     size: int
 
 
+@dataclass(frozen=True)
+class RejectedRecord:
+    """A manifest record the engine will not read (a malformed ``sha256`` or ``size``): quarantined at commit."""
+
+    name: str
+    """The record's ``name``, ``key`` or ``uri``, for people."""
+    reason_code: str
+    reason: str
+
+    def quarantine_row(self) -> dict[str, Any]:
+        """The row of the dataset's ``quarantine.parquet`` (its schema: ``reflade.engine.schema``)."""
+        return {
+            "source_id": None,
+            "source_sha256": None,
+            "name": self.name,
+            "stage": "ingest",
+            "reason_code": self.reason_code,
+            "reason": self.reason,
+            "entity_id": None,
+            "kind": None,
+            "sample_id": None,
+        }
+
+
 @dataclass
 class IngestResult:
     items: list[InputItem]
@@ -47,6 +73,8 @@ class IngestResult:
     already_there: int
     description: str
     parents: list[str]
+    rejected: list[RejectedRecord] = field(default_factory=list)
+    """Manifest records quarantined before any read: they count as images in, and as images quarantined."""
 
     def manifest(self) -> dict[str, Any]:
         return {"description": self.description, "items": [asdict(i) for i in self.items]}
@@ -61,6 +89,18 @@ def raw_key(sha256: str) -> str:
 
 def _item(sha: str, key: str, name: str, size: int) -> InputItem:
     return InputItem(sha[:16], sha, key, name, size)
+
+
+def _quoted(value: Any, limit: int = 80) -> str:
+    r = repr(value)  # a value from an untrusted manifest: quoted and cut, never echoed raw
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _bad_sha256(value: Any) -> str | None:
+    """Why a manifest's ``sha256`` value is unusable, or None (64 hex digits; upper case is accepted)."""
+    if isinstance(value, str) and SHA256_RE.fullmatch(value.lower()):
+        return None
+    return f"bad_sha256: {_quoted(value)} is not 64 hex digits"
 
 
 def _sha_file(path: Path) -> tuple[str, int]:
@@ -132,8 +172,15 @@ def ingest_prefix(uri: str, storage: Storage, limit: int | None = None) -> Inges
 
 
 def ingest_manifest(path: str, storage: Storage, limit: int | None = None) -> IngestResult:
-    """A JSON list, JSON Lines or Parquet file of records with ``key`` (or ``uri``), optional ``sha256``
-    and ``name``."""
+    """A JSON list, JSON Lines or Parquet file of records with ``key`` (or ``uri``), optional ``sha256``,
+    ``size`` and ``name``.
+
+    A record whose ``sha256`` is not 64 hex digits or whose ``size`` is not a byte count is never read: it goes to
+    ``IngestResult.rejected`` with its reason, and the engine quarantines it at commit.
+
+    Raises:
+        IngestError: the file cannot be read or parsed, or a record is not a record or has no key.
+    """
     if path.startswith("s3://"):
         data, _ = storage.get_bytes(storage.key_of(path))
     else:
@@ -147,23 +194,34 @@ def ingest_manifest(path: str, storage: Storage, limit: int | None = None) -> In
         import pyarrow.parquet as pq
 
         records = pq.read_table(io.BytesIO(data)).to_pylist()
-    elif path.endswith(".jsonl"):
-        records = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
     else:
-        loaded = json.loads(data)
-        records = loaded.get("items", loaded) if isinstance(loaded, dict) else loaded
+        try:
+            if path.endswith(".jsonl"):
+                records = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+            else:
+                loaded = json.loads(data)
+                records = loaded.get("items", loaded) if isinstance(loaded, dict) else loaded
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise IngestError(f"manifest {path} is not valid JSON: {e}") from None
     if not isinstance(records, list) or not records:
         raise IngestError(f"manifest {path}: expected a non-empty list of records with 'key' or 'uri'")
     if limit is not None:
         records = records[:limit]
-    items = []
+    items, rejected = [], []
     for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise IngestError(f"manifest {path}: record {i} is a {type(rec).__name__}, not a record")
         key = rec.get("key") or (storage.key_of(rec["uri"]) if rec.get("uri") else None)
         if not key:
             raise IngestError(f"manifest {path}: record {i} has neither 'key' nor 'uri'")
+        name = str(rec.get("name") or key)
         sha = rec.get("sha256")
         size = rec.get("size")
-        if not sha:
+        if size is not None and (type(size) is not int or size < 0):
+            why = f"bad_size: {_quoted(size)} is not a byte count"
+            rejected.append(RejectedRecord(name, "bad_size", f"{why} (manifest record {i})"))
+            continue
+        if sha is None or sha == "":
             body = storage.open_read(key)
             h = hashlib.sha256()
             size = 0
@@ -171,15 +229,25 @@ def ingest_manifest(path: str, storage: Storage, limit: int | None = None) -> In
                 h.update(chunk)
                 size += len(chunk)
             sha = h.hexdigest()
-        items.append(_item(sha, key, rec.get("name") or key, int(size or 0)))
-    return IngestResult(items, 0, len(items), f"manifest {path}", [])
+        elif why := _bad_sha256(sha):
+            # The record lies about its content or is broken: quarantined with the reason, never read.
+            rejected.append(RejectedRecord(name, "bad_sha256", f"{why} (manifest record {i})"))
+            continue
+        items.append(_item(sha.lower(), key, name, int(size or 0)))
+    return IngestResult(items, 0, len(items), f"manifest {path}", [], rejected)
 
 
 def ingest_registry(ref: str, registry: Registry, limit: int | None = None) -> IngestResult:
     v = registry.resolve(ref)
     files = v.files[:limit] if limit is not None else v.files
-    items = [_item(f["sha256"], v.key(f["path"]), f["path"], f["size"]) for f in files]
-    return IngestResult(items, 0, len(items), f"registry {v.ref}", [v.ref])
+    items, rejected = [], []
+    for f in files:
+        # A damaged registry manifest: the same rule as a manifest file.
+        if why := _bad_sha256(f.get("sha256")):
+            rejected.append(RejectedRecord(str(f.get("path")), "bad_sha256", f"{why} ({v.ref})"))
+            continue
+        items.append(_item(f["sha256"].lower(), v.key(f["path"]), f["path"], f["size"]))
+    return IngestResult(items, 0, len(items), f"registry {v.ref}", [v.ref], rejected)
 
 
 def ingest(

@@ -725,6 +725,7 @@ def run_engine(
     log(
         f"input: {len(inp.items)} files from {inp.description} ({inp.uploaded} uploaded, "
         f"{inp.already_there} already in the bucket)"
+        + (f"; {len(inp.rejected)} manifest records quarantined" if inp.rejected else "")
     )
     weights = weights_refs(backends, ecfg)
     weights = [registry.resolve(w).ref for w in weights]
@@ -1202,12 +1203,13 @@ def _commit(
             }
             for it, orig in exact_dups
         ]
+        extra += [r.quarantine_row() for r in inp.rejected]  # malformed manifest records, never read
         q = pa.concat_tables([*q_tables, pa.Table.from_pylist(extra, schema=QUARANTINE_SCHEMA)])
         q_rows = q.to_pylist()
         image_q = [r for r in q_rows if r["entity_id"] is None]
         layer_q = [r for r in q_rows if r["entity_id"] is not None]
 
-        images_in = len(inp.items) + synthetic
+        images_in = len(inp.items) + len(inp.rejected) + synthetic
         images_q = len(image_q)
         images_kept = len(layer_sources)
         if images_kept + images_q != images_in:

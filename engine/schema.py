@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -25,6 +26,10 @@ KINDS = ("foreground", "background")
 SPLITS = ("train", "quality", "test")
 PROMPT_BASE_TYPES = ("point", "box", "mask", "text")
 GRANULARITIES = ("coarse", "fine")
+SAMPLE_ID_PATTERN = r"[0-9a-f]{32}"
+"""What a ``sample_id`` looks like: 32 lower-case hex digits, as :func:`make_sample_id` makes them. ``validate_row``
+refuses anything else, so an id is always a safe file name (``data export`` makes one folder per sample)."""
+SAMPLE_ID_RE = re.compile(SAMPLE_ID_PATTERN)
 
 PROMPT_TYPE = pa.struct(
     [
@@ -122,8 +127,33 @@ def decode_mask(data: bytes) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- validation
+def quoted(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: how a message shows a value read from untrusted input."""
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _sample_label(row: dict[str, Any]) -> str:
+    sid = row.get("sample_id", "?")
+    if isinstance(sid, str) and SAMPLE_ID_RE.fullmatch(sid):
+        return sid
+    return quoted(sid)  # a hostile id is quoted and cut, never echoed raw
+
+
 def _fail(row: dict[str, Any], msg: str) -> SchemaError:
-    return SchemaError(f"sample {row.get('sample_id', '?')}: {msg}")
+    return SchemaError(f"sample {_sample_label(row)}: {msg}")
+
+
+def check_sample_id(row: dict[str, Any]) -> str:
+    """The row's ``sample_id`` if it matches :data:`SAMPLE_ID_PATTERN`.
+
+    Raises:
+        SchemaError: naming the id found (quoted, cut at 80 characters) and the pattern expected.
+    """
+    sid = row.get("sample_id")
+    if not isinstance(sid, str) or not SAMPLE_ID_RE.fullmatch(sid):
+        raise _fail(row, f"sample_id must be {SAMPLE_ID_PATTERN} (32 lower-case hex digits)")
+    return sid
 
 
 def validate_prompt(p: dict[str, Any], width: int, height: int, row: dict[str, Any] | None = None) -> None:
@@ -177,6 +207,7 @@ def validate_row(row: dict[str, Any], *, decode: bool = True) -> None:
         raise _fail(row, f"unknown columns {extra}")
     if row["schema_version"] != SCHEMA_VERSION:
         raise _fail(row, f"schema_version {row['schema_version']} (this reader knows {SCHEMA_VERSION})")
+    check_sample_id(row)
     if row["kind"] not in KINDS:
         raise _fail(row, f"kind {row['kind']!r} not in {KINDS}")
     if row["split"] not in SPLITS:
@@ -297,10 +328,7 @@ def write_shard(rows: Iterable[dict[str, Any]], path: str, filesystem=None, *, v
     return table.num_rows
 
 
-def read_table(paths: str | list[str], filesystem=None, split: str | None = None) -> pa.Table:
-    """Read shards (local paths or ``bucket/key`` with a filesystem) into one table, optionally one split."""
-    paths = [paths] if isinstance(paths, str) else list(paths)
-    tables = [pq.read_table(p, filesystem=filesystem) for p in paths]
+def _combine(tables: list[pa.Table], split: str | None) -> pa.Table:
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     check_table(table)
     if split:
@@ -308,32 +336,125 @@ def read_table(paths: str | list[str], filesystem=None, split: str | None = None
     return table
 
 
+def read_table(paths: str | list[str], filesystem=None, split: str | None = None) -> pa.Table:
+    """Read shards (local paths or ``bucket/key`` with a filesystem) into one table, optionally one split."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    return _combine([pq.read_table(p, filesystem=filesystem) for p in paths], split)
+
+
 def iter_rows(paths: str | list[str], filesystem=None, split: str | None = None) -> Iterator[dict[str, Any]]:
     yield from table_to_rows(read_table(paths, filesystem, split))
 
 
 # ---------------------------------------------------------------------------------------------- registry
+_VERIFIED: set[tuple[str, str, str]] = set()
+"""Shards this process has hashed and found as their manifest says: (bucket path, manifest sha256, the object's
+ETag). A version's files never change, so each is hashed once per process; an object rewritten in place gets a new
+ETag and is hashed again."""
+
+
 def shard_files(version) -> list[dict[str, Any]]:
     """The layer shards of a registered dataset version (``shards/*.parquet``)."""
     return [f for f in version.files if f["path"].startswith("shards/") and f["path"].endswith(".parquet")]
 
 
-def load_rows(registry, ref: str, split: str | None = None) -> list[dict[str, Any]]:
-    """Every row of a dataset version (plain Python); ``split`` or the reference's ``:SPLIT`` filters."""
+def _dataset_version(registry, ref: str):
     v = registry.resolve(ref)
     if v.kind != "dataset":
         raise SchemaError(f"{v.ref} is a {v.kind}, not a dataset")
-    paths = [registry.storage.path(v.key(f["path"])) for f in shard_files(v)]
-    return list(iter_rows(paths, registry.storage.fs, split or v.split))
+    return v
+
+
+def _corrupt(version, entry: dict[str, Any], found: str):
+    from reflade.platform.registry import IntegrityError
+
+    return IntegrityError(
+        f"{version.ref}: shard {entry['path']!r} is corrupt in the object store ({found}; the manifest says "
+        f"sha256 {str(entry['sha256'])[:12]}..., {entry['size']} bytes)"
+    )
+
+
+def _shard_bytes(registry, version, entry: dict[str, Any]) -> bytes:
+    """One shard's bytes, hashed against the manifest unless this process has verified that object already."""
+    key = version.key(entry["path"])
+    data, etag = registry.storage.get_bytes(key)
+    mark = (registry.storage.path(key), str(entry["sha256"]), etag)
+    if mark not in _VERIFIED:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"] or len(data) != entry["size"]:
+            raise _corrupt(version, entry, f"sha256 {digest[:12]}..., {len(data)} bytes")
+        _VERIFIED.add(mark)
+    return data
+
+
+def verify_shards(registry, version) -> int:
+    """Check every shard of a dataset version against its manifest (size, then sha256 of the whole object),
+    streaming each from the object store; objects this process verified before are not read again.
+
+    Returns:
+        how many shards were hashed (0 when every one was verified already).
+
+    Raises:
+        IntegrityError: a shard is missing, or its size or sha256 differs from the manifest (names the shard).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    storage = registry.storage
+    listed = {o["Key"]: o for o in storage.list(version.key("shards/"))}
+    todo = []
+    for entry in shard_files(version):
+        key = version.key(entry["path"])
+        obj = listed.get(key)
+        if obj is None:
+            raise _corrupt(version, entry, "missing")
+        if int(obj["Size"]) != entry["size"]:
+            raise _corrupt(version, entry, f"{obj['Size']} bytes")
+        mark = (storage.path(key), str(entry["sha256"]), obj["ETag"])
+        if mark not in _VERIFIED:
+            todo.append((entry, key, mark))
+
+    def one(item) -> None:
+        entry, key, mark = item
+        body, h = storage.open_read(key), hashlib.sha256()
+        while chunk := body.read(1 << 20):
+            h.update(chunk)
+        if h.hexdigest() != entry["sha256"]:
+            raise _corrupt(version, entry, f"sha256 {h.hexdigest()[:12]}...")
+        _VERIFIED.add(mark)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(one, todo))
+    return len(todo)
+
+
+def load_rows(registry, ref: str, split: str | None = None) -> list[dict[str, Any]]:
+    """Every row of a dataset version (plain Python); ``split`` or the reference's ``:SPLIT`` filters.
+
+    Each shard's bytes are checked against the version's manifest (sha256 and size) before they are parsed.
+
+    Raises:
+        SchemaError: not a dataset, or a schema version this reader does not know.
+        IntegrityError: a shard differs from its manifest.
+    """
+    v = _dataset_version(registry, ref)
+    tables = [pq.read_table(pa.BufferReader(_shard_bytes(registry, v, f))) for f in shard_files(v)]
+    return table_to_rows(_combine(tables, split or v.split))
 
 
 def read_dataset(registry, ref: str, split: str | None = None):
-    """A Ray Data dataset over a version's shards, read in place from the object store."""
+    """A Ray Data dataset over a version's shards, read in place from the object store.
+
+    The driver first checks every shard against the manifest (:func:`verify_shards`, once per object and
+    process), then reads each footer; the read tasks then read the same objects in place.
+
+    Raises:
+        SchemaError: not a dataset, or a schema version this reader does not know.
+        IntegrityError: a shard differs from its manifest.
+    """
     import ray.data
 
-    v = registry.resolve(ref)
-    if v.kind != "dataset":
-        raise SchemaError(f"{v.ref} is a {v.kind}, not a dataset")
+    v = _dataset_version(registry, ref)
+    verify_shards(registry, v)
     paths = [registry.storage.path(v.key(f["path"])) for f in shard_files(v)]
     # Footers first (one small read per shard, on this process): an unknown schema_version or a missing
     # column fails here, before any task starts, as load_rows fails.

@@ -3,7 +3,9 @@ manifest, registry reference)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 
 import pytest
@@ -122,3 +124,140 @@ def test_ingest_forms(storage, registry, tmp_path):
     bad.write_text(json.dumps([{"name": "no key"}]))
     with pytest.raises(IngestError, match="neither 'key' nor 'uri'"):
         ingest(str(bad), storage, registry)
+
+
+# ---------------------------------------------------------------------------------------------- hostile folders
+def test_export_refuses_a_row_whose_folder_leaves_dest(tmp_path):
+    good, hostile = make_row(0), make_row(1)
+    hostile["sample_id"] = "../../../escaped"  # train/foreground/../../../escaped is tmp_path/escaped
+    dest = tmp_path / "out"
+    with pytest.raises(SchemaError, match=r"'\.\./\.\./\.\./escaped': sample_id must be \[0-9a-f\]\{32\}"):
+        export_rows([good, hostile], dest)
+    assert not (tmp_path / "escaped").exists()
+    assert not dest.exists()  # every row is checked before the first is written
+    bad_split = make_row(2)
+    bad_split["split"] = "../../escaped"
+    with pytest.raises(SchemaError, match="split '../../escaped' not in"):
+        export_rows([bad_split], dest)
+    assert not (tmp_path / "escaped").exists() and not dest.exists()
+
+
+def test_export_refuses_a_link_out_of_dest(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "train").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(SchemaError, match="leaves .*out: refused"):
+        export_rows([make_row(0)], dest)
+    assert list(outside.iterdir()) == []
+
+
+def _exported(tmp_path):
+    export_rows([make_row(0), make_row(1)], tmp_path / "x")
+    folder = sorted((tmp_path / "x").rglob("sample.json"))[0].parent
+    return tmp_path / "x", folder
+
+
+def _edit_meta(folder, change):
+    meta = json.loads((folder / "sample.json").read_text())
+    change(meta)
+    (folder / "sample.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "mask_path", ["/etc/passwd", "ABSOLUTE_OUTSIDE", "../../../../outside_mask.png", "../prompt_2_mask.png"]
+)
+def test_import_refuses_a_mask_path_out_of_its_folder(tmp_path, mask_path):
+    src, folder = _exported(tmp_path)
+    # A valid mask of the right size outside the folder: without the check the import would succeed with it.
+    outside = tmp_path / "outside_mask.png"
+    outside.write_bytes((folder / "prompt_2_mask.png").read_bytes())
+    (folder.parent / "prompt_2_mask.png").write_bytes(outside.read_bytes())
+    if mask_path == "ABSOLUTE_OUTSIDE":
+        mask_path = str(outside)
+    _edit_meta(folder, lambda m: m["prompts"][2].update(mask=mask_path))
+    with pytest.raises(SchemaError, match=rf"prompt 2's mask '{re.escape(mask_path)}' leaves .*: refused"):
+        import_folder(src)
+
+
+@pytest.mark.parametrize("name", ["layer.png", "sample.json"])
+def test_import_refuses_a_file_linked_out_of_its_folder(tmp_path, name):
+    src, folder = _exported(tmp_path)
+    outside = tmp_path / f"outside_{name}"
+    outside.write_bytes((folder / name).read_bytes())  # valid content: only the link is wrong
+    (folder / name).unlink()
+    (folder / name).symlink_to(outside)
+    with pytest.raises(SchemaError, match=rf"{re.escape(name)} '{re.escape(name)}' leaves .*: refused"):
+        import_folder(src)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(sample_id="../x"), r"sample '\.\./x': sample_id must be"),
+        (lambda m: m["prompts"][2].update(mask=7), "prompt 2's mask must be a file name, not 7"),
+        (lambda m: m.update(prompts="none"), "sample folder .*: ValueError"),
+        (lambda m: m.pop("source_id"), "sample folder .*: KeyError"),
+    ],
+)
+def test_import_refuses_a_hostile_sample_json(tmp_path, change, message):
+    src, folder = _exported(tmp_path)
+    _edit_meta(folder, change)
+    with pytest.raises(SchemaError, match=message):
+        import_folder(src)
+
+
+def test_import_names_a_file_that_is_no_picture(tmp_path):
+    src, folder = _exported(tmp_path)
+    (folder / "prompt_2_mask.png").write_text("root:x:0:0")  # inside its folder, but not a PNG
+    with pytest.raises(SchemaError, match=r"sample folder .*: UnidentifiedImageError"):
+        import_folder(src)
+
+
+def test_data_cli_refuses_hostile_export_and_import(registry_env, tmp_path, capsys):
+    registry = registry_env
+    hostile = make_row(1)
+    hostile["sample_id"] = "../../../../escaped"
+    (tmp_path / "ds" / "shards").mkdir(parents=True)
+    write_shard([make_row(0), hostile], str(tmp_path / "ds" / "shards" / "a.parquet"), validate=False)
+    v = registry.create("dataset", "hostile", tmp_path / "ds")
+    assert cli_main(["data", "export", v.ref, str(tmp_path / "export")]) != 0
+    assert "sample_id must be [0-9a-f]{32}" in capsys.readouterr().err.replace("\n", "")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "export").exists()
+
+    src, folder = _exported(tmp_path)
+    _edit_meta(folder, lambda m: m["prompts"][2].update(mask="/etc/passwd"))
+    assert cli_main(["data", "import", str(src), "--dataset", "curated-hostile"]) != 0
+    assert "'/etc/passwd' leaves" in capsys.readouterr().err.replace("\n", "")
+    assert registry.versions("dataset", "curated-hostile") == []  # refused whole: nothing registered
+
+
+def test_manifest_records_with_a_malformed_sha256_are_set_aside(storage, registry, tmp_path):
+    key = f"{registry.prefix}inputs/ok.bin"
+    storage.put_bytes(key, b"okay")
+    good = hashlib.sha256(b"okay").hexdigest()
+    records = [
+        {"key": key, "name": "computed"},
+        {"key": key, "name": "upper", "sha256": good.upper(), "size": 4},
+        {"key": key, "name": "traversal", "sha256": "../../etc/passwd"},
+        {"key": key, "name": "short", "sha256": "ab" * 31},
+        {"key": key, "name": "number", "sha256": 12},
+        {"key": key, "name": "bad-size", "sha256": good, "size": "four"},
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in records))
+    got = ingest(str(manifest), storage, registry)
+    assert [(i.name, i.sha256) for i in got.items] == [("computed", good), ("upper", good)]
+    reasons = {r.name: r.quarantine_row() for r in got.rejected}
+    assert sorted(reasons) == ["bad-size", "number", "short", "traversal"]
+    assert reasons["traversal"]["reason"] == (
+        "bad_sha256: '../../etc/passwd' is not 64 hex digits (manifest record 2)"
+    )
+    assert {r["reason_code"] for n, r in reasons.items() if n != "bad-size"} == {"bad_sha256"}
+    assert reasons["bad-size"]["reason_code"] == "bad_size"
+    assert all(r["stage"] == "ingest" and r["entity_id"] is None for r in reasons.values())
+    not_json = tmp_path / "broken.json"
+    not_json.write_text("{not json")
+    with pytest.raises(IngestError, match="is not valid JSON"):
+        ingest(str(not_json), storage, registry)

@@ -270,3 +270,28 @@ def test_neural_backends_end_to_end(engine_cfg, registry, ray_cluster, tmp_path)
     assert set(refs.values()) <= set(v.parents) and refs["tiny-blip"] in v.parents
     for ref in refs.values():
         assert res.dataset in registry.children(ref)
+
+
+def test_malformed_manifest_records_are_quarantined(engine_cfg, registry, storage, ray_cluster, tmp_path):
+    keys = []
+    for i in range(2):
+        keys.append(f"{registry.prefix}inputs/scene{i}.png")
+        storage.put_bytes(keys[-1], scene_to_png_bytes(make_scene(seed=700 + i)))
+    sha1 = hashlib.sha256(storage.get_bytes(keys[1])[0]).hexdigest()
+    records = [
+        {"key": keys[0], "name": "computed"},
+        {"key": keys[1], "name": "given", "sha256": sha1},
+        {"key": keys[1], "name": "traversal", "sha256": "../../etc/passwd"},
+        {"key": keys[0], "name": "not-hex", "sha256": "zz" * 32},
+    ]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(records))
+    res = run_engine(engine_cfg, str(manifest), "hostile-manifest", progress=False, log=lambda *_: None)
+    # Counted as images in and quarantined (the engine's own balance check passed), the run registered.
+    assert res.images_in == 4 and res.images_kept == 2 and res.images_quarantined == 2
+    assert res.layers_kept > 0 and res.quarantine_reasons == {"ingest:bad_sha256": 2}
+    by_name = {r["name"]: r for r in _quarantine(registry, res.dataset)}
+    assert by_name["traversal"]["reason"] == (
+        "bad_sha256: '../../etc/passwd' is not 64 hex digits (manifest record 2)"
+    )
+    assert by_name["not-hex"]["stage"] == "ingest" and by_name["not-hex"]["reason_code"] == "bad_sha256"

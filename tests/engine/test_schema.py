@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from reflade.engine.schema import (
+    SAMPLE_ID_PATTERN,
     SCHEMA,
     SCHEMA_VERSION,
     SchemaError,
@@ -25,8 +26,10 @@ from reflade.engine.schema import (
     rows_to_table,
     table_to_rows,
     validate_row,
+    verify_shards,
     write_shard,
 )
+from reflade.platform.registry import IntegrityError
 
 
 def make_row(i: int = 0, kind: str = "foreground", split: str = "train") -> dict:
@@ -161,6 +164,21 @@ def test_invalid_rows_are_named(mutate, message):
         rows_to_table([row], decode=True)
 
 
+@pytest.mark.parametrize(
+    "sample_id",
+    ["../x", "../../../etc/passwd", "0" * 31, "0" * 33, "A" * 32, "0" * 32 + "\n", "", None, 7, "g" * 32],
+)
+def test_sample_id_must_match_the_pattern(sample_id):
+    assert SAMPLE_ID_PATTERN == "[0-9a-f]{32}"
+    row = make_row()
+    row["sample_id"] = sample_id
+    with pytest.raises(SchemaError, match=re.escape(f"sample_id must be {SAMPLE_ID_PATTERN}")) as e:
+        validate_row(row, decode=False)
+    assert "\n" not in str(e.value)  # a hostile id is quoted, never echoed raw
+    with pytest.raises(SchemaError, match="sample_id must be"):
+        rows_to_table([row])  # every writer validates
+
+
 def test_background_must_be_opaque():
     row = make_row(kind="background")
     layer = decode_image(row["layer"])
@@ -226,3 +244,54 @@ def test_ray_reader_refuses_unknown_schema_version(registry, tmp_path, ray_clust
     # Ray Data wraps the reader's SchemaError in its UserCodeException; the message is the reader's.
     with pytest.raises(Exception, match=r"rows with schema_version \[99\]; this reader knows"):
         read_dataset(registry, v2.ref).take_all()
+
+
+def _one_dataset(registry, tmp_path, name: str):
+    shards = tmp_path / name / "shards"
+    shards.mkdir(parents=True)
+    write_shard([make_row(i) for i in range(3)], str(shards / "a.parquet"))
+    write_shard([make_row(i + 10, split="test") for i in range(2)], str(shards / "b.parquet"))
+    return registry.create("dataset", name, tmp_path / name)
+
+
+def test_readers_verify_shards_against_the_manifest(registry, storage, tmp_path, ray_cluster):
+    v = _one_dataset(registry, tmp_path, "verified")
+    assert len(load_rows(registry, v.ref)) == 5
+    # load_rows hashed both shards: the driver's check in read_dataset reads neither again (same ETags).
+    assert verify_shards(registry, v) == 0
+    assert len(read_dataset(registry, v.ref).take_all()) == 5
+
+    # The object is replaced in place by another valid shard of the same version: both readers refuse it,
+    # although its rows would parse (without the check they would be served as the version's).
+    key = v.key("shards/a.parquet")
+    other = storage.get_bytes(v.key("shards/b.parquet"))[0]
+    storage.put_bytes(key, other)
+    with pytest.raises(IntegrityError, match=r"dataset/verified@1: shard 'shards/a.parquet' is corrupt"):
+        load_rows(registry, v.ref)
+    with pytest.raises(IntegrityError, match=r"shard 'shards/a.parquet' is corrupt"):
+        read_dataset(registry, v.ref)
+
+    # Same size, one byte changed: caught by the sha256 (not the size), before Parquet parses anything.
+    original = (tmp_path / "verified" / "shards" / "a.parquet").read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0xFF
+    storage.put_bytes(key, bytes(flipped))
+    with pytest.raises(
+        IntegrityError, match=rf"sha256 [0-9a-f]{{12}}\.\.\., {len(original)} bytes; the manifest"
+    ):
+        load_rows(registry, v.ref)
+    with pytest.raises(IntegrityError, match=r"sha256 [0-9a-f]{12}\.\.\.;"):
+        verify_shards(registry, v)
+
+    # Put back: read again.
+    storage.put_bytes(key, original)
+    assert len(load_rows(registry, v.ref)) == 5
+
+
+def test_a_missing_shard_is_named(registry, storage, tmp_path):
+    v = _one_dataset(registry, tmp_path, "lost")
+    storage.delete([v.key("shards/b.parquet")])
+    with pytest.raises(
+        IntegrityError, match=r"shard 'shards/b.parquet' is corrupt in the object store \(missing"
+    ):
+        verify_shards(registry, v)
