@@ -10,15 +10,43 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 DEMO_VAE_STEPS = 300
 """Optimiser steps of the tiny VAE in the demo (about 20 dB held-out PSNR; ~2 minutes on 2 cores)."""
-DEMO_STEPS = 200
+DEMO_RECIPE: dict[str, Any] = {
+    "steps": 1500,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "warmup_steps": 50,
+    "lr_schedule": "cosine",
+    "timestep_sampling": "uniform",
+    "phase": "both",
+    "alpha_samples": 2,
+    "ema_decay": 0.0,
+    "drop_text": 0.1,
+    "drop_canvas": 0.1,
+}
+"""The tiny RefLayer's training recipe in the demo: :class:`~reflade.train.config.TrainSettings` fields, passed to
+``reflade train`` as flags (``bench/learn.py`` trains the same; docs/training.md, "Choosing the recipe", says why)."""
+DEMO_CACHE_LATENTS = True
+"""Encode the train split once before training (``--cache-latents``): the frozen encoders cost more per step than
+the tiny transformer."""
+DEMO_STEPS = DEMO_RECIPE["steps"]
 """Optimiser steps of the tiny RefLayer in the demo."""
 DEMO_THREADS = 2
 """Torch threads of the demo's training jobs (a 2-core machine)."""
 DEMO_SAMPLE_STEPS = 20
 """Euler steps of the demo decomposition."""
+
+
+def recipe_flags(recipe: dict[str, Any]) -> list[str]:
+    """:class:`~reflade.train.config.TrainSettings` fields -> ``reflade train`` flags (``lr_schedule`` ->
+    ``--lr-schedule 3e-3``)."""
+    out: list[str] = []
+    for key, value in recipe.items():
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
 
 
 def run_demo_job(jobs, kind: str, args: list[str], console, timeout: float = 1800) -> str:
@@ -54,16 +82,8 @@ def train_step(cfg, registry, timer, made, console) -> None:
         made["vae"] = vae.ref
         console.print(f"{vae.ref}: held-out PSNR {vae.metrics.get('psnr_holdout', float('nan')):.2f} dB")
     with timer.step("RefLayer tiny (Ray job: reflade train, Ray Train)"):
-        args = [
-            "--dataset",
-            dataset,
-            "--steps",
-            str(DEMO_STEPS),
-            "--checkpoint-every",
-            "100",
-            "--vae",
-            vae.ref,
-        ]
+        args = ["--dataset", dataset, "--checkpoint-every", str(DEMO_STEPS // 4), "--vae", vae.ref]
+        args += recipe_flags(DEMO_RECIPE) + (["--cache-latents"] if DEMO_CACHE_LATENTS else [])
         args += ["--threads", str(DEMO_THREADS)]
         run_demo_job(jobs, "train", args, console)
         model = registry.resolve("model/reflayer@candidate")
