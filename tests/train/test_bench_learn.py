@@ -36,10 +36,14 @@ def test_bench_learn_smoke(tmp_path):
     cmd += ["--set", "lr=2e-3", "--save", str(tmp_path / "model")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "copy-visible" in proc.stdout and "classical" in proc.stdout and "(on training scenes)" in proc.stdout
+    assert (
+        "copy-visible" in proc.stdout and "classical" in proc.stdout and "(on training scenes)" in proc.stdout
+    )
 
     r = json.loads(out.read_text())
-    assert r["benchmark"] == "learn" and r["status"] == "ok" and r["command"].startswith("python bench/learn.py")
+    assert (
+        r["benchmark"] == "learn" and r["status"] == "ok" and r["command"].startswith("python bench/learn.py")
+    )
     assert r["threads"]["torch_threads"] == 1 and r["threads"]["env"]["OMP_NUM_THREADS"] == "1"
     p = r["params"]
     # the demo's recipe with the smoke run's and the command line's overrides, as the product's TrainSettings
@@ -51,7 +55,9 @@ def test_bench_learn_smoke(tmp_path):
         for kind in ("foreground", "background"):
             m = pt["metrics"][kind]
             assert 0 <= m["alpha_iou"] <= 1 and m["alpha_sad"] >= 0 and m["items"] > 0
-            assert math.isfinite(m["psnr_visible"]) and -1 <= m["ssim_visible"] <= 1 and m["hidden_rgb_mae"] >= 0
+            assert (
+                math.isfinite(m["psnr_visible"]) and -1 <= m["ssim_visible"] <= 1 and m["hidden_rgb_mae"] >= 0
+            )
         assert set(pt["targets"]) >= {"all", "foreground_iou_floor"}
     for name in ("copy-visible", "classical"):
         assert r["baselines"][name]["foreground"]["items"] == r["curve"][0]["metrics"]["foreground"]["items"]
