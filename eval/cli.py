@@ -212,6 +212,46 @@ def compare(
         raise typer.Exit(1)
 
 
+@app.command("photos")
+def photos(
+    model: Annotated[
+        list[str],
+        typer.Option("--model", "-m", help="Model reference (repeatable); classical is always added."),
+    ] = ["model/reflayer@candidate"],  # noqa: B006 (typer reads the default, nobody mutates it)
+    model_dir: Annotated[
+        Path | None,
+        typer.Option(help="A saved model folder (RefLayerBundle.save) instead of registry references."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="The picture to write (PNG).")] = Path(
+        "docs/images/real-photos.png"
+    ),
+    steps: Annotated[int, typer.Option(help="Sampling steps of each decomposition.")] = 20,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+) -> None:
+    """Decompose scikit-image's bundled photos (astronaut, coffee, chelsea), a box and a point prompt each, with
+    the model(s) and classical, and write one picture of the layers."""
+    from reflade.engine.classical_decomposer import ClassicalDecomposer
+    from reflade.engine.schema import encode_png
+    from reflade.eval.photos import decompose_photos, photo_sheet
+    from reflade.train.pipeline_reflayer import RefLayerPipeline
+
+    decomposers: dict[str, Any] = {}
+    if model_dir is not None:
+        from reflade.train.model import RefLayerBundle
+
+        decomposers[model_dir.name] = RefLayerPipeline(RefLayerBundle.load(model_dir))
+    else:
+        reg = _registry()
+        for ref in model:
+            pipe = RefLayerPipeline.from_registry(ref, reg)
+            decomposers[pipe.name] = pipe
+    decomposers["classical"] = ClassicalDecomposer()
+    items, layers = decompose_photos(decomposers, steps=steps, seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(encode_png(photo_sheet(items, layers)))
+    console.print(f"{len(items)} prompts x {len(decomposers)} decomposers ({', '.join(decomposers)}): {out}")
+
+
 @app.command("stand-in-weights")
 def stand_in_weights() -> None:
     """Build and register the random-init stand-in feature networks (weights/tiny-alexnet, tiny-clip,
