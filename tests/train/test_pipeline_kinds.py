@@ -72,7 +72,9 @@ def test_cached_latents_keep_the_kind_and_the_loss_reads_it(rows, minilm, tiny_v
     loss = PhaseLoss(bundle, settings)
     a = loss(direct, step_generator(settings, 0, 0))
     b = loss(from_cache, step_generator(settings, 0, 0))
-    assert torch.equal(a, b)
+    torch.testing.assert_close(
+        a, b, rtol=1e-5, atol=0
+    )  # separately built tensors: summation order may differ
     swapped = {**direct, "kind": 1.0 - direct["kind"]}
     assert loss(swapped, step_generator(settings, 0, 0)).item() != a.item()
     # the kind is never dropped: with text and canvas both dropped the loss still depends on it
@@ -87,8 +89,9 @@ def test_cached_latents_keep_the_kind_and_the_loss_reads_it(rows, minilm, tiny_v
 
 def test_tiny_model_learns_both_kinds_from_the_kind_input(rows, minilm, tiny_vae):
     """Same image, same box, no text: only the kind says foreground or background. 300 Adam steps (lr 5e-3) on
-    2 objects x 2 kinds. Measured here: the fixed-draw loss falls from 2.17 to 0.37 with the right kinds and
-    stands at 0.70 with the kinds swapped (0.52x; both 2.17 before training); asserted below 0.7x."""
+    2 objects x 2 kinds. Measured here (the tiny preset's clean-latent loss): the fixed-draw loss falls from 1.29 to
+    0.002 with the right kinds and stands at 0.43 with the kinds swapped (both 1.29 before training); asserted
+    below 0.7x."""
     bundle = build_reflayer("tiny", vae=tiny_vae(), text=minilm, seed=2)
     samples = []
     for r in rows[:4]:
