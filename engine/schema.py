@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 from reflade.platform.errors import ReportedError
 
 SCHEMA_VERSION = 1
+ENGINE_VERSION = "0.1.0"
+"""Recorded in every row's provenance (real and synthetic rows alike)."""
 KINDS = ("foreground", "background")
 SPLITS = ("train", "quality", "test")
 PROMPT_BASE_TYPES = ("point", "box", "mask", "text")
@@ -96,6 +98,60 @@ def make_sample_id(source_sha256: str, entity_id: int | str, kind: str, config_h
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+def build_row(
+    *,
+    sample_id: str,
+    source_id: str,
+    source_sha256: str,
+    image_png: bytes,
+    width: int,
+    height: int,
+    layer: np.ndarray,
+    visible_mask: np.ndarray,
+    kind: str,
+    category: str,
+    prompts: list[dict[str, Any]],
+    split: str,
+    scores: dict[str, float],
+    config_hash: str,
+    backends: dict[str, str],
+    weights: list[str],
+) -> dict[str, Any]:
+    """One dataset row (one layer), the only place rows are assembled: the engine's real rows and the synthetic
+    ground-truth rows both come from here.
+
+    Args:
+        image_png: the source image as stored (``width`` x ``height`` pixels).
+        layer: HxWx4 uint8, the complete layer (straight alpha); encoded as PNG here.
+        visible_mask: HxW bool, the visible pixels (see the schema's ``visible_mask``); encoded as PNG here.
+        config_hash: the engine configuration's fingerprint (recorded in the provenance).
+        backends: stage -> backend family, recorded in the provenance.
+        weights: exact registry references of the weights used.
+    """
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "sample_id": sample_id,
+        "source_id": source_id,
+        "source_sha256": source_sha256,
+        "image": image_png,
+        "width": width,
+        "height": height,
+        "layer": encode_png(layer),
+        "visible_mask": encode_png(visible_mask),
+        "kind": kind,
+        "category": category,
+        "prompts": prompts,
+        "split": split,
+        "scores": scores,
+        "provenance": {
+            "engine_version": ENGINE_VERSION,
+            "config_hash": config_hash,
+            "backends": backends,
+            "weights": weights,
+        },
+    }
+
+
 # ---------------------------------------------------------------------------------------------- images
 def encode_png(array: np.ndarray) -> bytes:
     """HxW (bool or uint8), HxWx3 or HxWx4 uint8 -> PNG bytes (bool masks become 0/255)."""
@@ -134,7 +190,9 @@ def quoted(value: Any, limit: int = 80) -> str:
 
 
 def _sample_label(row: dict[str, Any]) -> str:
-    sid = row.get("sample_id", "?")
+    if "sample_id" not in row:
+        return "?"  # a prompt checked on its own (decompose.py strips "sample ?: ")
+    sid = row["sample_id"]
     if isinstance(sid, str) and SAMPLE_ID_RE.fullmatch(sid):
         return sid
     return quoted(sid)  # a hostile id is quoted and cut, never echoed raw

@@ -465,6 +465,7 @@ class Registry:
         src: str | os.PathLike | None = None,
         *,
         files: dict[str, str | os.PathLike] | None = None,
+        objects: dict[str, dict[str, Any]] | None = None,
         metadata: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
         parents: Iterable[str | Ref] = (),
@@ -482,6 +483,10 @@ class Registry:
 
         Args:
             files: {path inside the version: local path}; exclusive with ``src``.
+            objects: {path inside the version: {"key", "sha256", "size"}}: objects already in the bucket (a data
+                engine run's staged shards), copied into the version's prefix server-side, so that none of their
+                bytes pass through this process. ``sha256`` and ``size`` are the writer's (it hashed the bytes it
+                put); the size is checked against the copy, the sha256 by every verified read.
             parents: references this version was built from (lineage); resolved to exact versions.
             license, source: recorded in the manifest (required practice for imported weights).
 
@@ -491,14 +496,20 @@ class Registry:
         """
         validate_name(kind, "kind")
         validate_name(name)
-        if (src is None) == (files is None):
+        if src is not None and files is not None:
             raise RegistryError("give either a source path or a mapping of files")
+        if src is None and files is None and not objects:
+            raise RegistryError("give a source path, a mapping of files or objects in the bucket")
         skipped_links: list[str] = []
         local = (
             collect_files(src, skipped_links)
             if src is not None
-            else {validate_relpath(k): Path(v) for k, v in files.items()}
+            else {validate_relpath(k): Path(v) for k, v in (files or {}).items()}
         )
+        stored = {validate_relpath(k): v for k, v in (objects or {}).items()}
+        both = sorted(set(local) & set(stored))
+        if both:
+            raise RegistryError(f"paths given both as files and as objects: {', '.join(both[:5])}")
         for rel, p in local.items():
             _refuse_link(Path(p), f"file for {rel}:")
             if not Path(p).is_file():
@@ -507,6 +518,9 @@ class Registry:
         for rel, p in sorted(local.items()):
             digest, size = sha256_file(p)
             entries.append({"path": rel, "sha256": digest, "size": size})
+        for rel, obj in sorted(stored.items()):
+            entries.append({"path": rel, "sha256": str(obj["sha256"]), "size": int(obj["size"])})
+        entries.sort(key=lambda e: e["path"])
         chash = content_hash(entries)
         parent_refs = sorted({self.resolve(p).ref for p in parents})
 
@@ -524,9 +538,18 @@ class Registry:
 
         upload_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
         prefix = f"{self._base(kind, name)}objects/{upload_id}/"
-        total = sum(e["size"] for e in entries)
+        for rel, obj in sorted(stored.items()):
+            self.storage.copy(obj["key"], prefix + rel, int(obj["size"]))
+            copied = int(self.storage.head(prefix + rel)["ContentLength"])
+            if copied != int(obj["size"]):
+                raise IntegrityError(
+                    f"{obj['key']} copied to {prefix + rel} holds {copied} bytes, not the {obj['size']} declared"
+                )
+        total = sum(e["size"] for e in entries if e["path"] in local)
         with byte_bar(total, f"upload {kind}/{name}", progress) as bar:
             for e in entries:
+                if e["path"] not in local:
+                    continue
                 key = prefix + e["path"]
                 if e["size"] >= self.storage.config.multipart_threshold_mb * 1024 * 1024:
                     self.storage.upload_file(local[e["path"]], key, progress=False)

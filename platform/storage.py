@@ -12,7 +12,8 @@ import configparser
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -26,6 +27,42 @@ from reflade.platform.config import Config, StorageConfig, default_state_dir
 from reflade.platform.progress import byte_bar
 
 CREDENTIALS_FILENAME = "aws_credentials"
+
+
+@dataclass
+class Traffic:
+    """Bytes that went through one ``Storage``'s boto3 client while :meth:`Storage.traffic` was open: request
+    bodies sent and object bodies received, in total and by S3 operation (``PutObject``, ``GetObject``, ...).
+    A server-side copy moves no byte through the client and counts none."""
+
+    sent: int = 0
+    received: int = 0
+    by_op: dict[str, list[int]] = field(default_factory=dict)
+    """operation -> [calls, bytes sent, bytes received]."""
+    keys_received: dict[str, int] = field(default_factory=dict)
+    """object key -> bytes received (GetObject)."""
+
+    def _before_send(self, request, **_) -> None:
+        op = request.context.get("reflade_op", "?")
+        n = int(request.headers.get("Content-Length") or 0)
+        self.sent += n
+        row = self.by_op.setdefault(op, [0, 0, 0])
+        row[0] += 1
+        row[1] += n
+
+    def _before_call(self, params, context, model, **_) -> None:
+        context["reflade_op"] = model.name
+
+    def _after_call(self, parsed, model, context, **_) -> None:
+        n = int(parsed.get("ContentLength") or 0) if model.name == "GetObject" else 0
+        self.received += n
+        self.by_op.setdefault(model.name, [0, 0, 0])[2] += n
+        key = context.get("reflade_key")
+        if n and key:
+            self.keys_received[key] = self.keys_received.get(key, 0) + n
+
+    def _provide_key(self, params, context, **_) -> None:
+        context["reflade_key"] = params.get("Key")
 
 
 class StorageError(RuntimeError):
@@ -200,6 +237,26 @@ class Storage:
                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.config.max_attempts),
             )
         return self._fs
+
+    @contextmanager
+    def traffic(self) -> Iterator[Traffic]:
+        """Count the bytes this storage's boto3 client sends and receives inside the ``with`` block (the pyarrow
+        filesystem ``fs`` is not counted)."""
+        t = Traffic()
+        events = self.client.meta.events
+        hooks = [
+            ("provide-client-params.s3", t._provide_key),
+            ("before-call.s3", t._before_call),
+            ("before-send.s3", t._before_send),
+            ("after-call.s3", t._after_call),
+        ]
+        for name, fn in hooks:
+            events.register(name, fn)
+        try:
+            yield t
+        finally:
+            for name, fn in hooks:
+                events.unregister(name, fn)
 
     # ------------------------------------------------------------------ URIs
     def uri(self, key: str) -> str:
@@ -427,6 +484,31 @@ class Storage:
                     f"could not delete {len(resp['Errors'])} of {len(chunk)} objects at {self.endpoint}, e.g. "
                     f"{self.uri(first.get('Key', '?'))}: {first.get('Code', '?')}"
                 )
+
+    def copy(self, src_key: str, dst_key: str, size: int | None = None) -> None:
+        """Copy one object to another key of the bucket, server-side: no byte passes through this process.
+
+        Objects of 5 GiB or more (``size``; one CopyObject's limit) are copied in parts (UploadPartCopy).
+        """
+        if size is not None and size >= 5 * 1024**3:
+            self._call(
+                "copy",
+                src_key,
+                self.client.copy,
+                CopySource={"Bucket": self.bucket, "Key": src_key},
+                Bucket=self.bucket,
+                Key=dst_key,
+                Config=self._transfer_config(),
+            )
+            return
+        self._call(
+            "copy",
+            src_key,
+            self.client.copy_object,
+            CopySource={"Bucket": self.bucket, "Key": src_key},
+            Bucket=self.bucket,
+            Key=dst_key,
+        )
 
     # ------------------------------------------------------------------ large files
     def _transfer_config(self) -> TransferConfig:

@@ -73,43 +73,73 @@ def test_layout_is_not_part_of_the_config_hash():
     assert dataclasses.replace(base, layout="staged", fused_actors=4).fingerprint() == base.fingerprint()
 
 
-def test_layer_stages_match_the_plain_loop():
-    """The fused actor's code path (outside Ray) gives the same kept layers as run_stages_plain."""
-    from reflade.engine.pipeline import MarkDuplicates, PreFilterStage, _frame, _rows
+def _independent_rows(data: bytes, sha: str, cfg: EngineConfig, config_hash: str) -> dict[str, tuple]:
+    """The kept layers of one image by a plain loop that shares no engine plumbing with the pipeline: the image
+    decoded with PIL, the backends and stage functions called directly. {sample_id: (layer PNG, mask PNG,
+    prompts)}."""
+    import io
 
-    cfg = EngineConfig(batch_size=2)
-    records = [
-        {
-            "source_id": f"s{i}",
-            "sha256": f"{i:064x}",
-            "name": f"scene{i}.png",
-            "data": scene_to_png_bytes(make_scene(seed=700 + i)),
-        }
-        for i in range(3)
-    ]
-    plain = run_stages_plain(records, cfg, "classical")
-    rows = [dict(r, ok=True, stage="", reason="") for r in records]
-    frame = MarkDuplicates({})(PreFilterStage(cfg)(_frame(rows)))
-    out = LayerStages("classical", cfg)(frame)
-    assert isinstance(out, pd.DataFrame)
-    fused = _rows(out)
-    assert [r["source_id"] for r in fused] == [r["source_id"] for r in plain]
-    for a, b in zip(fused, plain, strict=True):
-        assert (a["ok"], a["stage"], a["reason"]) == (b["ok"], b["stage"], b["reason"])
-        wa, wb = (pickle_loads(x["work"]) for x in (a, b))
-        assert [(lay.entity_id, lay.kind, lay.ok) for lay in wa.layers] == [
-            (lay.entity_id, lay.kind, lay.ok) for lay in wb.layers
-        ]
-        for la, lb in zip(wa.layers, wb.layers, strict=True):
-            if la.ok:
-                assert (la.rgba == lb.rgba).all() and la.prompts == lb.prompts
-    assert any(lay.ok for r in fused for lay in pickle_loads(r["work"]).layers), "no layer kept at all"
+    import numpy as np
+    from PIL import Image
+
+    from reflade.engine.backends import make_completion_backend, make_matting_backend, make_scene_backend
+    from reflade.engine.schema import encode_png, make_sample_id
+    from reflade.engine.stages.postfilter import check_layer
+    from reflade.engine.stages.prompts import make_prompts
+
+    image = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+    entities = make_scene_backend("classical", cfg).detect(image)
+    completions = make_completion_backend("classical", cfg).complete(image, entities)
+    matting = make_matting_backend("classical", cfg)
+    out = {}
+    for ent, comp in zip(entities, completions, strict=True):
+        background = np.dstack([comp.background, np.full(image.shape[:2], 255, np.uint8)])
+        layers = [("foreground", matting.refine(image, comp, ent.mask), ent.mask)]
+        layers.append(("background", background, ~ent.mask))
+        for kind, rgba, visible in layers:
+            rng = np.random.default_rng(int(sha[:12], 16) + 7919 * ent.entity_id + (kind == "background"))
+            prompts = make_prompts(ent, ent.mask, image.shape[:2], rng, cfg, kind=kind)
+            if prompts and check_layer(rgba, image, visible, kind, cfg).ok:
+                sid = make_sample_id(sha, ent.entity_id, kind, config_hash)
+                out[sid] = (encode_png(rgba), encode_png(visible), prompts)
+    return out
 
 
-def pickle_loads(blob):
+def test_pipeline_rows_match_a_plain_loop_over_independently_decoded_inputs():
+    """The rows the pipeline's stage code makes (record stages, the fused actor's LayerStages, the shard writer's
+    row builder) are the rows of a plain loop over the same inputs: identical sample ids, layer and mask bytes and
+    prompts."""
+    import hashlib
     import pickle
 
-    return pickle.loads(blob)
+    from reflade.engine.schema import make_sample_id
+    from reflade.engine.staging import ShardWriter, split_for
+
+    cfg = EngineConfig(batch_size=2)
+    config_hash = cfg.fingerprint()
+    datas = [scene_to_png_bytes(make_scene(seed=700 + i)) for i in range(3)]
+    records = [
+        {"source_id": f"s{i}", "sha256": hashlib.sha256(d).hexdigest(), "name": f"scene{i}.png", "data": d}
+        for i, d in enumerate(datas)
+    ]
+    writer = ShardWriter({}, "runs/x/", config_hash, {"scene": "classical"}, [], cfg.test_fraction)
+    pipeline = {}
+    for r in run_stages_plain(records, cfg, "classical"):
+        work = pickle.loads(r["work"])
+        for lay in work.layers:
+            if r["ok"] and lay.ok:
+                sid = make_sample_id(r["sha256"], lay.entity_id, lay.kind, config_hash)
+                row = writer._row(r, work, lay, sid, split_for(r["sha256"], cfg.test_fraction))
+                pipeline[row["sample_id"]] = (row["layer"], row["visible_mask"], row["prompts"])
+    plain = {}
+    for rec in records:
+        plain.update(_independent_rows(rec["data"], rec["sha256"], cfg, config_hash))
+    assert len(plain) >= 6, "the scenes should give layers"
+    assert sorted(pipeline) == sorted(plain)
+    for sid, (layer, mask, prompts) in plain.items():
+        assert pipeline[sid][0] == layer, sid
+        assert pipeline[sid][1] == mask, sid
+        assert pipeline[sid][2] == prompts, sid
 
 
 def test_layer_stages_hand_on_objects_and_return_pickles():
