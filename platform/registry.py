@@ -538,13 +538,21 @@ class Registry:
 
         upload_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
         prefix = f"{self._base(kind, name)}objects/{upload_id}/"
-        for rel, obj in sorted(stored.items()):
+
+        def adopt(item: tuple[str, dict[str, Any]]) -> None:
+            rel, obj = item
             self.storage.copy(obj["key"], prefix + rel, int(obj["size"]))
             copied = int(self.storage.head(prefix + rel)["ContentLength"])
             if copied != int(obj["size"]):
                 raise IntegrityError(
                     f"{obj['key']} copied to {prefix + rel} holds {copied} bytes, not the {obj['size']} declared"
                 )
+
+        if stored:  # server-side copies, several at once (the client is thread-safe)
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=max(1, self.storage.config.max_concurrency)) as pool:
+                list(pool.map(adopt, sorted(stored.items())))
         total = sum(e["size"] for e in entries if e["path"] in local)
         with byte_bar(total, f"upload {kind}/{name}", progress) as bar:
             for e in entries:

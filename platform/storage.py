@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,25 +42,28 @@ class Traffic:
     """operation -> [calls, bytes sent, bytes received]."""
     keys_received: dict[str, int] = field(default_factory=dict)
     """object key -> bytes received (GetObject)."""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def _before_send(self, request, **_) -> None:
         op = request.context.get("reflade_op", "?")
         n = int(request.headers.get("Content-Length") or 0)
-        self.sent += n
-        row = self.by_op.setdefault(op, [0, 0, 0])
-        row[0] += 1
-        row[1] += n
+        with self._lock:  # a client may be used from several threads (the registry's copies)
+            self.sent += n
+            row = self.by_op.setdefault(op, [0, 0, 0])
+            row[0] += 1
+            row[1] += n
 
     def _before_call(self, params, context, model, **_) -> None:
         context["reflade_op"] = model.name
 
     def _after_call(self, parsed, model, context, **_) -> None:
         n = int(parsed.get("ContentLength") or 0) if model.name == "GetObject" else 0
-        self.received += n
-        self.by_op.setdefault(model.name, [0, 0, 0])[2] += n
         key = context.get("reflade_key")
-        if n and key:
-            self.keys_received[key] = self.keys_received.get(key, 0) + n
+        with self._lock:
+            self.received += n
+            self.by_op.setdefault(model.name, [0, 0, 0])[2] += n
+            if n and key:
+                self.keys_received[key] = self.keys_received.get(key, 0) + n
 
     def _provide_key(self, params, context, **_) -> None:
         context["reflade_key"] = params.get("Key")
