@@ -174,3 +174,20 @@ def test_registry_refuses_a_copy_of_another_size(storage, registry):
             "wrong-size",
             objects={"a.bin": {"key": "scratch/one.bin", "sha256": "0" * 64, "size": 4}},
         )
+
+
+def test_a_marker_from_before_commit_in_place_is_completed_by_reading_its_shard(storage, registry):
+    """A run staged by an older engine (markers without the shard's sha256, size and sample ids) still commits: its
+    shards are read once to describe them, and only those."""
+    plan = stage_noise_run(storage, "commit-legacy", shards=2, per_shard=2, side=32, seed=2)
+    done = sorted(o["Key"] for o in storage.list(f"{plan.run_prefix}done/"))
+    legacy, _ = storage.get_json(done[0])
+    for key in ("staged", "sample_ids", "layer_sources"):
+        legacy.pop(key)
+    storage.put_json(done[0], legacy)
+    with storage.traffic() as t:
+        res = commit(plan, storage, registry, t_start=time.monotonic(), log=lambda *_: None)
+    assert set(t.keys_received) & {o["Key"] for o in storage.list(f"{plan.run_prefix}staged/")} == {
+        staged_key(plan.run_prefix, legacy["shard"])
+    }
+    assert res.layers_kept == 4 and len(load_rows(registry, res.dataset)) == 4
