@@ -228,7 +228,7 @@ def commit(plan: RunPlan, storage, registry, *, t_start: float, log=print) -> Ru
     stats = {
         k: v
         for k, v in result.as_dict().items()
-        if k not in ("dataset", "wall_s", "skipped_done", "uploaded", "reused")
+        if k not in ("dataset", "wall_s", "skipped_done", "uploaded", "reused", "phases")
     }
     with tempfile.TemporaryDirectory(prefix="reflade-commit-") as tmp:
         manifest_path = Path(tmp) / "manifest.json"

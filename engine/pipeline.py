@@ -45,7 +45,7 @@ from reflade.engine.ray_stages import (
 from reflade.engine.record_stage import LayerOut, RecordStage, Work
 from reflade.engine.record_stage import to_batch as _frame
 from reflade.engine.record_stage import to_records as _rows
-from reflade.engine.run import execute, run_engine
+from reflade.engine.run import build_dataset, execute, run_engine
 from reflade.engine.run_result import IMAGE_STAGES, STAGES, RunResult, StageRow, stage_table
 from reflade.engine.schema import ENGINE_VERSION, make_sample_id
 from reflade.engine.staging import ShardWriter, done_markers, shard_name, split_for
@@ -78,6 +78,7 @@ __all__ = [
     "add_layer_stages",
     "commit",
     "done_markers",
+    "build_dataset",
     "execute",
     "fused_pool_size",
     "input_blocks",

@@ -90,6 +90,15 @@ def run_engine(
     storage = Storage.from_config(cfg)
     registry = Registry(storage, cfg.registry.prefix)
 
+    phases: dict[str, float] = {}  # seconds per part of the run (RunResult.phases)
+    t = t_start
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.monotonic()
+        phases[name] = phases.get(name, 0.0) + now - t
+        t = now
+
     # 1. ingest
     inp = ingest(source, storage, registry, limit=limit, progress=progress)
     log(
@@ -97,6 +106,7 @@ def run_engine(
         f"{inp.already_there} already in the bucket)"
         + (f"; {len(inp.rejected)} manifest records quarantined" if inp.rejected else "")
     )
+    lap("ingest")
     # 2. plan
     plan = make_plan(
         dataset=dataset,
@@ -113,29 +123,43 @@ def run_engine(
     log(f"run {plan.run_id} under s3://{storage.bucket}/{plan.run_prefix}")
     if plan.skipped:
         log(f"resuming: {plan.skipped} images already staged by an earlier attempt, {len(plan.todo)} to go")
+    lap("plan")
     # 3. execute
     connect(cfg)
+    lap("connect")
     if plan.todo:
-        execute(plan, progress=progress, log=log)
+        execute(plan, progress=progress, log=log, phases=phases)
+    t = time.monotonic()
     if synthetic:
         stage_synthetic(storage, plan.run_prefix, synthetic, synthetic_size, plan.config_hash, ecfg, log)
+        lap("synthetic")
     # 4. commit
-    return commit(plan, storage, registry, t_start=t_start, log=log)
+    result = commit(plan, storage, registry, t_start=t_start, log=log)
+    lap("commit")
+    result.phases = phases
+    log("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+    return result
 
 
-def execute(plan: RunPlan, *, progress: bool | None = None, log=print) -> int:
-    """Run the stages over ``plan.todo`` on Ray Data and stage their results; returns the shards written.
+def build_dataset(plan: RunPlan, *, log=print, phases: dict[str, float] | None = None):
+    """The engine's Ray dataset over ``plan.todo``: the one pipeline that ``run_engine`` (through ``execute``)
+    and ``bench/engine.py`` run.
 
-    Read and pre-filter run as tasks; a barrier (``materialize``) then gathers every perceptual hash, so that
-    near-duplicates are resolved over the whole input in input order; stages 2-6 follow in the configured
-    layout (``layout.py``), and the shard writer stages each batch (``staging.py``)."""
+    Read from the bucket and pre-filter as tasks; a barrier (``materialize``, run here) gathers every
+    perceptual hash, so that near-duplicates are resolved over the whole input in input order; then stages 2-6
+    in the configured layout (``layout.py``) and the shard writer (``staging.py``), lazily: consuming the
+    returned dataset (one row per staged shard: ``shard``, ``summary``) stages the run's shards and markers.
+
+    Args:
+        plan: the run's plan (``plan.py``).
+        phases: if given, ``phases["barrier"]`` is set to the seconds from the start to the barrier's end.
+    """
     import ray
 
     from reflade.engine.stages.prefilter import find_near_duplicates
 
+    t0 = time.monotonic()
     ecfg = plan.ecfg
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(progress) if progress is not None else ctx.enable_progress_bars
     items = [
         {
             "source_id": it.source_id,
@@ -163,6 +187,8 @@ def execute(plan: RunPlan, *, progress: bool | None = None, log=print) -> int:
         ((h["source_id"], int(h["phash"])) for h in hashes if int(h["phash"])), key=lambda p: order[p[0]]
     )
     ds = ds.map_batches(MarkDuplicates(find_near_duplicates(pairs, ecfg.dup_hamming)), **task)
+    if phases is not None:
+        phases["barrier"] = time.monotonic() - t0
     log(describe_layout(ecfg, plan.family))
     ds = add_layer_stages(ds, ecfg, plan.family, plan.storage_fields, plan.registry_prefix)
     writer = ShardWriter(
@@ -173,6 +199,23 @@ def execute(plan: RunPlan, *, progress: bool | None = None, log=print) -> int:
         plan.weights,
         ecfg.test_fraction,
     )
-    written = ds.map_batches(writer, **task).take_all()
+    return ds.map_batches(writer, **task)
+
+
+def execute(
+    plan: RunPlan, *, progress: bool | None = None, log=print, phases: dict[str, float] | None = None
+) -> int:
+    """Run ``build_dataset(plan)`` to the end (its shards staged in the bucket); returns the shards written.
+    ``phases``, if given, gets ``barrier`` (start to the near-duplicate barrier's end) and ``stages`` (from
+    there to the last shard staged: stages 2-6 and the writer), in seconds."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(progress) if progress is not None else ctx.enable_progress_bars
+    ds = build_dataset(plan, log=log, phases=phases)
+    t0 = time.monotonic()
+    written = ds.take_all()
+    if phases is not None:
+        phases["stages"] = time.monotonic() - t0
     log(f"staged {len(written)} shards")
     return len(written)

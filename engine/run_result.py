@@ -48,6 +48,9 @@ class RunResult:
     stages: list[StageRow]
     reused: bool = False
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
+    """Wall seconds per part of this run: ``ingest``, ``plan``, ``connect`` (to Ray), ``barrier`` (read,
+    pre-filter, near-duplicates), ``stages`` (stages 2-6 and the shard writer), ``synthetic``, ``commit``."""
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)

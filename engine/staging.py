@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -105,9 +106,13 @@ def stage_shard(
     layer_rows: list[dict[str, Any]],
     quarantine_rows: list[dict[str, Any]],
     marker: dict[str, Any],
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Write one batch's layer shard, quarantine shard and, last, its marker (``marker`` plus the layer shard's
     ``sha256``, ``size``, ``sample_ids`` and ``layer_sources``); returns the marker as written.
+
+    ``started``: the ``time.perf_counter()`` at which the writer took the batch; the seconds from then to the
+    marker (rows built, both shards encoded and uploaded) go into the marker's ``timings["write"]``.
 
     Raises:
         SchemaError: a row does not validate (nothing is written).
@@ -125,6 +130,8 @@ def stage_shard(
         sample_ids=[r["sample_id"] for r in layer_rows],
         layer_sources=sorted({r["source_id"] for r in layer_rows}),
     )
+    if started is not None:
+        marker["timings"] = {**marker.get("timings", {}), "write": time.perf_counter() - started}
     # The marker goes last: its presence means both shards are complete.
     storage.put_json(f"{run_prefix}{DONE}{name}.json", marker)
     return marker
@@ -170,6 +177,7 @@ class ShardWriter:
         return worker_storage(self.fields)
 
     def __call__(self, batch):
+        t0 = time.perf_counter()
         rows = to_records(batch)
         if not rows:
             return to_batch([])
@@ -199,7 +207,9 @@ class ShardWriter:
             counts=counts,
             timings=timings,
         )
-        summary = stage_shard(self.storage, self.run_prefix, name, layer_rows, quarantine, summary)
+        summary = stage_shard(
+            self.storage, self.run_prefix, name, layer_rows, quarantine, summary, started=t0
+        )
         return to_batch([{"shard": name, "summary": json.dumps(summary)}])
 
     def _row(self, r, work: Work, lay: LayerOut, sid: str, split: str) -> dict[str, Any]:
