@@ -1,68 +1,42 @@
-"""Benchmark: the data engine's six stages (classical backends) on Ray Data against the same code in one loop.
+"""Benchmark: the data engine's whole product run (classical backends) on Ray against the same stage code in one
+loop.
 
 Inputs: ``--scenes`` synthetic scenes (``engine/synth.py``: 256x256, seeds 0..N-1, background ``auto``) plus
 scikit-image's bundled colour photos (astronaut, coffee, chelsea, rocket), PNG-encoded in memory. Compared in ONE
 run, on the same inputs, after an untimed warm-up of both arms (imports, pymatting's numba kernels, Ray workers):
 
-(b) plain: ``run_stages_plain(records, ecfg, "classical")``: every stage, one process, one thread (first in each
-    round of ``--repeat``, with no Ray cluster up);
-(a) Ray Data on a local cluster this script starts (``num_cpus = --cores``, its own short temp dir):
-    ``from_items`` (PNG bytes inline, largest first, as the engine orders its input) -> ``PreFilterStage`` (task)
-    -> ``MarkDuplicates`` (task) -> ``add_layer_stages(ds, ecfg, "classical")`` (the engine's own pipeline),
-    consumed with ``iter_batches``.
+(b) plain: ``run_stages_plain(records, ecfg, "classical")``: every stage, one process, one thread, the images in
+    memory (first in each round of ``--repeat``);
+(a) the product: ``run_engine`` (what ``reflade engine run`` calls) on a local Ray cluster this script starts
+    (``num_cpus = --cores``, its own short temp dir) and a SeaweedFS of its own (``_engine_world.py``), with the
+    images registered beforehand as a ``raw-images`` version (raw inputs sit in the bucket before a run). Timed:
+    the whole call: ingest (the registry input's manifest), plan, the engine's dataset as ``build_dataset`` builds
+    it (read from the bucket, pre-filter, the ``materialize`` barrier and near-duplicates, stages 2-6, the shard
+    writer) run to the end, and the commit (a registered dataset version). Each run is a fresh dataset (nothing
+    staged before). Its parts are reported (``RunResult.phases``; the writer's own seconds from the markers).
     Run once per setting:
       - ``defaults`` (the run compared with (b)): ``EngineConfig()`` on stock Ray: layout ``auto``, which on a
-        CPU cluster is ``fused`` (stages 2-6 in one actor class ``LayerStages``, one actor per CPU, 0.5 CPU
-        each; Ray Data fuses the pre-filter and MarkDuplicates tasks into the same actors);
-      - ``--staged``: the staged layout (scene / completion / matting actor pools, prompts and post-filter
-        tasks) once per ``--cpu-actors`` x ``--batch-size`` (CPUs per actor/task sized so the pools fit on
-        --cores), with idle Ray workers kept alive (``--keep-workers``, see below), for comparison.
+        CPU cluster is ``fused`` (stages 2-6 in one actor class ``LayerStages``, one actor per CPU);
+      - ``--staged``: the staged layout once per ``--cpu-actors`` x ``--batch-size``, with idle Ray workers kept
+        alive (``--keep-workers``), for comparison.
+    Not timed: starting Ray (``ray_start_s``, reported: ``reflade engine run`` pays it unless a cluster is up)
+    and reading the committed version back to compare it image by image with (b).
 (c) ``--ceiling``: ``--cores`` plain processes (spawned, no Ray) run 1/cores of the images each at the same time:
-    the speed-up this machine allows any parallel layout that added nothing (cores slow each other down through
-    shared caches, memory bandwidth and SMT siblings); printed beside the Ray run's share of it.
-(f) ``--floor`` (on by default): after each run of the defaults, the same pipeline shape (``from_items`` of the same
-    records in the same blocks, one actor pool of the same size) with stage code that only sleeps each image's stage
-    time from that run: what Ray Data alone costs on this node for that schedule (core time left unused, and CPU
-    of its own processes), and how much of the run's overhead the engine's pipeline adds above it.
+    the speed-up this machine allows any parallel layout that added nothing.
+(f) ``--floor`` (on by default): after each run of the defaults, Ray Data's own floor: ``from_items`` of the same
+    records in the engine's order and blocks, one actor pool of the fused pool's size, with stage code that only
+    sleeps each image's share of its batch's stage time in that run (from the markers): what Ray Data alone costs
+    on this node for that schedule.
 
 Thread counts are pinned to 1 in both arms (design.md, Pitfalls): ``OMP/MKL/OPENBLAS/NUMEXPR/NUMBA/OPENCV_FOR``
 variables are set before anything imports numpy, ``cv2.setNumThreads(1)`` and ``torch.set_num_threads(1)`` in the
 driver; every Ray worker inherits the variables from the raylet this script starts (``--thread-pinning
-runtime-env``: as a job runtime_env + a ``worker_process_setup_hook`` instead, which slows actor start-up); the counts
-seen in the driver, a Ray task and a Ray actor are printed and stored.
-
-Near-duplicates: found once, from the pre-filter hashes of arm (b), and the same map is given to both arms'
-``MarkDuplicates``; arm (a) has no ``materialize()`` barrier unless ``--barrier`` (the production pipeline's shape).
-
-``--keep-workers``: Ray keeps about ``num_cpus`` idle workers and kills the others after 1 s idle
-(``idle_worker_killing_time_threshold_ms``). On 2 CPUs the staged pipeline holds 3 stage actors and 3 Ray Data service
-actors, so the workers that run the stage tasks are killed between batches and restarted (a Python start and the
-stage imports each time). With the flag, that threshold is raised for the cluster this script starts.
+runtime-env``: as a job runtime_env + a ``worker_process_setup_hook`` instead); the counts seen in the driver, a Ray
+task and a Ray actor are printed and stored.
 
 The machine may be shared: each timed run records the CPU seconds of this process tree ("own": the driver, Ray's
-daemons and workers), of other processes ("others") and idle, and waits first (``--wait-quiet``) for the others to
-go quiet. Definitions (also written into the JSON, "definitions"):
-  stage time    = sum over images of ``Work.timings`` (the stage code only: prefilter, scene, completion, matting,
-                  prompts, postfilter; wall clock inside each stage), per arm;
-  overhead %    = 100 * (wall * cores - stage time) / stage time, cores = 1 for (b) and --cores for (a): every
-                  core-second not spent in stage code (idle cores, actor start-up, (de)serialisation, pandas <->
-                  Arrow, scheduling, the driver; in (b) the pickling between stages and the frames). Stage times
-                  are wall clock: where processes outnumber cores they include waiting for a core, and the
-                  overhead then reads low (even negative); the CPU figures below do not have that flaw;
-  steady ovh %  = the same over the steady window of (a), from the first output batch to the last, with the stage
-                  time of the images that arrived in it: the per-image overhead without the run's fixed start-up
-                  (cluster, actors, first batch);
-  fixed ovh     = whole-run overhead - steady ovh % * stage time, in core-seconds: the cost per run (actor processes
-                  started, their imports, the first batch), with the image count from which the whole-run overhead
-                  would fall under the target at the steady rate;
-  cluster idle  = CPU used by the driver and Ray's daemons and service actors while no dataset runs (5 s measured
-                  before the timed run), as a share of a core and of the run's stage time;
-  floor         = (f)'s unused core time, (wall * cores - slept) / slept: the overhead Ray Data alone leaves on
-                  this schedule, comparable with the run's overhead; and, apart, the CPU of every process but its
-                  actors (driver, daemons, service actors) / slept, which on busy cores slows the stage code;
-  cpu ms/img    = CPU seconds of this process tree per image; cpu overhead % = (a) against (b);
-  contention    = stage time (a) / stage time (b);
-  speed-up      = images/s (a) / images/s (b); targets: >= 1.6 on 2 cores, Ray overhead < 5 %.
+daemons and workers, the object store), of other processes ("others") and idle, and waits first (``--wait-quiet``)
+for the others to go quiet. Definitions are written into the JSON ("definitions").
 
     .venv/bin/python bench/engine.py [--scenes 256] [--no-photos] [--cpu-actors 1,2] [--batch-size 4] [--no-staged]
                                      [--quick]
@@ -103,25 +77,22 @@ from typing import Any  # noqa: E402
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+from _engine_world import ProductWorld, read_back  # noqa: E402
 
 from reflade.engine.config import EngineConfig  # noqa: E402
 from reflade.engine.pipeline import (  # noqa: E402
-    LayerStages,
-    MarkDuplicates,
-    PreFilterStage,
-    add_layer_stages,
     fused_pool_size,
     input_blocks,
     largest_first,
     resolve_layout,
     run_stages_plain,
 )
-from reflade.engine.stages.prefilter import find_near_duplicates  # noqa: E402
 from reflade.engine.synth import make_scene, scene_to_png_bytes  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "engine.json"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 TIMED_STAGES = ("prefilter", "scene", "completion", "matting", "prompts", "postfilter")
+PHASES = ("ingest", "plan", "connect", "barrier", "stages", "commit")
 WARMUP_SEED0 = 100_000  # warm-up scenes use seeds from here: never among the timed seeds
 TARGET_SPEEDUP = 1.6
 TARGET_OVERHEAD_PCT = 5.0
@@ -132,57 +103,42 @@ KEEP_WORKERS_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
 DEFINITIONS = {
     "stage_time_s": "sum over images of Work.timings (stage code only, wall clock: "
     + ", ".join(TIMED_STAGES)
-    + ")",
+    + "); for the product, summed from the run's done markers",
+    "write_s": "product: seconds of the shard writer (rows built, both shards encoded and uploaded), summed over "
+    "batches from the markers; not part of stage_time_s",
+    "phases_s": "product: wall seconds of each part of run_engine (RunResult.phases): ingest (the registry "
+    "input's manifest), plan (run id, markers listed), connect (Ray already up: a no-op), barrier (from_items, "
+    "read from the bucket, pre-filter, materialize, near-duplicates), stages (stages 2-6 and the writer, to the "
+    "last shard staged), commit (balance checked, version registered with its shards copied server-side)",
+    "phase_share": "product: phases_s / wall_s",
+    "ray_start_s": "product: ray.init of the local cluster, before the timed runs (not in wall_s)",
     "overhead_pct": "100 * (wall_s * cores - stage_time_s) / stage_time_s; cores = 1 for plain, --cores for ray. "
     "Reads low (even negative) when processes outnumber cores: stage times then include waiting",
     "overhead_per_image_ms": "1000 * (wall_s * cores - stage_time_s) / images",
-    "own_cpu_per_image_ms": "1000 * CPU seconds of this process tree (driver, Ray's daemons and workers, reaped "
-    "ones included) during the run / images",
-    "cpu_overhead_pct": "100 * (own_cpu_per_image_ms(ray) - mean own_cpu_per_image_ms(plain)) / the latter: the "
-    "extra CPU the Ray arm burns per image (worker start-up, serialisation, Arrow/pandas, "
-    "daemons, driver)",
+    "own_cpu_per_image_ms": "1000 * CPU seconds of this process tree (driver, Ray's daemons and workers, the object "
+    "store, reaped ones included) during the run / images",
+    "cpu_overhead_pct": "100 * (own_cpu_per_image_ms(ray) - mean own_cpu_per_image_ms(plain)) / the latter",
     "idle_pct": "100 * idle CPU seconds of the machine / (machine CPUs * wall_s): cores nobody used",
     "foreign_pct": "100 * CPU seconds of other processes / (machine CPUs * wall_s): the machine may be shared",
     "contention": "stage_time_s(ray) / stage_time_s(plain)",
     "speedup": "images_per_s(ray) / images_per_s(plain)",
     "parallel_efficiency": "speedup / cores",
-    "wall_s": "ray: from from_items() to the last output batch (actor start-up included); plain: the whole call",
-    "first_batch_s": "ray: from from_items() to the first output batch",
-    "steady_images_per_s": "ray: images after the first output batch / time from the first to the last batch",
-    "cpu_by_process": "ray: CPU seconds per process title (sampled every 1 s; a worker is named by its last "
-    "title, ray::IDLE for a task worker between tasks)",
+    "wall_s": "ray: the whole run_engine call (ingest to the registered version); plain: the whole call",
+    "cpu_by_process": "ray: CPU seconds per process title (sampled every 1 s)",
     "cpu_bound_speedup": "cores * mean own_cpu_per_image_ms(plain) / own_cpu_per_image_ms(ray): the speed-up on "
-    "a quiet machine if no core idled (an upper bound; unbiased by other processes, which "
-    "take a larger share of the CPU from one plain process than from several Ray workers)",
-    "steady_overhead_pct": "ray: 100 * (steady window * cores - stage time of the images that arrived in it) / "
-    "that stage time; the steady window runs from the first output batch to the last (cluster and actor "
-    "start-up, a fixed cost per run, excluded)",
-    "fixed_overhead_core_s": "ray: (wall_s * cores - stage_time_s) - steady_overhead_pct / 100 * stage_time_s: the "
-    "part of the whole run's overhead that the steady per-image rate does not explain, a cost per run (starting the "
-    "actors' processes and imports before the first batch)",
-    "break_even_images": "ray: images from which the whole-run overhead would fall under the target at this run's "
-    "steady per-image overhead: fixed_overhead_core_s / ((target - steady_overhead_pct) / 100 * stage_time_s / "
-    "images); null when the steady overhead is not under the target",
-    "cluster_idle_cores": "ray: CPU seconds per second used by this process tree (the driver, Ray's daemons and its "
-    "service actors) while no dataset runs, measured for IDLE_PROBE_S just before the timed run",
-    "cluster_background_pct": "ray: 100 * cluster_idle_cores * wall_s / stage_time_s: the share of the overhead "
-    "that the idle cluster's own processes would take over this run's wall time, whatever the pipeline",
-    "floor": "ray, defaults runs with --floor: the same Ray Data pipeline shape (from_items of the same records in "
-    "the same blocks, one actor pool of the same size, CPUs and batch size) with stage code that only sleeps each "
-    "image's stage time from the run just measured: no CPU, no output but the ids. What Ray Data costs on this "
-    "node whatever the stages do",
-    "actor_constructed_s": "floor: per actor of the pool, when its constructor ran (seconds after from_items()): "
-    "Ray Data's start-up for an actor class that imports nothing of the engine",
-    "floor_idle_pct": "floor: 100 * (wall_s * cores - slept_s) / slept_s: the core time the floor run left unused "
-    "(the pool's start-up with Ray Data's imports, scheduling, gaps between batches, the tail); the same formula as "
-    "overhead_pct, so comparable with it: what Ray Data alone leaves of the overhead the target is judged by",
-    "floor_cpu_pct": "floor: 100 * CPU seconds of every process of the tree but the pool's actors (the driver with "
-    "Ray Data's executor, Ray's daemons and service actors, this script's 1 Hz sampler) / slept_s. In the floor "
-    "run it uses cores the sleeping stages leave free; in a measured run, whose cores are busy, it takes them from "
-    "the stage code, whose times (wall clock) then include the wait: it shows up in contention and in the speed-up, "
-    "not in overhead_pct",
-    "above_floor_pct": "overhead_pct - floor_idle_pct: the part of the whole-run overhead that the engine's pipeline "
-    "adds above Ray Data's own (its imports and first calls, moving its records, pickling)",
+    "a quiet machine if no core idled (an upper bound)",
+    "cluster_idle_cores": "ray: CPU seconds per second used by this process tree (the driver, Ray's daemons, its "
+    "service actors, the object store) while no dataset runs, measured for IDLE_PROBE_S just before the timed run",
+    "floor": "ray, defaults runs with --floor: from_items of the same records in the engine's order and blocks, one "
+    "actor pool of the fused pool's size, CPUs and batch size, with stage code that only sleeps each image's share "
+    "of its batch's stage time in the run just measured: what Ray Data costs on this node whatever the stages do "
+    "(no barrier, writer, bucket or commit)",
+    "actor_constructed_s": "floor: per actor of the pool, when its constructor ran (seconds after from_items())",
+    "floor_idle_pct": "floor: 100 * (wall_s * cores - slept_s) / slept_s: the core time the floor run left unused; "
+    "the same formula as overhead_pct, so comparable with it",
+    "floor_cpu_pct": "floor: 100 * CPU seconds of every process of the tree but the pool's actors / slept_s",
+    "above_floor_pct": "overhead_pct - floor_idle_pct: the part of the whole-run overhead that the product adds above "
+    "Ray Data's own (the bucket, the barrier, the writer, the commit, moving records, pickling)",
     "best": "the run compared: the engine defaults (EngineConfig(), stock Ray), else the fastest Ray run; "
     "plain: the fastest plain run",
 }
@@ -370,16 +326,6 @@ def make_records(n_scenes: int, photos: bool, seeds: range | None = None) -> lis
     return out
 
 
-def near_duplicates(rows: list[dict[str, Any]], ecfg: EngineConfig) -> dict[str, str]:
-    """The map ``run_stages_plain`` computed (from the pre-filter hashes of the images that passed it)."""
-    pairs = [
-        (r["source_id"], int(r["phash"]))
-        for r in rows
-        if not (not r["ok"] and r["stage"] == "prefilter") and int(r["phash"])
-    ]
-    return find_near_duplicates(pairs, ecfg.dup_hamming)
-
-
 # ---------------------------------------------------------------------------------------------- results
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-image outcome and per-stage time sums from the pickled ``Work`` each output row carries."""
@@ -429,24 +375,6 @@ def arm_figures(summary: dict[str, Any], wall: float, cores: float, cpu: dict[st
         "idle_pct": 100 * cpu["idle_cpu_s"] / capacity if capacity else 0.0,
         "foreign_pct": 100 * cpu["foreign_load"],
         "cpu": cpu,
-    }
-
-
-def overhead_parts(fig: dict[str, Any], idle_cores: float) -> dict[str, Any]:
-    """A Ray run's overhead split into a cost per run and a cost per image, and the idle cluster's share of it
-    (see DEFINITIONS: fixed_overhead_core_s, break_even_images, cluster_idle_cores, cluster_background_pct)."""
-    stage, n = fig["stage_time_s"], fig["images"]
-    total = fig["wall_s"] * fig["cores"] - stage
-    steady = fig.get("steady_overhead_pct")
-    fixed = total - steady / 100 * stage if steady is not None else None
-    break_even = None
-    if fixed is not None and steady < TARGET_OVERHEAD_PCT and n and stage:
-        break_even = max(n, math.ceil(fixed / ((TARGET_OVERHEAD_PCT - steady) / 100 * stage / n)))
-    return {
-        "fixed_overhead_core_s": fixed,
-        "break_even_images": break_even,
-        "cluster_idle_cores": idle_cores,
-        "cluster_background_pct": 100 * idle_cores * fig["wall_s"] / stage if stage else None,
     }
 
 
@@ -522,81 +450,6 @@ def resources(cpu_actors: int, cores: float) -> tuple[float, float]:
     return per, per
 
 
-class TimedLayerStages(LayerStages):
-    """``LayerStages`` that appends the wall-clock times (``time.time()``) of its constructor and of each call (with
-    the calling thread's CPU time, ``time.thread_time()``) to a file of its own under ``log_dir`` (set on the class
-    before the dataset is built: the class is pickled by value, its attributes with it). Used by ``--timeline``
-    only: the figures of a run without it never include this."""
-
-    log_dir = ""
-
-    def __init__(self, *args):
-        t = time.time()
-        super().__init__(*args)
-        self._log = os.path.join(self.log_dir, f"{os.getpid()}.txt")
-        self._append(f"init {t} {time.time()}\n")
-
-    def _append(self, line: str) -> None:
-        with open(self._log, "a") as f:
-            f.write(line)
-
-    def __call__(self, batch):
-        t, c = time.time(), time.thread_time()
-        out = super().__call__(batch)
-        self._append(f"call {t} {time.time()} {time.thread_time() - c}\n")
-        return out
-
-
-def actor_timeline(log_dir: str, t0_epoch: float, wall: float) -> list[dict[str, Any]]:
-    """Per fused actor, from ``TimedLayerStages``' files: when its constructor started (seconds after the run
-    started) and how long it took, its first call and the mean of the later ones, the mean gap between calls (the
-    pre-filter and MarkDuplicates, fused before it in the same task, included), how long it sat idle at the end
-    of the run, and the CPU time of the calling thread during the calls (``busy_cpu_s``: under ``busy_s`` when
-    other processes or the actor's own Ray threads took the core)."""
-    out = []
-    for f in sorted(Path(log_dir).glob("*.txt")):
-        init, calls, cpu = None, [], 0.0
-        for line in f.read_text().splitlines():
-            kind, a, b, *rest = line.split()
-            if kind == "init":
-                init = (float(a), float(b))
-            else:
-                calls.append((float(a), float(b)))
-                cpu += float(rest[0])
-        if init is None:
-            continue
-        gaps = [calls[i + 1][0] - calls[i][1] for i in range(len(calls) - 1)]
-        later = [b - a for a, b in calls[1:]]
-        out.append(
-            {
-                "constructor_start_s": init[0] - t0_epoch,
-                "constructor_s": init[1] - init[0],
-                "calls": len(calls),
-                "first_call_start_s": calls[0][0] - t0_epoch if calls else None,
-                "first_call_s": calls[0][1] - calls[0][0] if calls else None,
-                "later_call_mean_s": sum(later) / len(later) if later else None,
-                "busy_s": sum(b - a for a, b in calls),
-                "busy_cpu_s": cpu,
-                "gap_mean_ms": 1000 * sum(gaps) / len(gaps) if gaps else None,
-                "idle_at_end_s": wall - (calls[-1][1] - t0_epoch) if calls else wall,
-            }
-        )
-    return out
-
-
-def _fmt_timeline(tl: list[dict[str, Any]]) -> str:
-    def f(key: str, scale: float = 1.0, fmt: str = ".2f") -> str:
-        return "/".join("-" if a[key] is None else format(a[key] * scale, fmt) for a in tl)
-
-    return (
-        f"actors' timeline (s after the run started): constructor at {f('constructor_start_s')} taking "
-        f"{f('constructor_s')}, first call at {f('first_call_start_s')} taking {f('first_call_s')} (later calls "
-        f"{f('later_call_mean_s')}), gap between calls {f('gap_mean_ms', fmt='.0f')} ms, idle at the end "
-        f"{f('idle_at_end_s')}; CPU of the calling thread / wall of the calls "
-        + "/".join(f"{a['busy_cpu_s'] / a['busy_s']:.2f}" if a["busy_s"] else "-" for a in tl)
-    )
-
-
 def engine_order(records: list[dict[str, Any]], order: str = "largest") -> list[dict[str, Any]]:
     """The records in the order the engine feeds its stages (``largest``: largest file first), or as given."""
     return largest_first(records, lambda r: len(r["data"])) if order == "largest" else records
@@ -621,7 +474,7 @@ class SleepStages:
 
 def run_floor(ray, records, seconds: dict[str, float], ecfg: EngineConfig, actors: int) -> dict[str, Any]:
     """The floor run (see DEFINITIONS, "floor"): from_items in the engine's order and blocks -> one actor pool of
-    ``SleepStages`` sized as the fused pool, consumed like ``run_ray``."""
+    ``SleepStages`` sized as the fused pool, consumed with ``iter_batches``."""
     from ray.data import ActorPoolStrategy
 
     n_blocks = input_blocks(len(records), ecfg.batch_size)
@@ -672,84 +525,6 @@ def floor_figures(
         "floor_idle_pct": idle_pct,
         "floor_cpu_pct": cpu_pct,
         "cpu_by_process": by_title,
-    }
-
-
-def build_dataset(
-    ray,
-    records,
-    setting: dict[str, Any],
-    ecfg: EngineConfig,
-    dups: dict[str, str] | None,
-    n_blocks: int,
-    fused_class: type | None = None,
-):
-    """from_items (largest first, as the engine) -> pre-filter (task) -> [barrier + dedup] -> MarkDuplicates
-    (task) -> stages 2-6."""
-    task = {"num_cpus": ecfg.num_cpus_per_task, "batch_format": "pandas", "batch_size": ecfg.batch_size}
-    # In the order the engine feeds its stages (largest first; setting "order": "given" keeps the input order,
-    # for comparison); near-duplicates stay resolved in input order either way.
-    items = [
-        dict(r, ok=True, stage="", reason="") for r in engine_order(records, setting.get("order", "largest"))
-    ]
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
-    ds = ds.map_batches(PreFilterStage(ecfg), **task)
-    if dups is None:  # the production shape: near-duplicates need every hash, a barrier
-        ds = ds.materialize()
-        hashes = ds.select_columns(["source_id", "phash", "ok", "stage"]).take_all()
-        order = {r["source_id"]: i for i, r in enumerate(records)}
-        hashes.sort(key=lambda h: order[h["source_id"]])
-        dups = near_duplicates(hashes, ecfg)
-    ds = ds.map_batches(MarkDuplicates(dups), **task)
-    return add_layer_stages(ds, ecfg, "classical", layout=setting["layout"], fused_class=fused_class)
-
-
-def run_ray(
-    ray,
-    records,
-    setting: dict[str, Any],
-    ecfg: EngineConfig,
-    dups: dict[str, str] | None,
-    timeline: bool = False,
-) -> dict[str, Any]:
-    """One execution: the output rows, wall time, time to the first batch, steady throughput, Ray Data's stats
-    (and with ``timeline``, fused layout only, the actors' timeline: ``actor_timeline``)."""
-    n_blocks = input_blocks(len(records), ecfg.batch_size)  # as the engine splits its input
-    keep = ["source_id", "ok", "stage", "reason", "work"]
-    tables, arrivals = [], []
-    log_dir = tempfile.mkdtemp(prefix="rlb-tl-") if timeline and setting["layout"] == "fused" else None
-    if log_dir:
-        TimedLayerStages.log_dir = log_dir
-    t0_epoch = time.time()
-    t0 = time.perf_counter()
-    try:
-        ds = build_dataset(ray, records, setting, ecfg, dups, n_blocks, TimedLayerStages if log_dir else None)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            arrivals.append((time.perf_counter() - t0, batch.num_rows))
-            tables.append(batch.select(keep))
-        wall = time.perf_counter() - t0
-        # An actor writes a call's line before it returns the batch: every line is there once the last batch is.
-        tl = actor_timeline(log_dir, t0_epoch, wall) if log_dir else None
-    finally:
-        if log_dir:
-            shutil.rmtree(log_dir, ignore_errors=True)
-    try:
-        stats = ds.stats()
-    except Exception as e:  # stats are a diagnosis aid, never a reason to lose the figures
-        stats = f"unavailable: {type(e).__name__}: {e}"
-    first = arrivals[0][0] if arrivals else wall
-    steady = None
-    if len(arrivals) > 1 and arrivals[-1][0] > first:
-        steady = sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - first)
-    return {
-        "rows": [r for t in tables for r in t.to_pylist()],
-        "timeline": tl,
-        "wall": wall,
-        "first": first,
-        "steady": steady,
-        "steady_window_s": (arrivals[-1][0] - first) if len(arrivals) > 1 else 0.0,
-        "first_batch_ids": set(tables[0].column("source_id").to_pylist()) if tables else set(),
-        "stats": stats,
     }
 
 
@@ -842,13 +617,11 @@ def _setting_label(s: dict[str, Any]) -> str:
             f"cpu/task={s['num_cpus_per_task']:g} bs={s['batch_size']}"
         )
     label = ("defaults: " if s.get("defaults") else "") + label
-    label += "" if s["keep_workers"] else " stock"
-    label += " input order" if s.get("order") == "given" else ""
-    return label + (" +barrier" if s.get("barrier") else "")
+    return label + ("" if s["keep_workers"] else " stock")
 
 
 def _arm(s: dict[str, Any]) -> str:
-    return "(a) ray"
+    return "(a) product"
 
 
 def print_tables(result: dict[str, Any]) -> None:
@@ -856,8 +629,8 @@ def print_tables(result: dict[str, Any]) -> None:
     runs = result.get("ray", [])
     best, plain = result.get("best"), result.get("plain")
     head = (
-        f"{'arm':<9} {'setting':<50} {'imgs':>4} {'wall s':>6} {'img/s':>5} {'steady':>6} {'speedup':>7} "
-        f"{'stage s':>7} {'ovh ms/img':>10} {'ovh %':>6} {'st.ovh%':>7} {'cpu ms/img':>10} {'cpu x':>5} {'idle %':>6} {'others %':>8} "
+        f"{'arm':<11} {'setting':<46} {'imgs':>4} {'wall s':>6} {'img/s':>5} {'speedup':>7} {'stage s':>7} "
+        f"{'ovh ms/img':>10} {'ovh %':>6} {'cpu ms/img':>10} {'cpu x':>5} {'idle %':>6} {'others %':>8} "
         f"{'kept':>4} {'quar':>4} {'layers':>6}"
     )
     print(head)
@@ -871,35 +644,39 @@ def print_tables(result: dict[str, Any]) -> None:
     ]
     for arm, label, r in rows:
         speed = f"{r['speedup']:.2f}x" if r.get("speedup") is not None else ""
-        steady = f"{r['steady_images_per_s']:.2f}" if r.get("steady_images_per_s") else ""
         cpu_x = f"{r['cpu_bound_speedup']:.2f}" if r.get("cpu_bound_speedup") is not None else ""
-        st_ovh = f"{r['steady_overhead_pct']:.1f}" if r.get("steady_overhead_pct") is not None else ""
         print(
-            f"{arm:<9} {label:<50} {r['images']:>4} {r['wall_s']:>6.1f} {r['images_per_s']:>5.2f} {steady:>6} "
-            f"{speed:>7} {r['stage_time_s']:>7.1f} {r['overhead_per_image_ms']:>10.1f} {r['overhead_pct']:>6.1f} {st_ovh:>7} "
+            f"{arm:<11} {label:<46} {r['images']:>4} {r['wall_s']:>6.1f} {r['images_per_s']:>5.2f} {speed:>7} "
+            f"{r['stage_time_s']:>7.1f} {r['overhead_per_image_ms']:>10.1f} {r['overhead_pct']:>6.1f} "
             f"{r['own_cpu_per_image_ms']:>10.1f} {cpu_x:>5} {r['idle_pct']:>6.1f} {r['foreign_pct']:>8.1f} "
             f"{r['images_kept']:>4} {r['images_quarantined']:>4} {r['layers_kept']:>6}"
         )
-    print("* the runs compared: the fastest plain run and the engine defaults (else the fastest Ray run)")
+    print("* the runs compared: the fastest plain run and the engine defaults (else the fastest product run)")
     if plain and best:
         print(
-            f"\nper-stage time (sum over images), plain vs the best Ray setting ({_setting_label(best['setting'])})"
+            f"\nper-stage time (sum over images), plain vs the product run ({_setting_label(best['setting'])})"
         )
-        h2 = f"{'stage':<11} {'plain s':>8} {'share':>6} {'ray s':>8} {'share':>6} {'ray/plain':>9}"
+        h2 = f"{'stage':<11} {'plain s':>8} {'share':>6} {'product s':>9} {'share':>6} {'prod/plain':>10}"
         print(h2)
         print("-" * len(h2))
         for st in TIMED_STAGES:
             p, a = plain["stage_s"][st], best["stage_s"][st]
             print(
-                f"{st:<11} {p:>8.2f} {plain['stage_share'][st]:>6.1%} {a:>8.2f} {best['stage_share'][st]:>6.1%} "
-                f"{(a / p if p else 0):>9.2f}"
+                f"{st:<11} {p:>8.2f} {plain['stage_share'][st]:>6.1%} {a:>9.2f} {best['stage_share'][st]:>6.1%} "
+                f"{(a / p if p else 0):>10.2f}"
             )
         print(
-            f"{'total':<11} {plain['stage_time_s']:>8.2f} {1:>6.0%} {best['stage_time_s']:>8.2f} {1:>6.0%} "
-            f"{best['contention']:>9.2f}"
+            f"{'total':<11} {plain['stage_time_s']:>8.2f} {1:>6.0%} {best['stage_time_s']:>9.2f} {1:>6.0%} "
+            f"{best['contention']:>10.2f}"
+        )
+        print(f"{'(writer)':<11} {'':>8} {'':>6} {best['write_s']:>9.2f}")
+        print(
+            f"\nwhere the product run's {best['wall_s']:.1f} s went: "
+            + ", ".join(f"{k} {v:.1f} s ({best['phase_share'][k]:.0%})" for k, v in best["phases_s"].items())
+            + f"; Ray's start before it {best['ray_start_s']:.1f} s (not timed)"
         )
         print(
-            "\nCPU seconds per process, best Ray run: "
+            "CPU seconds per process, product run: "
             + ", ".join(f"{k} {v:.1f}" for k, v in list(best.get("cpu_by_process", {}).items())[:8])
         )
 
@@ -920,28 +697,15 @@ def _pick(runs: list[dict[str, Any]], **match) -> dict[str, Any] | None:
     if not same:
         return None
     r = max(same, key=lambda r: r["images_per_s"])
-    return {
-        k: r.get(k)
-        for k in (
-            "setting",
-            "images_per_s",
-            "steady_images_per_s",
-            "speedup",
-            "overhead_pct",
-            "steady_overhead_pct",
-            "cpu_overhead_pct",
-            "cpu_bound_speedup",
-            "foreign_pct",
-            "fixed_overhead_core_s",
-        )
-    }
+    keys = ("setting", "images_per_s", "speedup", "overhead_pct", "cpu_overhead_pct", "cpu_bound_speedup")
+    return {k: r.get(k) for k in (*keys, "foreign_pct", "phases_s")}
 
 
 def make_settings(args) -> list[dict[str, Any]]:
-    """The Ray runs, grouped by cluster configuration (stock Ray first)."""
+    """The product runs, grouped by cluster configuration (stock Ray first)."""
     d = EngineConfig()
     out = []
-    if args.stock:  # the pipeline the engine builds, with its default resources, on stock Ray
+    if args.stock:  # the engine with its default resources, on stock Ray
         out.append(
             {
                 "layout": resolve_layout(d, "classical"),
@@ -952,12 +716,8 @@ def make_settings(args) -> list[dict[str, Any]]:
                 "num_cpus_per_task": d.num_cpus_per_task,
                 "batch_size": d.batch_size,
                 "keep_workers": False,
-                "barrier": args.barrier,
-                "order": "largest",
             }
         )
-        if args.given_order:  # the same, fed in input order instead of largest first
-            out.append(dict(out[-1], defaults=False, order="given"))
     if args.staged:  # the staged layout (one pool per model stage), for comparison
         for bs in args.batch_size:
             for actors in args.cpu_actors:
@@ -972,8 +732,6 @@ def make_settings(args) -> list[dict[str, Any]]:
                         "num_cpus_per_task": args.cpus_per_task or cpt,
                         "batch_size": bs,
                         "keep_workers": args.keep_workers,
-                        "barrier": args.barrier,
-                        "order": "largest",
                     }
                 )
     return sorted(out, key=lambda s: s["keep_workers"])  # stable: one cluster per configuration
@@ -992,14 +750,14 @@ def paired_speedups(result: dict[str, Any]) -> list[float]:
 
 
 def summarize_result(result: dict[str, Any]) -> None:
-    """The comparison: the fastest plain run against the engine's defaults (else the fastest Ray run)."""
+    """The comparison: the fastest plain run against the engine's defaults (else the fastest product run)."""
     plain = result["plain"]
     runs = result["ray"]
     if not runs:
         return
     defaults = [r for r in runs if r["setting"].get("defaults")]
     best = max(defaults or runs, key=lambda r: r["images_per_s"])
-    # Speed-ups of every Ray run against the fastest plain run so far (a later plain round may be faster).
+    # Speed-ups of every product run against the fastest plain run so far (a later plain round may be faster).
     for r in result["ray"]:
         r["speedup"] = r["images_per_s"] / plain["images_per_s"]
         r["parallel_efficiency"] = r["speedup"] / r["cores"]
@@ -1010,12 +768,14 @@ def summarize_result(result: dict[str, Any]) -> None:
         "ray_images_per_s": best["images_per_s"],
         "speedup": best["speedup"],
         "ray_overhead_pct": best["overhead_pct"],
-        "ray_steady_overhead_pct": best["steady_overhead_pct"],
         "ray_cpu_overhead_pct": best["cpu_overhead_pct"],
-        "ray_fixed_overhead_core_s": best.get("fixed_overhead_core_s"),
-        "break_even_images": best.get("break_even_images"),
+        "phases_s": best["phases_s"],
+        "phase_share": best["phase_share"],
+        "write_s": best["write_s"],
+        "ray_start_s": best["ray_start_s"],
+        "stage_share": best["stage_share"],
+        "plain_stage_share": plain["stage_share"],
         "cluster_idle_cores": best.get("cluster_idle_cores"),
-        "cluster_background_pct": best.get("cluster_background_pct"),
         "cpu_bound_speedup": best["cpu_bound_speedup"],
         "ray_floor_idle_pct": (best.get("floor") or {}).get("floor_idle_pct"),
         "ray_floor_cpu_pct": (best.get("floor") or {}).get("floor_cpu_pct"),
@@ -1023,12 +783,9 @@ def summarize_result(result: dict[str, Any]) -> None:
         "best_setting": best["setting"],
         "compared_is_engine_defaults": bool(best["setting"].get("defaults")),
         "fastest_staged": _pick(result["ray"], layout="staged"),
-        "fastest_given_order": _pick(result["ray"], order="given"),
         "paired_speedups": paired_speedups(result),
         "speedup_target_met": best["speedup"] >= TARGET_SPEEDUP,
         "overhead_target_met": best["overhead_pct"] < TARGET_OVERHEAD_PCT,
-        "steady_overhead_target_met": best["steady_overhead_pct"] is not None
-        and best["steady_overhead_pct"] < TARGET_OVERHEAD_PCT,
         "cpu_bound_speedup_reaches_target": best["cpu_bound_speedup"] >= TARGET_SPEEDUP,
         "kept_counts_match": not result["mismatches"],
         "others_load_pct": {"plain": plain["foreign_pct"], "ray": best["foreign_pct"]},
@@ -1041,6 +798,29 @@ def summarize_result(result: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def product_figures(res, back: dict[str, Any]) -> dict[str, Any]:
+    """A product run's outcome in the plain arm's terms (``summarize``), from what it committed (``read_back``)."""
+    stage_s = {st: back["stage_s"].get(st, 0.0) for st in TIMED_STAGES}
+    total = sum(stage_s.values())
+    per_image = back["per_image"]
+    quarantined = Counter(f"{v[1]}:{v[2]}" for v in per_image.values() if not v[0])
+    return {
+        "images": len(per_image),
+        "images_kept": sum(v[0] for v in per_image.values()),
+        "images_quarantined": sum(not v[0] for v in per_image.values()),
+        "quarantine_reasons": dict(sorted(quarantined.items())),
+        "layers_kept": res.layers_kept,
+        "stage_time_s": total,
+        "stage_s": stage_s,
+        "stage_share": {s: (stage_s[s] / total if total else 0.0) for s in TIMED_STAGES},
+        "write_s": back["stage_s"].get("write", 0.0),
+        "shards": back["shards"],
+        "dataset": res.dataset,
+        "per_image": per_image,
+        "image_stage_s": back["image_stage_s"],
+    }
+
+
 def run(args) -> int:
     pin_threads()
     import torch
@@ -1065,7 +845,8 @@ def run(args) -> int:
             "backends": "classical",
             "repeat": args.repeat,
             "warmup_images": len(warm),
-            "barrier": args.barrier,
+            "product": "run_engine (ingest, plan, build_dataset run to the end, commit) against a SeaweedFS of its "
+            "own, the images registered as a raw-images version beforehand",
             "wait_quiet_s": args.wait_quiet,
             "quiet_below": args.quiet_below,
             "keep_workers_system_config": KEEP_WORKERS_CONFIG,
@@ -1102,14 +883,13 @@ def run(args) -> int:
         return out, cpu, by_title, quiet
 
     base = EngineConfig(batch_size=args.batch_size[0])
-    state: dict[str, Any] = {"dups": {}, "per_image": None, "plain_cpu": None}
+    state: dict[str, Any] = {"per_image": None, "plain_cpu": None, "ray_start_s": None}
 
     def plain_round(rep: int) -> None:
-        """(b): one timed plain run (Ray is not running)."""
+        """(b): one timed plain run (no product run is going on)."""
         (rows, wall), cpu, _, quiet = timed(lambda: run_plain(records, base))
         fig = summarize(rows)
         if state["per_image"] is None:
-            state["dups"] = near_duplicates(rows, base)
             state["per_image"] = fig["per_image"]
         elif fig["per_image"] != state["per_image"]:
             raise SystemExit("the plain arm is not deterministic: two runs disagree")
@@ -1120,15 +900,14 @@ def run(args) -> int:
         state["plain_cpu"] = sum(r["own_cpu_per_image_ms"] for r in result["plain_runs"]) / len(
             result["plain_runs"]
         )
-        result["params"]["near_duplicates"] = len(state["dups"])
         write(result, args.out)
         print(
             f"(b) plain: {fig['images_per_s']:.2f} images/s ({wall:.1f} s, {fig['own_cpu_per_image_ms']:.0f} CPU "
             f"ms/image, others used {fig['foreign_pct']:.0f} % of the machine); wrote {args.out}"
         )
 
-    def ray_round(ray, s: dict[str, Any], rep: int) -> bool:
-        """(a) or (a'): one timed Ray run after an untimed one on the warm-up images; False on a mismatch."""
+    def ray_round(ray, world: ProductWorld, s: dict[str, Any], rep: int) -> bool:
+        """(a): one timed product run after an untimed one on the warm-up images; False on a mismatch."""
         plain = result["plain"]
         ecfg = EngineConfig(
             batch_size=s["batch_size"],
@@ -1140,42 +919,28 @@ def run(args) -> int:
         )
         if s["layout"] == "fused":
             s["actors"] = fused_pool_size(ecfg)  # the engine's choice on this cluster
-        with warnings.catch_warnings():  # the warm-up's 2 blocks cannot feed 2 actors: Ray Data says so
+        with warnings.catch_warnings():  # the warm-up's few blocks cannot feed every actor: Ray Data says so
             warnings.filterwarnings("ignore", message=".*only received.*input", category=UserWarning)
-            run_ray(ray, warm, s, ecfg, {})
+            world.run(state["warm_ref"], ecfg)
         time.sleep(1.0)  # the warm-up's actors exit
         _, idle_cpu, _ = meter.measure(lambda: time.sleep(IDLE_PROBE_S))
-        idle_cores = idle_cpu["own_cpu_s"] / idle_cpu["wall_s"]
-        out, cpu, by_title, quiet = timed(
-            lambda: run_ray(ray, records, s, ecfg, None if s["barrier"] else state["dups"], args.timeline)
-        )
-        fig = summarize(out.pop("rows"))
-        wall = out["wall"]
-        # Stage time of the images that arrived after the first batch (the steady window's work).
-        steady_stage = sum(t for sid, t in fig["image_stage_s"].items() if sid not in out["first_batch_ids"])
+        (res, lines, wall), cpu, by_title, quiet = timed(lambda: world.run(state["input_ref"], ecfg))
+        fig = product_figures(res, read_back(world, res, state["ids"]))
         fig.update(
             arm_figures(fig, wall, args.cores, cpu),
             setting=s,
             repeat=rep,
             quiet=quiet,
-            first_batch_s=out["first"],
-            steady_images_per_s=out["steady"],
-            steady_window_s=out["steady_window_s"],
-            steady_stage_s=steady_stage,
-            steady_overhead_pct=(
-                100 * (out["steady_window_s"] * args.cores - steady_stage) / steady_stage
-                if steady_stage and out["steady_window_s"]
-                else None
-            ),
+            phases_s={k: res.phases[k] for k in PHASES if k in res.phases},
+            phase_share={k: res.phases[k] / wall for k in PHASES if k in res.phases},
+            ray_start_s=state["ray_start_s"],
             speedup=fig["images"] / wall / plain["images_per_s"],
             contention=fig["stage_time_s"] / plain["stage_time_s"],
             cpu_by_process=by_title,
-            ray_data_stats=out["stats"],
+            cluster_idle_cores=idle_cpu["own_cpu_s"] / idle_cpu["wall_s"],
+            log=lines,
         )
-        if out["timeline"] is not None:
-            fig["actor_timeline"] = out["timeline"]
         fig["parallel_efficiency"] = fig["speedup"] / args.cores
-        fig.update(overhead_parts(fig, idle_cores))
         fig["cpu_overhead_pct"] = (
             100 * (fig["own_cpu_per_image_ms"] - state["plain_cpu"]) / state["plain_cpu"]
         )
@@ -1184,7 +949,7 @@ def run(args) -> int:
         fig["matches_plain"] = not diffs
         if diffs:
             result["mismatches"].append({"setting": s, "differences": diffs[:50], "count": len(diffs)})
-        if args.floor and s.get("defaults") and s["layout"] == "fused" and not s["barrier"]:
+        if args.floor and s.get("defaults") and s["layout"] == "fused":
             time.sleep(1.0)  # the measured run's actors exit
             seconds = dict(fig["image_stage_s"])
             frun, fcpu, ftitles, fquiet = timed(lambda: run_floor(ray, records, seconds, ecfg, s["actors"]))
@@ -1193,7 +958,7 @@ def run(args) -> int:
             fig["floor"] = floor
             fig["above_floor_pct"] = fig["overhead_pct"] - floor["floor_idle_pct"]
             print(
-                f"    floor (the same pipeline shape, stage code that only sleeps): {floor['wall_s']:.1f} s, actors "
+                f"    floor (Ray Data alone: stage code that only sleeps): {floor['wall_s']:.1f} s, actors "
                 f"constructed at {'/'.join(f'{t:.2f}' for t in floor['actor_constructed_s'])} s, first "
                 f"batch {floor['first_batch_s']:.1f} s; core time unused {floor['floor_idle_pct']:.1f} % of stage "
                 f"time (this run's overhead {fig['overhead_pct']:.1f} %: {fig['above_floor_pct']:.1f} % above it); "
@@ -1202,15 +967,13 @@ def run(args) -> int:
         result["ray"].append(_public(fig))
         summarize_result(result)
         write(result, args.out)
-        steady = f", steady {out['steady']:.2f}/s" if out["steady"] else ""
         print(
-            f"{_arm(s)} {_setting_label(s)}: {fig['images_per_s']:.2f} images/s ({wall:.1f} s, first batch "
-            f"{out['first']:.1f} s{steady}, {fig['own_cpu_per_image_ms']:.0f} CPU ms/image, others used "
-            f"{fig['foreign_pct']:.0f} % of the machine), {fig['speedup']:.2f}x plain"
+            f"{_arm(s)} {_setting_label(s)}: {fig['images_per_s']:.2f} images/s ({wall:.1f} s: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in fig["phases_s"].items())
+            + f"; {fig['own_cpu_per_image_ms']:.0f} CPU ms/image, others used {fig['foreign_pct']:.0f} % of the "
+            f"machine), {fig['speedup']:.2f}x plain, {res.dataset}"
             + ("" if not diffs else f", {len(diffs)} MISMATCHES")
         )
-        if out["timeline"]:
-            print(_fmt_timeline(out["timeline"]))
         time.sleep(1.0)  # let the finished run's actors exit before the next one starts
         return not diffs
 
@@ -1243,101 +1006,92 @@ def run(args) -> int:
             f"of one process alone), {c['speedup']:.2f}x plain"
         )
 
-    for rep in range(args.repeat):  # rounds: plain, then every Ray setting (one cluster per configuration)
-        plain_round(rep)
-        if args.ceiling:
-            ceiling_round(rep)
-        for group in groups:
-            tmp = start_ray(ray, args.cores, group[0]["keep_workers"], args.thread_pinning)
-            try:
-                probe = probe_ray_threads(ray, group[0]["num_cpus_per_actor"], group[0]["num_cpus_per_task"])
-                unpinned = [
-                    f"{where}: {key}={t[key]}"
-                    for where, t in probe.items()
-                    for key in ("cv2_threads", "torch_threads", "numba_threads")
-                    if t[key] != 1
-                ]
-                if unpinned:
-                    raise SystemExit("threads not pinned to 1 in the Ray workers: " + ", ".join(unpinned))
-                if rep == 0:
-                    result["threads"].setdefault("ray_task", probe["ray_task"])
-                    result["threads"].setdefault("ray_actor", probe["ray_actor"])
-                    print(f"threads, Ray task:            {_fmt_threads(probe['ray_task'])}")
-                    print(f"threads, Ray actor:           {_fmt_threads(probe['ray_actor'])}")
-                for s in group:
-                    if not ray_round(ray, s, rep):
-                        status = 1
-            finally:
-                ray.shutdown()
-                shutil.rmtree(tmp, ignore_errors=True)
+    world = ProductWorld()  # before Ray starts: its workers inherit the object store's location
+    try:
+        state["input_ref"], state["ids"] = world.register_input(records, "bench-input")
+        state["warm_ref"], _ = world.register_input(warm, "bench-warmup")
+        for rep in range(args.repeat):  # rounds: plain, then every setting (one cluster per configuration)
+            plain_round(rep)
+            if args.ceiling:
+                ceiling_round(rep)
+            for group in groups:
+                t0 = time.perf_counter()
+                tmp = start_ray(ray, args.cores, group[0]["keep_workers"], args.thread_pinning)
+                state["ray_start_s"] = time.perf_counter() - t0
+                try:
+                    check_threads(ray, group[0], result, rep)
+                    for s in group:
+                        if not ray_round(ray, world, s, rep):
+                            status = 1
+                finally:
+                    ray.shutdown()
+                    shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        world.close()
 
     print()
     print_tables(result)
+    report(result, args)
+    return status
+
+
+def check_threads(ray, setting: dict[str, Any], result: dict[str, Any], rep: int) -> None:
+    """Thread counts in a Ray task and a Ray actor: 1 everywhere, or the benchmark stops."""
+    probe = probe_ray_threads(ray, setting["num_cpus_per_actor"], setting["num_cpus_per_task"])
+    unpinned = [
+        f"{where}: {key}={t[key]}"
+        for where, t in probe.items()
+        for key in ("cv2_threads", "torch_threads", "numba_threads")
+        if t[key] != 1
+    ]
+    if unpinned:
+        raise SystemExit("threads not pinned to 1 in the Ray workers: " + ", ".join(unpinned))
+    if rep == 0:
+        result["threads"].setdefault("ray_task", probe["ray_task"])
+        result["threads"].setdefault("ray_actor", probe["ray_actor"])
+        print(f"threads, Ray task:            {_fmt_threads(probe['ray_task'])}")
+        print(f"threads, Ray actor:           {_fmt_threads(probe['ray_actor'])}")
+
+
+def report(result: dict[str, Any], args) -> None:
     sm = result.get("summary")
     if sm:
         print(
-            f"\nspeed-up {sm['speedup']:.3f}x (target >= {TARGET_SPEEDUP}: "
-            f"{'met' if sm['speedup_target_met'] else 'NOT met'}); Ray overhead {sm['ray_overhead_pct']:.1f} % of "
-            f"stage time (target < {TARGET_OVERHEAD_PCT:g} %: {'met' if sm['overhead_target_met'] else 'NOT met'}), "
-            f"{_fmt_pct(sm['ray_steady_overhead_pct'])} in the steady window "
-            f"({'met' if sm['steady_overhead_target_met'] else 'NOT met'}); "
-            f"Ray CPU overhead {sm['ray_cpu_overhead_pct']:.1f} %, CPU-bound speed-up {sm['cpu_bound_speedup']:.3f}x"
+            f"\nspeed-up of the product run over the plain loop {sm['speedup']:.3f}x (target >= {TARGET_SPEEDUP}: "
+            f"{'met' if sm['speedup_target_met'] else 'NOT met'}); overhead {sm['ray_overhead_pct']:.1f} % of "
+            f"stage time; CPU overhead {sm['ray_cpu_overhead_pct']:.1f} %, CPU-bound speed-up "
+            f"{sm['cpu_bound_speedup']:.3f}x"
         )
-        if sm.get("ray_fixed_overhead_core_s") is not None:
-            be = sm["break_even_images"]
-            print(
-                f"of the Ray overhead, {sm['ray_fixed_overhead_core_s']:.1f} core-s is a cost per run (start-up to the "
-                f"first batch: {result['best']['first_batch_s']:.1f} s), the rest {_fmt_pct(sm['ray_steady_overhead_pct'])}"
-                f" per image; "
-                + (
-                    f"at that rate the whole-run overhead falls under {TARGET_OVERHEAD_PCT:g} % from about {be} images"
-                    if be
-                    else "the per-image rate alone is over the target"
-                )
-                + f"; the idle cluster's own processes use {100 * sm['cluster_idle_cores']:.1f} % of a core "
-                f"({_fmt_pct(sm['cluster_background_pct'])} of this run's stage time)"
-            )
         if sm.get("ray_floor_idle_pct") is not None:
             fl = result["best"]["floor"]
             print(
                 f"Ray Data's own floor on this node (--floor: this run's schedule, stage code that only sleeps): "
                 f"{sm['ray_floor_idle_pct']:.1f} % of stage time left unused (first batch after "
-                f"{fl['first_batch_s']:.1f} s), against this run's {sm['ray_overhead_pct']:.1f} %: the pipeline adds "
-                f"{sm['ray_overhead_above_floor_pct']:.1f} %; beside that, the driver, Ray's daemons and service actors "
-                f"used CPU worth {sm['ray_floor_cpu_pct']:.1f} % of stage time, which on busy cores slows the stage "
-                f"code (contention) rather than adding to the overhead"
+                f"{fl['first_batch_s']:.1f} s), against this run's {sm['ray_overhead_pct']:.1f} %: the product adds "
+                f"{sm['ray_overhead_above_floor_pct']:.1f} %; the driver, Ray's daemons and service actors used CPU "
+                f"worth {sm['ray_floor_cpu_pct']:.1f} % of stage time"
             )
         if len(sm.get("paired_speedups") or []) > 1:
             print(
                 "speed-up per round (the compared setting over the same round's plain run): "
                 + ", ".join(f"{x:.3f}x" for x in sm["paired_speedups"])
-                + "; plain ran at "
-                + ", ".join(f"{p['images_per_s']:.2f}" for p in result["plain_runs"])
-                + " images/s"
             )
         if "ceiling_speedup" in sm:
             print(
                 f"ceiling (c): {args.cores} plain processes reach {sm['ceiling_speedup']:.3f}x on this machine; "
-                f"the Ray pipeline reaches {sm['share_of_ceiling']:.1%} of it"
+                f"the product run reaches {sm['share_of_ceiling']:.1%} of it"
             )
         if max(sm["others_load_pct"].values()) > 100 * args.quiet_below:
             print(
                 f"WARNING: other processes used {sm['others_load_pct']['plain']:.0f} % (plain) and "
-                f"{sm['others_load_pct']['ray']:.0f} % (ray) of the machine during the compared runs"
+                f"{sm['others_load_pct']['ray']:.0f} % (product) of the machine during the compared runs"
             )
-    print(
-        "ovh % = 100 * (wall * cores - stage time) / stage time; cpu ms/img = CPU of this process tree per image;"
-        " cpu x = cores * plain cpu ms/img / this run's (the speed-up on a quiet machine if no core idled);"
-        " steady = img/s after the first batch; idle/others % = share of the machine idle / used by other "
-        "processes"
-    )
     for mm in result["mismatches"]:
         print(
-            f"MISMATCH ray vs plain ({_setting_label(mm['setting'])}): {mm['count']} images, e.g. "
+            f"MISMATCH product vs plain ({_setting_label(mm['setting'])}): {mm['count']} images, e.g. "
             + "; ".join(mm["differences"][:3])
         )
     print(f"\nwrote {args.out}")
-    return status
 
 
 def _fmt_pct(v: float | None) -> str:
@@ -1357,11 +1111,12 @@ def _int_list(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=(
-            "Images per second through the data engine's six stages (classical backends): (a) Ray Data on a local "
-            "cluster this script starts (--cores CPUs, its own temp dir): add_layer_stages with the engine's "
+            "Images per second through the data engine's six stages (classical backends): (a) the whole product "
+            "run (run_engine: read from the bucket, pre-filter, barrier, stages 2-6, shard writer, commit) on a "
+            "local Ray cluster this script starts (--cores CPUs) and an object store of its own, with the engine's "
             "defaults (layout auto: fused on a CPU cluster) on stock Ray, then the staged layout once per "
-            "--cpu-actors x --batch-size with idle workers kept, for comparison; against (b) the same stage code in one "
-            "plain process (run_stages_plain). Thread counts are pinned to 1 in both arms and printed. Prints a "
+            "--cpu-actors x --batch-size with idle workers kept, for comparison; against (b) the same stage code in "
+            "one plain process (run_stages_plain). Thread counts are pinned to 1 in both arms and printed. Prints a "
             "table (images/s, speed-up, per-stage shares, Ray overhead, CPU used by this run and by other "
             "processes) and writes JSON with machine info to --out after each run."
         ),
@@ -1439,30 +1194,12 @@ def main(argv: list[str] | None = None) -> int:
         "speed-up this machine allows any parallel layout (default on)",
     )
     ap.add_argument(
-        "--timeline",
-        action="store_true",
-        help="fused runs: time the actors' constructor and every call (a LayerStages subclass appends the times to "
-        "a file per actor) and report where the run's start and end go (JSON: actor_timeline); off by default, so "
-        "that the compared figures never include it",
-    )
-    ap.add_argument(
         "--floor",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="after each run of the defaults, run the same pipeline shape with stage code that only sleeps each "
+        help="after each run of the defaults, run Ray Data's own floor (from_items, one actor pool) with stage code that only sleeps each "
         "image's stage time: Ray Data's own cost on this node for that schedule, and how much of the run's "
-        "overhead the engine adds above it (default on; not with --barrier, whose pipeline has another shape)",
-    )
-    ap.add_argument(
-        "--given-order",
-        action="store_true",
-        help="also run the defaults with the images in input order (the bundled photos last) instead of largest "
-        "first, as the engine feeds them: what the ordering does to the run's tail",
-    )
-    ap.add_argument(
-        "--barrier",
-        action="store_true",
-        help="arm (a) as in production: materialize() after the pre-filter, then near-duplicates",
+        "overhead the product adds above it (default on)",
     )
     ap.add_argument(
         "--repeat",
