@@ -168,6 +168,8 @@ def test_evaluation(sh):
         "jobs", "submit", "eval", "--follow", "--", "run", *model, "--dataset", "dataset/e2e:test", *tiny
     )
     assert "SUCCEEDED" in out and "eval-report/reflayer@5" in out
+    out = sh("eval", "photos", *model, "--steps", "2", "--out", "photos.png")
+    assert "reflayer:model/reflayer@1," in out and (sh.root / "photos.png").is_file()
     hist = json.loads(sh("eval", "history", "model/reflayer", "--json"))
     assert [h["report"] for h in hist] == [f"eval-report/reflayer@{i}" for i in range(1, 6)]
     sh("eval", "history", "model/reflayer")
