@@ -64,11 +64,9 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pickle  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections import Counter, defaultdict  # noqa: E402
@@ -77,6 +75,20 @@ from typing import Any  # noqa: E402
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+from _engine_cpu import CpuMeter, machine_info  # noqa: E402
+from _engine_report import (  # noqa: E402
+    DEFINITIONS,
+    TARGET_OVERHEAD_PCT,
+    TARGET_SPEEDUP,
+    TIMED_STAGES,
+    _arm,
+    _public,
+    _setting_label,
+    print_tables,
+    report,
+    summarize_result,
+    write,
+)
 from _engine_world import ProductWorld, read_back  # noqa: E402
 
 from reflade.engine.config import EngineConfig  # noqa: E402
@@ -91,57 +103,10 @@ from reflade.engine.synth import make_scene, scene_to_png_bytes  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "engine.json"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-TIMED_STAGES = ("prefilter", "scene", "completion", "matting", "prompts", "postfilter")
 PHASES = ("ingest", "plan", "connect", "barrier", "stages", "commit")
 WARMUP_SEED0 = 100_000  # warm-up scenes use seeds from here: never among the timed seeds
-TARGET_SPEEDUP = 1.6
-TARGET_OVERHEAD_PCT = 5.0
 IDLE_PROBE_S = 5.0  # before each timed Ray run: how long the idle cluster's own CPU use is measured
-SAMPLE_INTERVAL_S = 1.0  # CpuMeter: how often it reads the process tree (a process that exits between two
-# readings loses at most this long of its CPU from the figures; the stage actors live to the end of a run)
 KEEP_WORKERS_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
-DEFINITIONS = {
-    "stage_time_s": "sum over images of Work.timings (stage code only, wall clock: "
-    + ", ".join(TIMED_STAGES)
-    + "); for the product, summed from the run's done markers",
-    "write_s": "product: seconds of the shard writer (rows built, both shards encoded and uploaded), summed over "
-    "batches from the markers; not part of stage_time_s",
-    "phases_s": "product: wall seconds of each part of run_engine (RunResult.phases): ingest (the registry "
-    "input's manifest), plan (run id, markers listed), connect (Ray already up: a no-op), barrier (from_items, "
-    "read from the bucket, pre-filter, materialize, near-duplicates), stages (stages 2-6 and the writer, to the "
-    "last shard staged), commit (balance checked, version registered with its shards copied server-side)",
-    "phase_share": "product: phases_s / wall_s",
-    "ray_start_s": "product: ray.init of the local cluster, before the timed runs (not in wall_s)",
-    "overhead_pct": "100 * (wall_s * cores - stage_time_s) / stage_time_s; cores = 1 for plain, --cores for ray. "
-    "Reads low (even negative) when processes outnumber cores: stage times then include waiting",
-    "overhead_per_image_ms": "1000 * (wall_s * cores - stage_time_s) / images",
-    "own_cpu_per_image_ms": "1000 * CPU seconds of this process tree (driver, Ray's daemons and workers, the object "
-    "store, reaped ones included) during the run / images",
-    "cpu_overhead_pct": "100 * (own_cpu_per_image_ms(ray) - mean own_cpu_per_image_ms(plain)) / the latter",
-    "idle_pct": "100 * idle CPU seconds of the machine / (machine CPUs * wall_s): cores nobody used",
-    "foreign_pct": "100 * CPU seconds of other processes / (machine CPUs * wall_s): the machine may be shared",
-    "contention": "stage_time_s(ray) / stage_time_s(plain)",
-    "speedup": "images_per_s(ray) / images_per_s(plain)",
-    "parallel_efficiency": "speedup / cores",
-    "wall_s": "ray: the whole run_engine call (ingest to the registered version); plain: the whole call",
-    "cpu_by_process": "ray: CPU seconds per process title (sampled every 1 s)",
-    "cpu_bound_speedup": "cores * mean own_cpu_per_image_ms(plain) / own_cpu_per_image_ms(ray): the speed-up on "
-    "a quiet machine if no core idled (an upper bound)",
-    "cluster_idle_cores": "ray: CPU seconds per second used by this process tree (the driver, Ray's daemons, its "
-    "service actors, the object store) while no dataset runs, measured for IDLE_PROBE_S just before the timed run",
-    "floor": "ray, defaults runs with --floor: from_items of the same records in the engine's order and blocks, one "
-    "actor pool of the fused pool's size, CPUs and batch size, with stage code that only sleeps each image's share "
-    "of its batch's stage time in the run just measured: what Ray Data costs on this node whatever the stages do "
-    "(no barrier, writer, bucket or commit)",
-    "actor_constructed_s": "floor: per actor of the pool, when its constructor ran (seconds after from_items())",
-    "floor_idle_pct": "floor: 100 * (wall_s * cores - slept_s) / slept_s: the core time the floor run left unused; "
-    "the same formula as overhead_pct, so comparable with it",
-    "floor_cpu_pct": "floor: 100 * CPU seconds of every process of the tree but the pool's actors / slept_s",
-    "above_floor_pct": "overhead_pct - floor_idle_pct: the part of the whole-run overhead that the product adds above "
-    "Ray Data's own (the bucket, the barrier, the writer, the commit, moving records, pickling)",
-    "best": "the run compared: the engine defaults (EngineConfig(), stock Ray), else the fastest Ray run; "
-    "plain: the fastest plain run",
-}
 
 
 # ---------------------------------------------------------------------------------------------- threads
@@ -181,118 +146,6 @@ class _ThreadProbe:
 def _fmt_threads(t: dict[str, Any]) -> str:
     env = " ".join(f"{k.split('_NUM')[0]}={v}" for k, v in t["env"].items())
     return f"cv2={t['cv2_threads']} torch={t['torch_threads']} numba={t['numba_threads']} | {env}"
-
-
-# ---------------------------------------------------------------------------------------------- CPU accounting
-class CpuMeter:
-    """CPU seconds of this process tree (the driver, Ray's raylet/GCS and its workers) and of the whole machine:
-    the machine may be shared, so every timed section also says how busy the others kept it."""
-
-    def __init__(self):
-        import psutil
-
-        self.psutil = psutil
-        self.root = psutil.Process()
-        self.cpus = psutil.cpu_count() or 1
-        self._seen: dict[int, tuple[str, float]] = {}
-        self._base: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def _tree(self) -> dict[int, tuple[str, float]]:
-        """pid -> (title, CPU seconds) of this process and its descendants. One walk costs about 3 ms of CPU here
-        (psutil reads every process of the machine to find the descendants), and the sampler competes with the
-        Ray arm's workers for the cores: hence SAMPLE_INTERVAL_S."""
-        out = {}
-        for p in [self.root, *self.root.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                title = "driver" if p.pid == self.root.pid else (p.cmdline() or [p.name()])[0]
-            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
-                continue
-            out[p.pid] = (os.path.basename(title) if "/" in title else title, t.user + t.system)
-        return out
-
-    def snapshot(self) -> tuple[float, Any, float]:
-        """(time, machine CPU times, CPU seconds of this tree: live processes plus the tree's reaped ones)."""
-        tree = self._tree()
-        with self._lock:
-            self._seen.update(tree)
-            own = sum(c for _, c in self._seen.values())
-        return time.perf_counter(), self.psutil.cpu_times(), own
-
-    def start(self) -> None:
-        """Remember every process of the tree from now on (workers that exit mid-run keep their last reading)."""
-        self._seen = {}
-        self._base = {pid: c for pid, (_, c) in self._tree().items()}
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(SAMPLE_INTERVAL_S):
-            tree = self._tree()
-            with self._lock:
-                self._seen.update(tree)
-
-    def stop(self) -> dict[str, float]:
-        """CPU seconds per process title since start()."""
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-            self._thread = None
-        self._seen.update(self._tree())
-        by_title: dict[str, float] = defaultdict(float)
-        for pid, (title, c) in self._seen.items():
-            by_title[title] += c - self._base.get(pid, 0.0)
-        return {k: round(v, 2) for k, v in sorted(by_title.items(), key=lambda kv: -kv[1]) if v >= 0.05}
-
-    def delta(self, a, b) -> dict[str, float]:
-        (t0, c0, o0), (t1, c1, o1) = a, b
-
-        def d(name: str) -> float:
-            return getattr(c1, name, 0.0) - getattr(c0, name, 0.0)
-
-        busy = d("user") + d("nice") + d("system") + d("irq") + d("softirq")
-        own = o1 - o0
-        wall = t1 - t0
-        return {
-            "wall_s": wall,
-            "machine_cpus": self.cpus,
-            "own_cpu_s": own,
-            "foreign_cpu_s": max(0.0, busy - own),
-            "idle_cpu_s": d("idle") + d("iowait"),
-            "steal_cpu_s": d("steal"),
-            "foreign_load": max(0.0, busy - own) / (self.cpus * wall) if wall else 0.0,
-        }
-
-    def measure(self, fn):
-        """Run ``fn()``; return its result, the CPU accounting and the CPU seconds per process title."""
-        self.start()
-        a = self.snapshot()
-        try:
-            out = fn()
-        finally:
-            by_title = self.stop()
-        b = self.snapshot()
-        return out, self.delta(a, b), by_title
-
-    def wait_quiet(self, max_wait: float, below: float, window: float = 2.0) -> dict[str, Any]:
-        """Wait (at most ``max_wait`` s) until other processes use less than ``below`` of the machine."""
-        t0 = time.perf_counter()
-        while True:
-            self._seen = {}
-            a = self.snapshot()
-            time.sleep(window)
-            load = self.delta(a, self.snapshot())["foreign_load"]
-            waited = time.perf_counter() - t0
-            if load < below or waited >= max_wait:
-                return {
-                    "waited_s": round(waited, 1),
-                    "foreign_load_before": round(load, 3),
-                    "quiet": load < below,
-                }
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -572,135 +425,6 @@ def start_ray(ray, cores: int, keep_workers: bool, pinning: str = "inherit") -> 
 
 
 # ---------------------------------------------------------------------------------------------- report
-def machine_info() -> dict[str, Any]:
-    import numba
-    import pymatting
-    import ray
-    import torch
-
-    try:
-        cpus_usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus_usable = os.cpu_count()
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": cpus_usable,
-        "cpu_model": _cpu_model(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "ray": ray.__version__,
-        "numpy": np.__version__,
-        "opencv": cv2.__version__,
-        "numba": numba.__version__,
-        "pymatting": getattr(pymatting, "__version__", "unknown"),
-        "torch": torch.__version__,
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _setting_label(s: dict[str, Any]) -> str:
-    if s["layout"] == "fused":
-        actors = s.get("actors") or s["fused_actors"] or "1/CPU"
-        label = f"fused, {actors} actors x {s['num_cpus_per_actor']:g} CPU bs={s['batch_size']}"
-    else:
-        label = (
-            f"staged, {s['cpu_actors']}/pool cpu/actor={s['num_cpus_per_actor']:g} "
-            f"cpu/task={s['num_cpus_per_task']:g} bs={s['batch_size']}"
-        )
-    label = ("defaults: " if s.get("defaults") else "") + label
-    return label + ("" if s["keep_workers"] else " stock")
-
-
-def _arm(s: dict[str, Any]) -> str:
-    return "(a) product"
-
-
-def print_tables(result: dict[str, Any]) -> None:
-    plain_runs = result.get("plain_runs", [])
-    runs = result.get("ray", [])
-    best, plain = result.get("best"), result.get("plain")
-    head = (
-        f"{'arm':<11} {'setting':<46} {'imgs':>4} {'wall s':>6} {'img/s':>5} {'speedup':>7} {'stage s':>7} "
-        f"{'ovh ms/img':>10} {'ovh %':>6} {'cpu ms/img':>10} {'cpu x':>5} {'idle %':>6} {'others %':>8} "
-        f"{'kept':>4} {'quar':>4} {'layers':>6}"
-    )
-    print(head)
-    print("-" * len(head))
-    rows = [
-        ("(b) plain", f"1 process, bs={r['batch_size']}" + (" *" if r is plain else ""), r)
-        for r in plain_runs
-    ]
-    rows += [
-        (_arm(r["setting"]), _setting_label(r["setting"]) + (" *" if r is best else ""), r) for r in runs
-    ]
-    for arm, label, r in rows:
-        speed = f"{r['speedup']:.2f}x" if r.get("speedup") is not None else ""
-        cpu_x = f"{r['cpu_bound_speedup']:.2f}" if r.get("cpu_bound_speedup") is not None else ""
-        print(
-            f"{arm:<11} {label:<46} {r['images']:>4} {r['wall_s']:>6.1f} {r['images_per_s']:>5.2f} {speed:>7} "
-            f"{r['stage_time_s']:>7.1f} {r['overhead_per_image_ms']:>10.1f} {r['overhead_pct']:>6.1f} "
-            f"{r['own_cpu_per_image_ms']:>10.1f} {cpu_x:>5} {r['idle_pct']:>6.1f} {r['foreign_pct']:>8.1f} "
-            f"{r['images_kept']:>4} {r['images_quarantined']:>4} {r['layers_kept']:>6}"
-        )
-    print("* the runs compared: the fastest plain run and the engine defaults (else the fastest product run)")
-    if plain and best:
-        print(
-            f"\nper-stage time (sum over images), plain vs the product run ({_setting_label(best['setting'])})"
-        )
-        h2 = f"{'stage':<11} {'plain s':>8} {'share':>6} {'product s':>9} {'share':>6} {'prod/plain':>10}"
-        print(h2)
-        print("-" * len(h2))
-        for st in TIMED_STAGES:
-            p, a = plain["stage_s"][st], best["stage_s"][st]
-            print(
-                f"{st:<11} {p:>8.2f} {plain['stage_share'][st]:>6.1%} {a:>9.2f} {best['stage_share'][st]:>6.1%} "
-                f"{(a / p if p else 0):>10.2f}"
-            )
-        print(
-            f"{'total':<11} {plain['stage_time_s']:>8.2f} {1:>6.0%} {best['stage_time_s']:>9.2f} {1:>6.0%} "
-            f"{best['contention']:>10.2f}"
-        )
-        print(f"{'(writer)':<11} {'':>8} {'':>6} {best['write_s']:>9.2f}")
-        print(
-            f"\nwhere the product run's {best['wall_s']:.1f} s went: "
-            + ", ".join(f"{k} {v:.1f} s ({best['phase_share'][k]:.0%})" for k, v in best["phases_s"].items())
-            + f"; Ray's start before it {best['ray_start_s']:.1f} s (not timed)"
-        )
-        print(
-            "CPU seconds per process, product run: "
-            + ", ".join(f"{k} {v:.1f}" for k, v in list(best.get("cpu_by_process", {}).items())[:8])
-        )
-
-
-def write(result: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
-
-
-def _public(figures: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in figures.items() if k not in ("per_image", "image_stage_s")}
-
-
-def _pick(runs: list[dict[str, Any]], **match) -> dict[str, Any] | None:
-    same = [r for r in runs if all(r["setting"].get(k) == v for k, v in match.items())]
-    if not same:
-        return None
-    r = max(same, key=lambda r: r["images_per_s"])
-    keys = ("setting", "images_per_s", "speedup", "overhead_pct", "cpu_overhead_pct", "cpu_bound_speedup")
-    return {k: r.get(k) for k in (*keys, "foreign_pct", "phases_s")}
-
-
 def make_settings(args) -> list[dict[str, Any]]:
     """The product runs, grouped by cluster configuration (stock Ray first)."""
     d = EngineConfig()
@@ -735,66 +459,6 @@ def make_settings(args) -> list[dict[str, Any]]:
                     }
                 )
     return sorted(out, key=lambda s: s["keep_workers"])  # stable: one cluster per configuration
-
-
-def paired_speedups(result: dict[str, Any]) -> list[float]:
-    """Per round of ``--repeat``: the compared setting's images/s over the same round's plain run (minutes apart,
-    so a slow drift of the machine's speed hits both); the headline speed-up compares the fastest of each arm."""
-    key = result["best"]["setting"]
-    plain_by_round = {p["repeat"]: p for p in result.get("plain_runs", [])}
-    return [
-        r["images_per_s"] / plain_by_round[r["repeat"]]["images_per_s"]
-        for r in result["ray"]
-        if r["setting"] == key and r["repeat"] in plain_by_round
-    ]
-
-
-def summarize_result(result: dict[str, Any]) -> None:
-    """The comparison: the fastest plain run against the engine's defaults (else the fastest product run)."""
-    plain = result["plain"]
-    runs = result["ray"]
-    if not runs:
-        return
-    defaults = [r for r in runs if r["setting"].get("defaults")]
-    best = max(defaults or runs, key=lambda r: r["images_per_s"])
-    # Speed-ups of every product run against the fastest plain run so far (a later plain round may be faster).
-    for r in result["ray"]:
-        r["speedup"] = r["images_per_s"] / plain["images_per_s"]
-        r["parallel_efficiency"] = r["speedup"] / r["cores"]
-        r["contention"] = r["stage_time_s"] / plain["stage_time_s"]
-    result["best"] = best
-    result["summary"] = {
-        "plain_images_per_s": plain["images_per_s"],
-        "ray_images_per_s": best["images_per_s"],
-        "speedup": best["speedup"],
-        "ray_overhead_pct": best["overhead_pct"],
-        "ray_cpu_overhead_pct": best["cpu_overhead_pct"],
-        "phases_s": best["phases_s"],
-        "phase_share": best["phase_share"],
-        "write_s": best["write_s"],
-        "ray_start_s": best["ray_start_s"],
-        "stage_share": best["stage_share"],
-        "plain_stage_share": plain["stage_share"],
-        "cluster_idle_cores": best.get("cluster_idle_cores"),
-        "cpu_bound_speedup": best["cpu_bound_speedup"],
-        "ray_floor_idle_pct": (best.get("floor") or {}).get("floor_idle_pct"),
-        "ray_floor_cpu_pct": (best.get("floor") or {}).get("floor_cpu_pct"),
-        "ray_overhead_above_floor_pct": best.get("above_floor_pct"),
-        "best_setting": best["setting"],
-        "compared_is_engine_defaults": bool(best["setting"].get("defaults")),
-        "fastest_staged": _pick(result["ray"], layout="staged"),
-        "paired_speedups": paired_speedups(result),
-        "speedup_target_met": best["speedup"] >= TARGET_SPEEDUP,
-        "overhead_target_met": best["overhead_pct"] < TARGET_OVERHEAD_PCT,
-        "cpu_bound_speedup_reaches_target": best["cpu_bound_speedup"] >= TARGET_SPEEDUP,
-        "kept_counts_match": not result["mismatches"],
-        "others_load_pct": {"plain": plain["foreign_pct"], "ray": best["foreign_pct"]},
-    }
-    ceiling = result.get("ceiling")
-    if ceiling:
-        ceiling["speedup"] = ceiling["images_per_s"] / plain["images_per_s"]
-        result["summary"]["ceiling_speedup"] = ceiling["speedup"]
-        result["summary"]["share_of_ceiling"] = best["speedup"] / ceiling["speedup"]
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -1051,51 +715,6 @@ def check_threads(ray, setting: dict[str, Any], result: dict[str, Any], rep: int
         result["threads"].setdefault("ray_actor", probe["ray_actor"])
         print(f"threads, Ray task:            {_fmt_threads(probe['ray_task'])}")
         print(f"threads, Ray actor:           {_fmt_threads(probe['ray_actor'])}")
-
-
-def report(result: dict[str, Any], args) -> None:
-    sm = result.get("summary")
-    if sm:
-        print(
-            f"\nspeed-up of the product run over the plain loop {sm['speedup']:.3f}x (target >= {TARGET_SPEEDUP}: "
-            f"{'met' if sm['speedup_target_met'] else 'NOT met'}); overhead {sm['ray_overhead_pct']:.1f} % of "
-            f"stage time; CPU overhead {sm['ray_cpu_overhead_pct']:.1f} %, CPU-bound speed-up "
-            f"{sm['cpu_bound_speedup']:.3f}x"
-        )
-        if sm.get("ray_floor_idle_pct") is not None:
-            fl = result["best"]["floor"]
-            print(
-                f"Ray Data's own floor on this node (--floor: this run's schedule, stage code that only sleeps): "
-                f"{sm['ray_floor_idle_pct']:.1f} % of stage time left unused (first batch after "
-                f"{fl['first_batch_s']:.1f} s), against this run's {sm['ray_overhead_pct']:.1f} %: the product adds "
-                f"{sm['ray_overhead_above_floor_pct']:.1f} %; the driver, Ray's daemons and service actors used CPU "
-                f"worth {sm['ray_floor_cpu_pct']:.1f} % of stage time"
-            )
-        if len(sm.get("paired_speedups") or []) > 1:
-            print(
-                "speed-up per round (the compared setting over the same round's plain run): "
-                + ", ".join(f"{x:.3f}x" for x in sm["paired_speedups"])
-            )
-        if "ceiling_speedup" in sm:
-            print(
-                f"ceiling (c): {args.cores} plain processes reach {sm['ceiling_speedup']:.3f}x on this machine; "
-                f"the product run reaches {sm['share_of_ceiling']:.1%} of it"
-            )
-        if max(sm["others_load_pct"].values()) > 100 * args.quiet_below:
-            print(
-                f"WARNING: other processes used {sm['others_load_pct']['plain']:.0f} % (plain) and "
-                f"{sm['others_load_pct']['ray']:.0f} % (product) of the machine during the compared runs"
-            )
-    for mm in result["mismatches"]:
-        print(
-            f"MISMATCH product vs plain ({_setting_label(mm['setting'])}): {mm['count']} images, e.g. "
-            + "; ".join(mm["differences"][:3])
-        )
-    print(f"\nwrote {args.out}")
-
-
-def _fmt_pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.1f} %"
 
 
 def _int_list(text: str) -> list[int]:
