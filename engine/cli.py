@@ -80,12 +80,12 @@ def run(
 
 @engine_app.command("tiny-weights")
 def tiny_weights() -> None:
-    """Build the tiny random-init SAM, OWLv2, RePaint and BLIP-captioner models and register them
+    """Build the tiny random-init SAM, OWLv2, RePaint, BLIP-captioner and SD3-inpainting models and register them
     (weights/tiny-*), so that `--backends neural` runs without external checkpoints (tests, CPU demos; not for
     quality)."""
-    from reflade.engine.backends.tiny_weights import register_tiny_weights
+    from reflade.engine.backends.tiny_weights import ALL_TINY_NAMES, register_tiny_weights
 
-    for name, ref in register_tiny_weights(_registry()).items():
+    for name, ref in register_tiny_weights(_registry(), ALL_TINY_NAMES).items():
         console.print(f"{name}: {ref}")
 
 

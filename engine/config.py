@@ -8,7 +8,9 @@ Every field says on itself whether it changes what the engine outputs: ``output(
 :meth:`EngineConfig.fingerprint` (and so of every ``sample_id``), ``resource(...)`` fields are not. A field declared
 with plain ``field()`` or a bare default counts as output, so forgetting to classify one can only make a run
 recompute, never reuse samples made under other settings; ``tests/engine/test_config.py`` checks that every field
-is classified.
+is classified. A field added after datasets were made is declared ``output(default, omit_default=True)``: it counts
+once set away from its default, and at its default it is left out, so that the defaults' fingerprint (and the sample
+ids of every dataset made with them) stays what it was.
 """
 
 from __future__ import annotations
@@ -21,16 +23,33 @@ from typing import Any
 
 OUTPUT = "output"
 """Metadata key of a field: True when the field changes the engine's output (see the module docstring)."""
+OMIT_DEFAULT = "omit_default"
+"""Metadata key of an output field: True when its default value is left out of the fingerprint."""
 
 
-def output(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A field that changes what the engine outputs: part of the fingerprint."""
-    return field(default=default, default_factory=default_factory, metadata={OUTPUT: True})
+def output(
+    default: Any = dataclasses.MISSING,
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    omit_default: bool = False,
+) -> Any:
+    """A field that changes what the engine outputs: part of the fingerprint.
+
+    Args:
+        omit_default: leave the field out of the fingerprint while it holds its default (fields added after
+            datasets were made with the defaults; see the module docstring).
+    """
+    metadata = {OUTPUT: True, OMIT_DEFAULT: True} if omit_default else {OUTPUT: True}
+    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 def resource(default: Any) -> Any:
     """A field that changes only how the engine runs (resources, layout, caches): not in the fingerprint."""
     return field(default=default, metadata={OUTPUT: False})
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def changes_output(f: dataclasses.Field) -> bool:
@@ -120,6 +139,16 @@ class CompletionConfig:
     """The background hole is the entity's mask dilated by this many pixels."""
     completion_seed: int = output(0)
     """Seed mixed into each hole's noise (with the image's sha256, the entity id and the hole kind)."""
+    completion_model: str = output("repaint", omit_default=True)
+    """Model of the neural completion backend: ``repaint`` (pixel-space UNet, ``completion_weights``) or
+    ``sd3-inpaint`` (SD3-family latent inpainting, ``sd3_weights``). The classical family ignores it."""
+    sd3_weights: str = output("weights/tiny-sd3-inpaint@latest", omit_default=True)
+    """Registry reference of the SD3-family inpainting checkpoint (a diffusers ``StableDiffusion3InpaintPipeline``
+    folder: transformer/, vae/, scheduler/, with or without the text encoders) for ``completion_model:
+    sd3-inpaint``."""
+    completion_dtype: str = output("auto", omit_default=True)
+    """Dtype of the SD3 inpainting networks: ``auto`` (bfloat16 on CUDA, float32 on the CPU), ``float32``,
+    ``bfloat16`` or ``float16``."""
 
 
 @dataclass(kw_only=True)
@@ -229,7 +258,11 @@ class EngineConfig(
     def output_values(self) -> dict[str, Any]:
         """The values of every field that changes the output (see the module docstring)."""
         values = dataclasses.asdict(self)
-        return {f.name: values[f.name] for f in dataclasses.fields(self) if changes_output(f)}
+        return {
+            f.name: values[f.name]
+            for f in dataclasses.fields(self)
+            if changes_output(f) and not (f.metadata.get(OMIT_DEFAULT) and values[f.name] == _default(f))
+        }
 
     def fingerprint(self) -> str:
         """Hash of every field that changes what the engine outputs (resources excluded)."""

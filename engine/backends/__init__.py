@@ -8,6 +8,8 @@ from typing import Any
 from reflade.engine.config import EngineConfig
 
 FAMILIES = ("classical", "neural")
+COMPLETION_MODELS = ("repaint", "sd3-inpaint")
+"""Values of ``engine.completion_model``: the neural family's completion backends."""
 
 
 @dataclass
@@ -41,6 +43,15 @@ def make_completion_backend(family: str, cfg: EngineConfig, registry=None):
 
         return ClassicalCompletionBackend(cfg)
     if family == "neural":
+        model = getattr(cfg, "completion_model", "repaint")
+        if model == "sd3-inpaint":
+            from reflade.engine.backends.sd3_inpaint import SD3InpaintCompletionBackend
+
+            return SD3InpaintCompletionBackend(cfg, registry=registry)
+        if model != "repaint":
+            raise ValueError(
+                f"unknown engine.completion_model {model!r} (known: {', '.join(COMPLETION_MODELS)})"
+            )
         from reflade.engine.backends.neural import NeuralCompletionBackend
 
         return NeuralCompletionBackend(cfg, registry=registry)

@@ -161,11 +161,22 @@ def _captioner_ref(cfg: EngineConfig) -> str:
 
 def weights_refs(cfg: EngineConfig) -> list[str]:
     """The configured registry references of the neural backends' weights: [sam, detector, completion,
-    captioner], without the captioner when ``captioner_weights`` is empty."""
+    captioner], without the captioner when ``captioner_weights`` is empty; completion is ``sd3_weights`` when
+    ``completion_model`` is ``sd3-inpaint``, else ``completion_weights``.
+
+    Raises:
+        ValueError: an unknown ``completion_model``."""
+    model = _cfg(cfg, "completion_model", "repaint")
+    if model == "sd3-inpaint":  # engine/backends/sd3_inpaint.py
+        completion = _cfg(cfg, "sd3_weights", "weights/tiny-sd3-inpaint@latest")
+    elif model != "repaint":  # said when the run is planned, not later inside a Ray actor
+        raise ValueError(f"unknown engine.completion_model {model!r} (known: repaint, sd3-inpaint)")
+    else:
+        completion = _cfg(cfg, "completion_weights", DEFAULT_COMPLETION_WEIGHTS)
     refs = [
         _cfg(cfg, "sam_weights", DEFAULT_SAM_WEIGHTS),
         _cfg(cfg, "detector_weights", DEFAULT_DETECTOR_WEIGHTS),
-        _cfg(cfg, "completion_weights", DEFAULT_COMPLETION_WEIGHTS),
+        completion,
     ]
     captioner = _captioner_ref(cfg)
     return refs + [captioner] if captioner else refs

