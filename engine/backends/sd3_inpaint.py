@@ -128,6 +128,10 @@ def load_sd3_inpaint(
         folder, local_files_only=True, dtype=dtype, low_cpu_mem_usage=False, **absent
     )
     pipe = pipe.to(device)
+    for module in (pipe.transformer, pipe.vae):
+        # from_pretrained's dtype leaves the transformer in float32 (diffusers 0.42.1, without accelerate)
+        if module.dtype != dtype:
+            module.to(dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.enable_slicing()
     tcfg = pipe.transformer.config

@@ -1,6 +1,7 @@
 """The SD3-family completion backend (``engine.completion_model: sd3-inpaint``) with the tiny random checkpoint:
 it fills holes and only holes, batches holes of several images by sampling side with the same results as one
-image at a time, refuses missing or wrong weights with a clear error, is chosen by the configuration without
+image at a time, runs in bfloat16, encodes the empty prompt with a checkpoint's own text encoders (a real SD3
+folder's layout), refuses missing or wrong weights with a clear error, is chosen by the configuration without
 changing the defaults, and runs inside the engine on Ray.
 
 Random weights say nothing about quality; every assertion is about shapes, frames, invariants and plumbing.
@@ -9,6 +10,7 @@ Random weights say nothing about quality; every assertion is about shapes, frame
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 
 import cv2
@@ -18,7 +20,11 @@ import torch
 
 from reflade.engine.backends import make_completion_backend
 from reflade.engine.backends.neural import NeuralCompletionBackend, weights_refs
-from reflade.engine.backends.sd3_inpaint import SD3InpaintCompletionBackend, resolve_dtype
+from reflade.engine.backends.sd3_inpaint import (
+    SD3InpaintCompletionBackend,
+    load_sd3_inpaint,
+    resolve_dtype,
+)
 from reflade.engine.backends.tiny_weights import ALL_TINY_NAMES, TINY_NAMES, register_tiny_weights
 from reflade.engine.config import EngineConfig
 from reflade.engine.types import Completion, Entity
@@ -145,6 +151,53 @@ def test_batching_by_side_matches_one_at_a_time(completion, monkeypatch):
                 # batching changes float summation order only: at most a couple of 8-bit steps, on few pixels
                 assert diff.max() <= 2 and (diff > 0).mean() < 0.01
             assert np.array_equal(a.amodal_mask, b.amodal_mask)
+
+
+def test_bfloat16_runs_and_still_fills_only_the_holes(tiny, cache):
+    half = SD3InpaintCompletionBackend(
+        dataclasses.replace(SD3, completion_dtype="bfloat16"), registry=tiny[0], cache_dir=cache
+    )
+    assert half.pipe.transformer.dtype == half.pipe.vae.dtype == half.prompt_embeds.dtype == torch.bfloat16
+    image, entities = IMAGES[2], ENTITIES[2]
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * half.dilate_px + 1,) * 2)
+    for e, c in zip(entities, half.complete(image, entities), strict=True):
+        assert c.background.dtype == np.uint8 and c.background.shape == image.shape
+        hole = cv2.dilate(e.mask.astype(np.uint8), kernel).astype(bool)
+        assert np.array_equal(c.background[~hole], image[~hole])
+
+
+def test_a_checkpoint_with_text_encoders_encodes_the_empty_prompt_once(tmp_path):
+    """The layout of a real SD3 folder (CLIP text encoders and tokenizers beside the transformer): the empty prompt
+    is encoded at load and the text encoders are freed; the tokenizers here are a byte-level stand-in (offline)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from reflade.engine.backends.tiny_weights import build_tiny_sd3_inpaint
+
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=77)
+    end = vocab["<|endoftext|>"]
+    encoders = []
+    for _ in range(2):  # CLIP-L and CLIP-G stand-ins: widths 16 + 16 = the transformer's joint width (32)
+        torch.manual_seed(0)
+        cfg = CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
+            bos_token_id=vocab["<|startoftext|>"], eos_token_id=end, pad_token_id=end,
+        )  # fmt: skip
+        encoders.append(CLIPTextModelWithProjection(cfg).eval())
+    folder = build_tiny_sd3_inpaint(tmp_path / "bare")
+    pipe, _, _ = load_sd3_inpaint(folder)  # no text encoders: add them, as a real SD3 folder has them
+    pipe.register_modules(
+        text_encoder=encoders[0], tokenizer=tok, text_encoder_2=encoders[1], tokenizer_2=tok
+    )
+    pipe.save_pretrained(tmp_path / "full", safe_serialization=True)
+    loaded, embeds, pooled = load_sd3_inpaint(tmp_path / "full")
+    assert embeds.shape == (1, 77 + 256, 32) and pooled.shape == (1, 32)  # CLIP tokens + SD3's T5 length
+    assert embeds.abs().sum() > 0 and loaded.text_encoder is None and loaded.text_encoder_2 is None
 
 
 def test_seed_changes_the_fill(completion, tiny, cache):
