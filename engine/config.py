@@ -7,7 +7,7 @@ its own part (an ``EngineConfig`` is a ``PreFilterConfig``, a ``SceneConfig``, .
 Every field says on itself whether it changes what the engine outputs: ``output(...)`` fields are part of
 :meth:`EngineConfig.fingerprint` (and so of every ``sample_id``), ``resource(...)`` fields are not. A field declared
 with plain ``field()`` or a bare default counts as output, so forgetting to classify one can only make a run
-recompute, never reuse samples made under other settings; ``tests/engine/test_config.py`` checks that every field
+recompute, never reuse samples made under other settings; ``tests/engine/test_engine_config.py`` checks that every field
 is classified. A field added after datasets were made is declared ``output(default, omit_default=True)``: it counts
 once set away from its default, and at its default it is left out, so that the defaults' fingerprint (and the sample
 ids of every dataset made with them) stays what it was.
