@@ -293,6 +293,9 @@ class Check:
                     noise = torch.randn(x0.shape, generator=gen).to(self.device)
                     noisy = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
                     opt.zero_grad(set_to_none=True)
+                    # a preset whose transformer takes the three latents side by side (tiny) gets them
+                    if transformer.config.in_channels != x0.shape[1]:
+                        noisy = torch.cat([noisy, latents["image"], latents["canvas"]], 1)
                     with autocast(self.device, settings.bf16):
                         pred = transformer(
                             hidden_states=noisy,
@@ -385,10 +388,12 @@ class Check:
                 sch = type(scheduler).from_config(scheduler.config)
                 sch.set_timesteps(args.sample_steps, device=self.device)
                 x = lat.clone()
+                wide = bundle.model.transformer.config.in_channels != c  # three latents side by side
                 for t in sch.timesteps:
+                    x_in = torch.cat([x, lat, lat], 1) if wide else x
                     with autocast(self.device, use_autocast):
                         v = bundle.model.transformer(
-                            hidden_states=x.to(weights_dtype),
+                            hidden_states=x_in.to(weights_dtype),
                             encoder_hidden_states=hidden.to(weights_dtype),
                             pooled_projections=pooled.to(weights_dtype),
                             timestep=t.expand(1),

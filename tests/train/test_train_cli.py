@@ -82,7 +82,9 @@ def test_cached_latents_are_what_the_step_encodes(registry, tmp_path):
     loss = PhaseLoss(bundle, settings)
     a = loss(direct, step_generator(settings, 0, 0))
     b = loss(from_cache, step_generator(settings, 0, 0))
-    assert torch.equal(a, b) and torch.isfinite(a)
+    # equal inputs in other memory layouts: CPU kernels may sum in another order, so a tolerance
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    assert torch.isfinite(a)
 
 
 def test_train_command_errors_are_clear(env, capsys):
