@@ -140,6 +140,13 @@ def train(
         float | None, typer.Option(help="CPUs each worker reserves (default: 0.5).")
     ] = None,
     threads: Annotated[int | None, typer.Option(help="Torch threads per worker (default: torch's).")] = None,
+    replay_mib: Annotated[
+        float | None,
+        typer.Option(
+            help="Replay each worker's first epoch from memory when its batches fit in this many MiB, instead of "
+            "re-reading the data every epoch; 0: re-read (default: 1024)."
+        ),
+    ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed of the weights, noise, dropout and prompt choice (default: 0).")
     ] = None,
@@ -183,6 +190,7 @@ def train(
         "weights": weights,
         "cpus_per_worker": cpus_per_worker,
         "torch_threads": threads,
+        "replay_mib": replay_mib,
         "seed": seed,
     }
     try:

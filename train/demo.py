@@ -15,7 +15,7 @@ from typing import Any
 DEMO_VAE_STEPS = 300
 """Optimiser steps of the tiny VAE in the demo (about 20 dB held-out PSNR; ~2 minutes on 2 cores)."""
 DEMO_RECIPE: dict[str, Any] = {
-    "steps": 1000,
+    "steps": 2000,
     "batch_size": 8,
     "lr": 3e-3,
     "warmup_steps": 50,

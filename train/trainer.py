@@ -661,16 +661,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     last_report_t, last_report_step, last_report_samples = t0, step, 0
     last_ray_report_t = t0
 
-    def batches():
-        while True:
-            n = 0
-            for b in shard.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
-                n += 1
-                yield b
-            if n == 0:
-                raise RuntimeError(f"rank {rank}: the train split gave no rows")
-
-    it = batches()
+    reads = {"shard_reads": 0}
+    it = _epochs(shard, settings, rank, reads)
     step_times: list[float] = []
     last_report_call_s = None
     while step < settings.steps:
@@ -708,6 +700,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "step_times_s": list(step_times),
             "last_report_call_s": last_report_call_s,
             "max_rss_mib": _max_rss_mib(),
+            # Passes streamed over this worker's shard so far (1 once the first epoch is replayed from memory).
+            "shard_reads": reads["shard_reads"],
         }
         if world > 1:
             metrics["max_rss_mib_per_rank"] = _gather_floats(metrics["max_rss_mib"], device)
@@ -753,6 +747,53 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last_report_call_s = None
             continue
         last_report_call_s = time.perf_counter() - t_report
+
+
+def _batch_bytes(batch: dict[str, Any]) -> int:
+    """Bytes a numpy batch holds (an object column counts its items' own bytes, not the pointers)."""
+    total = 0
+    for v in batch.values():
+        arr = np.asarray(v)
+        if arr.dtype == object:
+            total += sum(len(x) if isinstance(x, (bytes, str)) else np.asarray(x).nbytes for x in arr.ravel())
+        else:
+            total += arr.nbytes
+    return total
+
+
+def _epochs(
+    shard, settings: TrainSettings, rank: int, stats: dict[str, int] | None = None
+) -> Iterator[dict[str, Any]]:
+    """The worker's batches, epoch after epoch, without end.
+
+    The first epoch streams the shard; its batches are kept while they total at most ``settings.replay_mib``,
+    and if the whole epoch fits, later epochs replay them from memory instead of restarting Ray Data's read
+    (which costs more than a small dataset's whole epoch of steps). Otherwise every epoch streams again.
+    ``stats["shard_reads"]`` counts the streamed passes."""
+    limit = int(settings.replay_mib * 2**20)
+    stats = {} if stats is None else stats
+    while True:
+        stats["shard_reads"] = stats.get("shard_reads", 0) + 1
+        held: list[dict[str, Any]] | None = [] if limit > 0 else None
+        size = n = 0
+        for b in shard.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
+            n += 1
+            if held is not None:
+                size += _batch_bytes(b)
+                if size <= limit:
+                    held.append(b)
+                else:
+                    held = None
+            yield b
+        if n == 0:
+            raise RuntimeError(f"rank {rank}: the train split gave no rows")
+        if held is not None:
+            print(
+                f"[reflade train] rank {rank}: replaying the first epoch's {n} batches ({size / 2**20:.1f} MiB) "
+                "from memory from now on",
+                flush=True,
+            )
+            yield from _cycle(held)
 
 
 def _since(seconds: float, world: int, device) -> float:
@@ -957,6 +998,7 @@ def run_training(
         "steps": int(state["step"]),
         "samples_per_s": final.get("samples_per_s"),
         "steps_per_s": final.get("steps_per_s"),
+        "shard_reads": final.get("shard_reads"),
         "wall_s": wall,
     }
     metadata = {
