@@ -1,5 +1,6 @@
 """What the bench scripts share: loading a sibling script as a module (bench/ is no package), ``reflade`` from the
-source tree where it is not installed (the lent GPU machine), and the thread counts a process runs with. Imports
+source tree where it is not installed (the lent GPU machine), the thread counts a process runs with, and what the
+machine is (CPU model, usable CPUs). Imports
 nothing heavy at import time: a script sets its thread variables after importing this and before anything loads
 numpy, OpenCV or torch."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import platform
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -78,3 +80,22 @@ def ensure_reflade(probe: str) -> str:
     sys.modules["reflade"] = pkg
     importlib.import_module(probe)
     return f"source tree {HERE.parent}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

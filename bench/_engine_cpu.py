@@ -9,8 +9,9 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
+
+from _bench_machine import cpu_model, usable_cpus
 
 SAMPLE_INTERVAL_S = 1.0  # CpuMeter: how often it reads the process tree (a process that exits between two
 # readings loses at most this long of its CPU from the figures; the stage actors live to the end of a run)
@@ -135,14 +136,10 @@ def machine_info() -> dict[str, Any]:
     import ray
     import torch
 
-    try:
-        cpus_usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus_usable = os.cpu_count()
     return {
         "cpu_count": os.cpu_count(),
-        "cpus_usable": cpus_usable,
-        "cpu_model": _cpu_model(),
+        "cpus_usable": usable_cpus(),
+        "cpu_model": cpu_model(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "ray": ray.__version__,
@@ -152,13 +149,3 @@ def machine_info() -> dict[str, Any]:
         "pymatting": getattr(pymatting, "__version__", "unknown"),
         "torch": torch.__version__,
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

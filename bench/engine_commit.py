@@ -1,10 +1,10 @@
 """Benchmark: the data engine's commit, in place (staged shards copied server-side into the version) against the
 commit it replaced (every staged shard read back through the driver, written to its disk and uploaded again).
 
-Starts its own SeaweedFS (``weed mini``) on free ports in a temporary folder and stages ``--shards`` shards with the
-product's writer (``reflade.engine.staging.stage_shard``, markers included) of ``--rows-per-shard`` rows each, whose
-``image`` and ``layer`` columns are ``--row-mb`` MB of random bytes together (incompressible stand-ins for PNGs: the
-commit never decodes them). Then, per round (``--repeat``), each path commits the same run into a registry of its
+Starts its own SeaweedFS (``weed mini``) on free ports in a temporary folder (``_bench_store.object_store``) and
+stages ``--shards`` shards with the product's writer (``reflade.engine.staging.stage_shard``, markers included) of
+``--rows-per-shard`` rows each (``_bench_store.noise_row``), whose ``image`` and ``layer`` columns are PNGs of uniform
+noise of about ``--row-mb`` MB together (incompressible; the commit never decodes them). Then, per round (``--repeat``), each path commits the same run into a registry of its
 own:
 
 - ``old``: ``_commit`` of ``engine/pipeline.py`` as it was at commit ``--old-commit`` (436d869), loaded from git;
@@ -25,10 +25,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
+import math
 import subprocess
 import sys
-import tempfile
 import time
 import types
 import uuid
@@ -36,54 +35,28 @@ from pathlib import Path
 
 import numpy as np
 from _bench_machine import sibling
+from _bench_store import noise_row, object_store
 
 from reflade.engine.commit import commit
 from reflade.engine.config import EngineConfig
 from reflade.engine.ingest import IngestResult, InputItem
 from reflade.engine.plan import RunPlan
-from reflade.engine.schema import SCHEMA_VERSION, make_sample_id
 from reflade.engine.staging import marker, shard_name, stage_shard
-from reflade.platform.config import StorageConfig
 from reflade.platform.registry import Registry
-from reflade.platform.stack import SeaweedServer, find_free_base_port, generate_credentials
 from reflade.platform.storage import Storage
 
-BUCKET = "reflade-bench"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def blob_row(rng, sha: str, config_hash: str, row_bytes: int) -> dict:
-    half = row_bytes // 2
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "sample_id": make_sample_id(sha, 0, "foreground", config_hash),
-        "source_id": sha[:16],
-        "source_sha256": sha,
-        "image": rng.bytes(half),
-        "width": 64,
-        "height": 64,
-        "layer": rng.bytes(row_bytes - half),
-        "visible_mask": b"",
-        "kind": "foreground",
-        "category": "noise",
-        "prompts": [
-            {
-                "type": "box",
-                "granularity": "coarse",
-                "points": [],
-                "box": [0, 0, 64, 64],
-                "mask": None,
-                "text": None,
-            }
-        ],
-        "split": "train",
-        "scores": {},
-        "provenance": {"engine_version": "bench", "config_hash": config_hash, "backends": {}, "weights": []},
-    }
+def noise_side(row_mb: float) -> int:
+    """Side in pixels of the noise rows whose image and layer PNGs hold about ``row_mb`` MB together (7 bytes a
+    pixel: RGB + RGBA)."""
+    return max(8, round(math.sqrt(row_mb * 1e6 / 7)))
 
 
-def stage_run(storage: Storage, shards: int, per_shard: int, row_bytes: int) -> RunPlan:
-    """A finished run's staging: ``shards`` shards with their markers, as the engine's writer stages them."""
+def stage_run(storage: Storage, shards: int, per_shard: int, side: int) -> RunPlan:
+    """A finished run's staging: ``shards`` shards of ``per_shard`` noise rows of ``side`` px with their markers, as
+    the engine's writer stages them."""
     rng = np.random.default_rng(0)
     ecfg = EngineConfig()
     config_hash = ecfg.fingerprint()
@@ -94,8 +67,8 @@ def stage_run(storage: Storage, shards: int, per_shard: int, row_bytes: int) -> 
         rows = []
         for i in range(per_shard):
             sha = hashlib.sha256(f"{s}-{i}".encode()).hexdigest()
-            items.append(InputItem(sha[:16], sha, f"raw/{sha}", f"blob{s}-{i}", row_bytes))
-            rows.append(blob_row(rng, sha, config_hash, row_bytes))
+            items.append(InputItem(sha[:16], sha, f"raw/{sha}", f"noise{s}-{i}.png", side * side * 3))
+            rows.append(noise_row(rng, sha, config_hash, side))
         ids = [r["source_id"] for r in rows]
         done = marker(
             ids,
@@ -152,22 +125,12 @@ def measure(storage: Storage, fn) -> dict:
 
 def run(shards: int, per_shard: int, row_mb: float, repeat: int, old_commit: str) -> dict:
     old = old_pipeline(old_commit)
-    work = Path(tempfile.mkdtemp(prefix="reflade-bench-"))
-    server = SeaweedServer(work / "data", generate_credentials(), s3_port=find_free_base_port())
+    side = noise_side(row_mb)
     rounds = []
-    try:
-        server.start(timeout=60)
-        server.create_bucket(BUCKET)
-        storage = Storage(
-            StorageConfig(
-                endpoint=server.endpoint,
-                bucket=BUCKET,
-                access_key_id=server.credentials.access_key_id,
-                secret_access_key=server.credentials.secret_access_key,
-            )
-        )
+    with object_store() as store:
+        storage = store.storage
         t0 = time.perf_counter()
-        plan = stage_run(storage, shards, per_shard, int(row_mb * 1e6))
+        plan = stage_run(storage, shards, per_shard, side)
         stage_s = time.perf_counter() - t0
         staged = sum(o["Size"] for o in storage.list(f"{plan.run_prefix}staged/"))
         quarantined = sum(o["Size"] for o in storage.list(f"{plan.run_prefix}quarantine/"))
@@ -202,9 +165,6 @@ def run(shards: int, per_shard: int, row_mb: float, repeat: int, old_commit: str
             )
             n["driver_bytes"] = n["boto3_sent_bytes"] + n["boto3_received_bytes"]
             rounds.append({"old": o, "new": n})
-    finally:
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
     def best(path: str) -> dict:
         return min((r[path] for r in rounds), key=lambda m: m["wall_s"])
@@ -214,6 +174,7 @@ def run(shards: int, per_shard: int, row_mb: float, repeat: int, old_commit: str
             "shards": shards,
             "rows": shards * per_shard,
             "row_mb": row_mb,
+            "row_side_px": side,
             "staged_bytes": staged,
             "quarantine_bytes": quarantined,
             "stage_s": stage_s,

@@ -1,6 +1,7 @@
 """Benchmark: registry operations against raw boto3 on the same SeaweedFS.
 
-Starts its own SeaweedFS (``weed mini``) on free ports in a temporary folder, then times, in one run:
+Starts its own SeaweedFS (``weed mini``) on free ports in a temporary folder (``_bench_store.object_store``), then
+times, in one run:
 
 (a) the registry: creating N versions of one name (small files, distinct content) and resolving M references
     (a mix of ``kind/name``, ``kind/name@N`` and ``kind/name@alias``);
@@ -21,23 +22,21 @@ import json
 import os
 import platform
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import boto3
 import botocore
+from _bench_machine import cpu_model, usable_cpus
+from _bench_store import BUCKET, object_store
 
-from reflade.platform.config import StorageConfig
 from reflade.platform.registry import Registry
-from reflade.platform.stack import SeaweedServer, find_free_base_port, generate_credentials, weed_binary
+from reflade.platform.stack import weed_binary
 from reflade.platform.storage import Storage
 
-BUCKET = "reflade-bench"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "registry.json"
 
 
@@ -75,30 +74,16 @@ def machine_info() -> dict:
         weed = out.strip().splitlines()[0] if out.strip() else "unknown"
     except (OSError, subprocess.SubprocessError) as e:
         weed = f"unknown ({type(e).__name__})"
-    try:
-        cpus_usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus_usable = os.cpu_count()
     return {
         "cpu_count": os.cpu_count(),
-        "cpus_usable": cpus_usable,
-        "cpu_model": _cpu_model(),
+        "cpus_usable": usable_cpus(),
+        "cpu_model": cpu_model(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "seaweedfs": weed,
         "boto3": boto3.__version__,
         "botocore": botocore.__version__,
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def print_table(rows: list[dict]) -> None:
@@ -115,20 +100,8 @@ def print_table(rows: list[dict]) -> None:
 
 def run(versions: int, resolves: int, size: int, seed: int) -> dict:
     rng = random.Random(seed)
-    work = Path(tempfile.mkdtemp(prefix="reflade-bench-"))
-    server = SeaweedServer(work / "data", generate_credentials(), s3_port=find_free_base_port())
-    try:
-        t0 = time.perf_counter()
-        server.start(timeout=60)
-        server.create_bucket(BUCKET)
-        startup_s = time.perf_counter() - t0
-        cfg = StorageConfig(
-            endpoint=server.endpoint,
-            bucket=BUCKET,
-            access_key_id=server.credentials.access_key_id,
-            secret_access_key=server.credentials.secret_access_key,
-        )
-        storage = Storage(cfg)
+    with object_store() as store:
+        work, cfg, storage, startup_s = store.work, store.config, store.storage, store.startup_s
         registry = Registry(storage, prefix=f"bench-{uuid.uuid4().hex[:8]}")
         raw = Storage(cfg).client  # a plain boto3 client, same endpoint and botocore settings
         reg_count, raw_count = RequestCounter(storage.client), RequestCounter(raw)
@@ -239,9 +212,6 @@ def run(versions: int, resolves: int, size: int, seed: int) -> dict:
                 "The section (kind/name, @N, @alias) rows are timed in a second pass after the mixed pass.",
             ],
         }
-    finally:
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

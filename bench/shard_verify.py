@@ -1,8 +1,8 @@
 """Benchmark: what checking each dataset shard's sha256 against the registry manifest costs the readers.
 
 Starts its own SeaweedFS (``weed mini``) on free ports in a temporary folder, registers one dataset version of
-``--shards`` Parquet shards (rows of ``--side`` px noise images: incompressible, so bytes per row are the worst
-case), then times, median of ``--repeat`` runs each:
+``--shards`` Parquet shards (rows of ``--side`` px noise images and layers, ``_bench_store.noise_row``:
+incompressible, so bytes per row are the worst case), then times, median of ``--repeat`` runs each:
 
 - ``load_rows``: the reader before the check (``iter_rows`` through pyarrow's S3 filesystem), the checked reader on a
   fresh process cache (every shard hashed) and again with the cache warm (bytes read, not hashed);
@@ -22,56 +22,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import statistics
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 from _bench_machine import sibling
+from _bench_store import noise_row, object_store
 
-from reflade.engine import schema
-from reflade.engine.schema import SCHEMA_VERSION, encode_png, make_sample_id, write_shard
-from reflade.platform.config import StorageConfig
+from reflade.engine import shard_integrity
+from reflade.engine.schema import iter_rows, load_rows, read_dataset, shard_files, write_shard
 from reflade.platform.registry import Registry
-from reflade.platform.stack import SeaweedServer, find_free_base_port, generate_credentials
-from reflade.platform.storage import Storage
-
-BUCKET = "reflade-bench"
-
-
-def noise_row(i: int, side: int) -> dict:
-    rng = np.random.default_rng(i)
-    image = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-    mask = np.zeros((side, side), bool)
-    mask[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = True
-    layer = np.zeros((side, side, 4), np.uint8)
-    layer[mask, :3] = image[mask]
-    layer[mask, 3] = 255
-    sha = hashlib.sha256(f"bench-{i}".encode()).hexdigest()
-    q = side // 4
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "sample_id": make_sample_id(sha, 0, "foreground", "bench"),
-        "source_id": sha[:16],
-        "source_sha256": sha,
-        "image": encode_png(image),
-        "width": side,
-        "height": side,
-        "layer": encode_png(layer),
-        "visible_mask": encode_png(mask),
-        "kind": "foreground",
-        "category": "noise",
-        "prompts": [
-            {"type": "box", "granularity": "fine", "points": [], "box": [q, q, 3 * q, 3 * q], "mask": None}
-            | {"text": None}
-        ],
-        "split": "train",
-        "scores": {},
-        "provenance": {"engine_version": "bench", "config_hash": "bench", "backends": {}, "weights": []},
-    }
 
 
 def median_time(fn, repeat: int, before=None) -> float:
@@ -86,38 +48,31 @@ def median_time(fn, repeat: int, before=None) -> float:
 
 
 def run(shards: int, rows_per_shard: int, side: int, repeat: int, use_ray: bool) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="reflade-bench-"))
-    server = SeaweedServer(work / "data", generate_credentials(), s3_port=find_free_base_port())
-    try:
-        server.start(timeout=60)
-        server.create_bucket(BUCKET)
-        storage = Storage(
-            StorageConfig(
-                endpoint=server.endpoint,
-                bucket=BUCKET,
-                access_key_id=server.credentials.access_key_id,
-                secret_access_key=server.credentials.secret_access_key,
-            )
-        )
+    rng = np.random.default_rng(0)
+    with object_store() as store:
+        storage, work = store.storage, store.work
         registry = Registry(storage, prefix=f"bench-{uuid.uuid4().hex[:8]}")
         (work / "ds" / "shards").mkdir(parents=True)
         for s in range(shards):
-            rows = [noise_row(s * rows_per_shard + i, side) for i in range(rows_per_shard)]
+            shas = [hashlib.sha256(f"bench-{s}-{i}".encode()).hexdigest() for i in range(rows_per_shard)]
+            rows = [noise_row(rng, sha, "bench", side) for sha in shas]
             write_shard(rows, str(work / "ds" / "shards" / f"part-{s:03d}.parquet"))
         v = registry.create("dataset", "verify-bench", work / "ds", progress=False)
-        files = schema.shard_files(v)
+        files = shard_files(v)
         total_bytes = sum(f["size"] for f in files)
         paths = [storage.path(v.key(f["path"])) for f in files]
         blobs = [(work / "ds" / f["path"]).read_bytes() for f in files]
-        clear = schema._VERIFIED.clear
+        clear = shard_integrity.VERIFIED.clear
 
         t = {}
         t["sha256_in_memory_s"] = median_time(lambda: [hashlib.sha256(b).digest() for b in blobs], repeat)
-        t["load_rows_unverified_s"] = median_time(lambda: list(schema.iter_rows(paths, storage.fs)), repeat)
-        t["load_rows_verified_cold_s"] = median_time(lambda: schema.load_rows(registry, v.ref), repeat, clear)
-        t["load_rows_verified_warm_s"] = median_time(lambda: schema.load_rows(registry, v.ref), repeat)
-        t["verify_shards_cold_s"] = median_time(lambda: schema.verify_shards(registry, v), repeat, clear)
-        t["verify_shards_warm_s"] = median_time(lambda: schema.verify_shards(registry, v), repeat)
+        t["load_rows_unverified_s"] = median_time(lambda: list(iter_rows(paths, storage.fs)), repeat)
+        t["load_rows_verified_cold_s"] = median_time(lambda: load_rows(registry, v.ref), repeat, clear)
+        t["load_rows_verified_warm_s"] = median_time(lambda: load_rows(registry, v.ref), repeat)
+        t["verify_shards_cold_s"] = median_time(
+            lambda: shard_integrity.verify_shards(registry, v), repeat, clear
+        )
+        t["verify_shards_warm_s"] = median_time(lambda: shard_integrity.verify_shards(registry, v), repeat)
         if use_ray:
             import ray
             import ray.data
@@ -126,24 +81,21 @@ def run(shards: int, rows_per_shard: int, side: int, repeat: int, use_ray: bool)
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
             ray.data.read_parquet(paths, filesystem=storage.fs).materialize()  # warm the workers up
-            checked = schema.verify_shards
-            schema.verify_shards = lambda *_: 0  # the reader as it was before the check
+            checked = shard_integrity.verify_shards
+            shard_integrity.verify_shards = lambda *_: 0  # the reader as it was before the check
             try:
                 t["read_dataset_unverified_s"] = median_time(
-                    lambda: schema.read_dataset(registry, v.ref).materialize(), repeat
+                    lambda: read_dataset(registry, v.ref).materialize(), repeat
                 )
             finally:
-                schema.verify_shards = checked
+                shard_integrity.verify_shards = checked
             t["read_dataset_verified_cold_s"] = median_time(
-                lambda: schema.read_dataset(registry, v.ref).materialize(), repeat, clear
+                lambda: read_dataset(registry, v.ref).materialize(), repeat, clear
             )
             t["read_dataset_verified_warm_s"] = median_time(
-                lambda: schema.read_dataset(registry, v.ref).materialize(), repeat
+                lambda: read_dataset(registry, v.ref).materialize(), repeat
             )
             ray.shutdown()
-    finally:
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
     mb = total_bytes / 1e6
     return {
         "dataset": {"shards": shards, "rows": shards * rows_per_shard, "side_px": side, "bytes": total_bytes},

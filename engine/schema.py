@@ -1,7 +1,8 @@
 """The RLD sample format: one row = one layer of one source image, with all its prompts.
 
 This module owns the Arrow schema, validation, and the readers and writers for plain Python and for Ray Data.
-Train, eval and serve read datasets only through it. A reader refuses a ``schema_version`` it does not know.
+Train, eval and serve read datasets only through it. A reader refuses a ``schema_version`` it does not know, and
+reads a registered shard only once it matches the version's manifest (``shard_integrity.py``).
 
 Conventions (design.md, "Data"): every coordinate and mask is in the pixel frame of ``image``; ``layer`` is
 an RGBA PNG with straight alpha and RGB = 0 where alpha = 0; ``visible_mask`` is a 1-channel PNG of 0/255.
@@ -405,12 +406,6 @@ def iter_rows(paths: str | list[str], filesystem=None, split: str | None = None)
 
 
 # ---------------------------------------------------------------------------------------------- registry
-_VERIFIED: set[tuple[str, str, str]] = set()
-"""Shards this process has hashed and found as their manifest says: (bucket path, manifest sha256, the object's
-ETag). A version's files never change, so each is hashed once per process; an object rewritten in place gets a new
-ETag and is hashed again."""
-
-
 def shard_files(version) -> list[dict[str, Any]]:
     """The layer shards of a registered dataset version (``shards/*.parquet``)."""
     return [f for f in version.files if f["path"].startswith("shards/") and f["path"].endswith(".parquet")]
@@ -423,68 +418,6 @@ def _dataset_version(registry, ref: str):
     return v
 
 
-def _corrupt(version, entry: dict[str, Any], found: str):
-    from reflade.platform.registry import IntegrityError
-
-    return IntegrityError(
-        f"{version.ref}: shard {entry['path']!r} is corrupt in the object store ({found}; the manifest says "
-        f"sha256 {str(entry['sha256'])[:12]}..., {entry['size']} bytes)"
-    )
-
-
-def _shard_bytes(registry, version, entry: dict[str, Any]) -> bytes:
-    """One shard's bytes, hashed against the manifest unless this process has verified that object already."""
-    key = version.key(entry["path"])
-    data, etag = registry.storage.get_bytes(key)
-    mark = (registry.storage.path(key), str(entry["sha256"]), etag)
-    if mark not in _VERIFIED:
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry["sha256"] or len(data) != entry["size"]:
-            raise _corrupt(version, entry, f"sha256 {digest[:12]}..., {len(data)} bytes")
-        _VERIFIED.add(mark)
-    return data
-
-
-def verify_shards(registry, version) -> int:
-    """Check every shard of a dataset version against its manifest (size, then sha256 of the whole object),
-    streaming each from the object store; objects this process verified before are not read again.
-
-    Returns:
-        how many shards were hashed (0 when every one was verified already).
-
-    Raises:
-        IntegrityError: a shard is missing, or its size or sha256 differs from the manifest (names the shard).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    storage = registry.storage
-    listed = {o["Key"]: o for o in storage.list(version.key("shards/"))}
-    todo = []
-    for entry in shard_files(version):
-        key = version.key(entry["path"])
-        obj = listed.get(key)
-        if obj is None:
-            raise _corrupt(version, entry, "missing")
-        if int(obj["Size"]) != entry["size"]:
-            raise _corrupt(version, entry, f"{obj['Size']} bytes")
-        mark = (storage.path(key), str(entry["sha256"]), obj["ETag"])
-        if mark not in _VERIFIED:
-            todo.append((entry, key, mark))
-
-    def one(item) -> None:
-        entry, key, mark = item
-        body, h = storage.open_read(key), hashlib.sha256()
-        while chunk := body.read(1 << 20):
-            h.update(chunk)
-        if h.hexdigest() != entry["sha256"]:
-            raise _corrupt(version, entry, f"sha256 {h.hexdigest()[:12]}...")
-        _VERIFIED.add(mark)
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        list(pool.map(one, todo))
-    return len(todo)
-
-
 def load_rows(registry, ref: str, split: str | None = None) -> list[dict[str, Any]]:
     """Every row of a dataset version (plain Python); ``split`` or the reference's ``:SPLIT`` filters.
 
@@ -494,22 +427,26 @@ def load_rows(registry, ref: str, split: str | None = None) -> list[dict[str, An
         SchemaError: not a dataset, or a schema version this reader does not know.
         IntegrityError: a shard differs from its manifest.
     """
+    from reflade.engine.shard_integrity import shard_bytes
+
     v = _dataset_version(registry, ref)
-    tables = [pq.read_table(pa.BufferReader(_shard_bytes(registry, v, f))) for f in shard_files(v)]
+    tables = [pq.read_table(pa.BufferReader(shard_bytes(registry, v, f))) for f in shard_files(v)]
     return table_to_rows(_combine(tables, split or v.split))
 
 
 def read_dataset(registry, ref: str, split: str | None = None):
     """A Ray Data dataset over a version's shards, read in place from the object store.
 
-    The driver first checks every shard against the manifest (:func:`verify_shards`, once per object and
-    process), then reads each footer; the read tasks then read the same objects in place.
+    The driver first checks every shard against the manifest (``shard_integrity.verify_shards``, once per
+    object and process), then reads each footer; the read tasks then read the same objects in place.
 
     Raises:
         SchemaError: not a dataset, or a schema version this reader does not know.
         IntegrityError: a shard differs from its manifest.
     """
     import ray.data
+
+    from reflade.engine.shard_integrity import verify_shards
 
     v = _dataset_version(registry, ref)
     verify_shards(registry, v)

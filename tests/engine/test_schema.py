@@ -26,9 +26,9 @@ from reflade.engine.schema import (
     rows_to_table,
     table_to_rows,
     validate_row,
-    verify_shards,
     write_shard,
 )
+from reflade.engine.shard_integrity import verify_shards
 from reflade.platform.registry import IntegrityError
 
 
