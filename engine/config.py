@@ -221,6 +221,11 @@ class ResourceConfig:
     the start of the run."""
     weights_cache: str = resource("")
     """Folder for downloaded weights; empty means $XDG_CACHE_HOME/reflade/weights (~/.cache/reflade/weights)."""
+    weights_dir: str = resource("")
+    """A local folder of weights folders named like the references' names (``DIR/sam-vit-h`` for
+    ``weights/sam-vit-h@...``); when set, the neural backends load from it instead of the registry (a machine
+    without an object store: the GPU check). Empty: the registry. Like ``weights_cache`` it says where the named
+    weights are read from, not which: the references stay in the fingerprint."""
 
 
 STAGE_CONFIGS: dict[str, type] = {

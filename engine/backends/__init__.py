@@ -31,7 +31,7 @@ def make_scene_backend(family: str, cfg: EngineConfig, registry=None):
 
         return ClassicalSceneBackend(cfg)
     if family == "neural":
-        from reflade.engine.backends.neural import NeuralSceneBackend
+        from reflade.engine.backends.neural_scene import NeuralSceneBackend
 
         return NeuralSceneBackend(cfg, registry=registry)
     raise ValueError(f"unknown backend family {family!r} (known: {', '.join(FAMILIES)})")
@@ -52,7 +52,7 @@ def make_completion_backend(family: str, cfg: EngineConfig, registry=None):
             raise ValueError(
                 f"unknown engine.completion_model {model!r} (known: {', '.join(COMPLETION_MODELS)})"
             )
-        from reflade.engine.backends.neural import NeuralCompletionBackend
+        from reflade.engine.backends.neural_completion import NeuralCompletionBackend
 
         return NeuralCompletionBackend(cfg, registry=registry)
     raise ValueError(f"unknown backend family {family!r} (known: {', '.join(FAMILIES)})")
@@ -68,7 +68,7 @@ def make_matting_backend(family: str, cfg: EngineConfig, registry=None):
 def weights_refs(family: str, cfg: EngineConfig) -> list[str]:
     """Registry references of the weights the family loads (for lineage)."""
     if family == "neural":
-        from reflade.engine.backends.neural import weights_refs as neural_refs
+        from reflade.engine.backends.neural_models import weights_refs as neural_refs
 
         return neural_refs(cfg)
     return []

@@ -1,5 +1,5 @@
 """Layer completion (stage 3) with an SD3-family latent inpainting model: the ``neural`` family's completion when
-``engine.completion_model`` is ``sd3-inpaint`` (the default stays ``repaint``, :mod:`.neural`).
+``engine.completion_model`` is ``sd3-inpaint`` (the default stays ``repaint``, :mod:`.neural_completion`).
 
 The checkpoint is a diffusers ``StableDiffusion3InpaintPipeline`` folder (``model_index.json``, ``transformer/``,
 ``vae/``, ``scheduler/``, and for a real SD3 the CLIP-L/G and T5 text encoders with their tokenizers), imported once
@@ -12,9 +12,10 @@ surroundings are the condition; the engine has no caption of what lies behind an
 encoders encode the empty prompt ONCE when the backend loads and are then dropped (T5 alone is 4.7 B parameters);
 a checkpoint without text encoders (the tiny one) is conditioned on zero embeddings of the transformer's widths.
 
-Holes, crops, sampling sides and seeds follow :class:`.neural.NeuralCompletionBackend` exactly (this class
-inherits them): each hole's square crop is resized to its sampling side (:func:`.neural.sampling_side`, at most the
-transformer's ``sample_size`` times the VAE factor, a multiple of VAE factor x patch size); holes of all images of
+Holes, crops, sampling sides and seeds follow :class:`.neural_completion.NeuralCompletionBackend` exactly (this
+class inherits them and overrides only :meth:`sample`): each hole's square crop is resized to its sampling side
+(:func:`.neural_completion.sampling_side`, at most the transformer's ``sample_size`` times the VAE factor, a
+multiple of VAE factor x patch size); holes of all images of
 a :meth:`complete_batch` call that share a side go through the pipeline together; each hole has its own generator
 (seeded from the image's sha256, entity id, hole kind and ``completion_seed``), so a hole's result does not depend
 on its batch beyond floating-point noise. The mask handed to the pipeline covers every latent cell that any
@@ -35,22 +36,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from reflade.engine.backends.neural import (
-    _BUCKET_FRACTION,
-    _MIN_SIDE_FRACTION,
-    DEFAULT_COMPLETION_DILATE_PX,
-    DEFAULT_COMPLETION_SEED,
-    DEFAULT_COMPLETION_STEPS,
-    NeuralCompletionBackend,
-    _cfg,
-    _fetch,
-    _Hole,
-    _registry,
-    _resize,
-    _round_up,
-    default_cache_dir,
-    select_device,
-)
+from reflade.engine.backends.neural_completion import Hole, NeuralCompletionBackend
+from reflade.engine.backends.neural_models import WeightsSource, cfg_value, resize, select_device
 from reflade.engine.config import EngineConfig
 
 if TYPE_CHECKING:
@@ -150,14 +137,15 @@ def load_sd3_inpaint(
 class SD3InpaintCompletionBackend(NeuralCompletionBackend):
     """Stage 3 with SD3-family latent inpainting (``StableDiffusion3InpaintPipeline``); see the module docstring.
 
-    Same interface as :class:`.neural.NeuralCompletionBackend`: :meth:`complete` for one image,
+    Same interface as :class:`.neural_completion.NeuralCompletionBackend`: :meth:`complete` for one image,
     :meth:`complete_batch` for several (holes batched by sampling side).
 
     Args:
         cfg: engine configuration (``sd3_weights``, ``completion_dtype``, ``completion_steps``,
             ``completion_dilate_px``, ``completion_seed``, ``num_gpus``).
-        registry: where the weights live; None builds one from ``load_config()`` (the worker's environment).
-        cache_dir: local weights cache; None means :func:`.neural.default_cache_dir`.
+        registry: where the weights live; None builds one from ``load_config()`` (the worker's environment),
+            unless ``engine.weights_dir`` names a local folder of weights (:class:`.neural_models.WeightsSource`).
+        cache_dir: local weights cache; None means :func:`.neural_models.default_cache_dir`.
 
     Attributes:
         weights: exact references of the weights loaded, [completion].
@@ -182,23 +170,16 @@ class SD3InpaintCompletionBackend(NeuralCompletionBackend):
         # Not NeuralCompletionBackend.__init__: that one loads the RePaint UNet.
         self.cfg = cfg or EngineConfig(completion_model="sd3-inpaint")
         self.device = select_device(self.cfg)
-        self.dtype = resolve_dtype(str(_cfg(self.cfg, "completion_dtype", "auto")), self.device)
-        cache = cache_dir if cache_dir is not None else default_cache_dir(self.cfg)
-        ref = _cfg(self.cfg, "sd3_weights", DEFAULT_SD3_WEIGHTS)
-        local = _fetch(_registry(registry), ref, cache, "completion")
+        self.dtype = resolve_dtype(str(cfg_value(self.cfg, "completion_dtype", "auto")), self.device)
+        ref = cfg_value(self.cfg, "sd3_weights", DEFAULT_SD3_WEIGHTS)
+        local = WeightsSource(self.cfg, registry, cache_dir).fetch(ref, "completion")
         self.weights = [local.ref]
         self.pipe, self.prompt_embeds, self.pooled_embeds = load_sd3_inpaint(
             local.path, self.device, self.dtype
         )
         self.vae_factor = int(self.pipe.vae_scale_factor)
-        self.side_multiple = self.vae_factor * int(self.pipe.transformer.config.patch_size)
-        self.size = int(self.pipe.transformer.config.sample_size) * self.vae_factor
-        self.bucket_step = _round_up(self.size * _BUCKET_FRACTION, self.side_multiple)
-        self.min_side = _round_up(self.size * _MIN_SIDE_FRACTION, self.bucket_step)
-        self.sampling_side(self.size)  # a sample_size the model cannot run at fails here, not mid-batch
-        self.steps = int(_cfg(self.cfg, "completion_steps", DEFAULT_COMPLETION_STEPS))
-        self.dilate_px = int(_cfg(self.cfg, "completion_dilate_px", DEFAULT_COMPLETION_DILATE_PX))
-        self.seed = int(_cfg(self.cfg, "completion_seed", DEFAULT_COMPLETION_SEED))
+        tcfg = self.pipe.transformer.config
+        self._set_sides(int(tcfg.sample_size) * self.vae_factor, self.vae_factor * int(tcfg.patch_size))
 
     def _latent_cells(self, unknown: np.ndarray) -> np.ndarray:
         """SxS bool -> SxS float32 mask, 1 on every latent cell (``vae_factor`` pixels square) holding an unknown
@@ -207,31 +188,33 @@ class SD3InpaintCompletionBackend(NeuralCompletionBackend):
         cells = unknown.reshape(s // f, f, s // f, f).any(axis=(1, 3))
         return np.repeat(np.repeat(cells, f, axis=0), f, axis=1).astype(np.float32)
 
-    def _sample(self, images: list[np.ndarray], holes: list[_Hole], side: int) -> None:
-        """Inpaint a batch of holes (crops set) at ``side`` x ``side`` pixels; fills each hole's ``result``."""
+    def sample(self, images: list[np.ndarray], holes: list[Hole], side: int) -> None:
+        """Inpaint a batch of holes at ``side`` x ``side`` pixels; sets each hole's ``result`` (arguments as
+        :meth:`.neural_completion.NeuralCompletionBackend.sample`)."""
         s, n = side, len(holes)
         pixels, masks = [], []
         for image, hole in zip(images, holes, strict=True):
             x0, y0, x1, y1 = hole.crop
-            pixels.append(_resize(image[y0:y1, x0:x1], (s, s)).astype(np.float32) / 255.0)
+            pixels.append(resize(image[y0:y1, x0:x1], (s, s)).astype(np.float32) / 255.0)
             # any trace of the hole in a small pixel makes it unknown: the model must not copy hole pixels
-            unknown = _resize(hole.unknown[y0:y1, x0:x1].astype(np.float32), (s, s)) > 0
+            unknown = resize(hole.unknown[y0:y1, x0:x1].astype(np.float32), (s, s)) > 0
             masks.append(self._latent_cells(unknown)[..., None])
         generators = [torch.Generator("cpu").manual_seed(h.seed) for h in holes]
-        out = self.pipe(
-            prompt_embeds=self.prompt_embeds.expand(n, -1, -1),
-            pooled_prompt_embeds=self.pooled_embeds.expand(n, -1),
-            image=np.stack(pixels),
-            mask_image=np.stack(masks),
-            height=s,
-            width=s,
-            strength=1.0,
-            num_inference_steps=self.steps,
-            guidance_scale=1.0,  # no classifier-free guidance: the prompt is empty
-            generator=generators,
-            output_type="np",
-        ).images
+        with torch.inference_mode():
+            out = self.pipe(
+                prompt_embeds=self.prompt_embeds.expand(n, -1, -1),
+                pooled_prompt_embeds=self.pooled_embeds.expand(n, -1),
+                image=np.stack(pixels),
+                mask_image=np.stack(masks),
+                height=s,
+                width=s,
+                strength=1.0,
+                num_inference_steps=self.steps,
+                guidance_scale=1.0,  # no classifier-free guidance: the prompt is empty
+                generator=generators,
+                output_type="np",
+            ).images
         result = np.clip(np.round(np.asarray(out, np.float32) * 255.0), 0, 255).astype(np.uint8)
         for hole, sample in zip(holes, result, strict=True):
             x0, y0, x1, y1 = hole.crop
-            hole.result = _resize(sample, (x1 - x0, y1 - y0))
+            hole.result = resize(sample, (x1 - x0, y1 - y0))

@@ -2,10 +2,11 @@
 self-describing format, registered like any imported checkpoint.
 
 They exercise loading, batching and data flow on a CPU, not quality. Each folder has the layout the loaders in
-:mod:`reflade.engine.backends.neural` read, which is also the layout of the real checkpoint imported once with
-``reflade registry import``:
+:mod:`reflade.engine.backends.neural_models` read, which is also the layout of the real checkpoint imported
+once with ``reflade registry import``. The writers are :mod:`.random_weights`' (shared with the real-size random
+checkpoints); the configurations here are tiny:
 
-- ``weights/tiny-sam``: ``config.json`` (the SAM constructor arguments, see :func:`neural.build_sam`) and
+- ``weights/tiny-sam``: ``config.json`` (the SAM constructor arguments, see :func:`.neural_models.build_sam`) and
   ``model.safetensors`` (the state dict). A real SAM checkpoint is converted once to the same two files.
 - ``weights/tiny-owlv2``: an ``Owlv2ForObjectDetection`` saved with ``save_pretrained`` (``config.json``,
   ``model.safetensors``), an ``Owlv2ImageProcessor`` config and a word-level tokenizer built offline with the
@@ -31,13 +32,20 @@ Register them into the configured registry with ``python -m reflade.engine.backe
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from reflade.engine.backends.random_weights import (
+    word_tokenizer,
+    write_blip,
+    write_owlv2,
+    write_sam,
+    write_sd3_inpaint,
+)
 
 if TYPE_CHECKING:  # imported lazily: the builders must import without boto3 (bench/gpu_engine.py)
     from reflade.platform.registry import Registry
@@ -46,7 +54,9 @@ __all__ = [
     "ALL_TINY_NAMES",
     "LICENSE",
     "SOURCE",
+    "TINY_BLIP",
     "TINY_NAMES",
+    "TINY_OWLV2",
     "TINY_SAM_CONFIG",
     "TINY_SD3_TRANSFORMER",
     "TINY_SD3_VAE",
@@ -57,6 +67,7 @@ __all__ = [
     "build_tiny_sam",
     "build_tiny_sd3_inpaint",
     "build_tiny_weights",
+    "detector_tokenizer",
     "register_tiny_weights",
 ]
 
@@ -106,12 +117,48 @@ _SPECIAL_FIRST = ("<pad>", "<unk>")
 _SPECIAL_LAST = ("<bos>", "<eos>")
 """The two highest ids: OWL's text model pools at the argmax id, which must be end-of-text."""
 _MAX_TEXT_LEN = 16
-_BOX_HEAD_GAIN = 0.3
-"""Gain of the tiny detector's random last box layer (see build_tiny_owlv2)."""
-_BOX_SIZE_SHIFT = 1.2
-"""Added to the width/height logits: sigmoid(logit(1/8) + 1.2) = 0.32 of the padded image's side."""
+TINY_OWLV2: dict = {
+    "text_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": _MAX_TEXT_LEN,
+    },
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 128,
+        "patch_size": 16,
+    },
+    # The class head compares text embeddings of projection_dim with image features of text width.
+    "projection_dim": 32,
+}
+"""``Owlv2Config`` arguments of the tiny detector (vocabulary and token ids come from its tokenizer)."""
 _BLIP_MAX_TEXT_LEN = 32
 """Position embeddings of the tiny captioner's text decoder: its [DEC] token and up to 31 generated tokens."""
+TINY_BLIP: dict = {
+    "text_config": {
+        "hidden_size": 12,
+        "intermediate_size": 24,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": _BLIP_MAX_TEXT_LEN,
+    },
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 64,
+        "patch_size": 16,
+    },
+    "projection_dim": 12,
+    "image_text_hidden_size": 12,
+}
+"""``BlipConfig`` arguments of the tiny captioner (vocabulary and token ids come from its tokenizer)."""
 
 
 def build_tiny_sam(dest: Path, seed: int = SEED) -> Path:
@@ -120,49 +167,31 @@ def build_tiny_sam(dest: Path, seed: int = SEED) -> Path:
     Returns:
         ``dest``.
     """
-    from safetensors.torch import save_file
-
-    from reflade.engine.backends.neural import build_sam
-
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    sam = build_sam(TINY_SAM_CONFIG)
-    (dest / "config.json").write_text(json.dumps(TINY_SAM_CONFIG, indent=2, sort_keys=True) + "\n")
-    # safetensors refuses shared or non-contiguous storage; a state dict of a fresh model has neither.
-    state = {k: v.detach().contiguous() for k, v in sam.state_dict().items()}
-    # One metadata key only: safetensors writes its metadata map in hash order, which varies between runs, and
-    # identical bytes are what lets the registry deduplicate a rebuild.
-    save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    return dest
+    return write_sam(dest, TINY_SAM_CONFIG, seed)
 
 
-def _build_tokenizer():
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+def detector_tokenizer():
+    """The detector's word-level tokenizer over :data:`TOKENIZER_WORDS` (``<pad>`` 0, ``<unk>`` 1, the words,
+    then ``<bos>`` and ``<eos>``), every query wrapped in ``<bos>`` ... ``<eos>``.
 
+    Returns:
+        (tokenizer, {token: id}).
+    """
     tokens = list(_SPECIAL_FIRST) + list(TOKENIZER_WORDS) + list(_SPECIAL_LAST)
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A <eos>",
-        special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])],
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    return word_tokenizer(
+        tokens,
+        max_len=_MAX_TEXT_LEN,
+        bos_eos_template=True,
         bos_token="<bos>",
         eos_token="<eos>",
         pad_token="<pad>",
         unk_token="<unk>",
-        model_max_length=_MAX_TEXT_LEN,
     )
-    return fast, vocab
 
 
 def build_tiny_owlv2(dest: Path, seed: int = SEED) -> Path:
-    """Build the tiny OWLv2 detector, its image-processor config and its word-level tokenizer into ``dest``.
+    """Build the tiny OWLv2 detector, its image-processor config and its word-level tokenizer into ``dest``
+    (:func:`.random_weights.write_owlv2`).
 
     Vision: ViT of 1 block, width 32, 128-pixel inputs, 16-pixel patches (64 candidate boxes). Text: 1 block,
     width 32, at most 16 tokens.
@@ -170,54 +199,8 @@ def build_tiny_owlv2(dest: Path, seed: int = SEED) -> Path:
     Returns:
         ``dest``.
     """
-    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor
-
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    tokenizer, vocab = _build_tokenizer()
-    config = Owlv2Config(
-        text_config={
-            "vocab_size": len(vocab),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": _MAX_TEXT_LEN,
-            "pad_token_id": vocab["<pad>"],
-            "bos_token_id": vocab["<bos>"],
-            "eos_token_id": vocab["<eos>"],
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 128,
-            "patch_size": 16,
-        },
-        # The class head compares text embeddings of projection_dim with image features of text width.
-        projection_dim=32,
-    )
-    torch.manual_seed(seed)
-    model = Owlv2ForObjectDetection(config).eval()
-    # The default init of the box head (std 1) swamps OWL's per-patch box prior: every box comes out huge or
-    # off the image. Re-initialised at unit gain with a small last layer, each patch proposes a box around
-    # itself, about a third of the image wide, so random weights still give distinct, partly overlapping
-    # candidates (NMS, SAM prompts and occlusion all get exercised).
-    head = model.box_head
-    with torch.no_grad():
-        for layer, gain in ((head.dense0, 1.0), (head.dense1, 1.0), (head.dense2, _BOX_HEAD_GAIN)):
-            layer.weight.normal_(0.0, gain * layer.in_features**-0.5)
-            layer.bias.zero_()
-        head.dense2.bias.copy_(torch.tensor([0.0, 0.0, _BOX_SIZE_SHIFT, _BOX_SIZE_SHIFT]))
-        # Likewise the class head's logit shift and scale: unscaled they saturate most scores at 1.0.
-        for layer in (model.class_head.logit_shift, model.class_head.logit_scale):
-            layer.weight.normal_(0.0, _BOX_HEAD_GAIN * layer.in_features**-0.5)
-            layer.bias.zero_()
-    model.save_pretrained(dest, safe_serialization=True)
-    tokenizer.save_pretrained(dest)
-    Owlv2ImageProcessor(size={"height": 128, "width": 128}).save_pretrained(dest)
-    return dest
+    tokenizer, vocab = detector_tokenizer()
+    return write_owlv2(dest, tokenizer, vocab, TINY_OWLV2, seed)
 
 
 def build_tiny_repaint(dest: Path, seed: int = SEED) -> Path:
@@ -266,43 +249,12 @@ def build_tiny_blip(dest: Path, seed: int = SEED) -> Path:
     Returns:
         ``dest``.
     """
-    from transformers import AutoTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor
+    from transformers import AutoTokenizer
 
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(_bert_vocab_folder(), local_files_only=True)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     tokenizer.model_max_length = _BLIP_MAX_TEXT_LEN
-    config = BlipConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 12,
-            "intermediate_size": 24,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": _BLIP_MAX_TEXT_LEN,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "sep_token_id": tokenizer.sep_token_id,
-            "eos_token_id": tokenizer.sep_token_id,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 64,
-            "patch_size": 16,
-        },
-        projection_dim=12,
-        image_text_hidden_size=12,
-    )
-    torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(config).eval()
-    model.save_pretrained(dest, safe_serialization=True)
-    tokenizer.save_pretrained(dest)
-    BlipImageProcessor(size={"height": 64, "width": 64}).save_pretrained(dest)
-    return dest
+    return write_blip(dest, tokenizer, TINY_BLIP, seed)
 
 
 TINY_SD3_TRANSFORMER: dict = {
@@ -345,32 +297,7 @@ def build_tiny_sd3_inpaint(dest: Path, seed: int = SEED) -> Path:
     Returns:
         ``dest``, holding ``transformer/``, ``vae/``, ``scheduler/`` and ``model_index.json``.
     """
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3InpaintPipeline,
-    )
-    from diffusers.utils import logging as diffusers_logging
-
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(**TINY_SD3_TRANSFORMER).eval()
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**TINY_SD3_VAE).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    text = dict.fromkeys(
-        ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
-    )
-    pipe = StableDiffusion3InpaintPipeline(transformer=transformer, scheduler=scheduler, vae=vae, **text)
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # "text_encoder=None cannot be saved": absent on purpose
-    try:
-        pipe.save_pretrained(dest, safe_serialization=True)
-    finally:
-        diffusers_logging.set_verbosity(level)
-    return dest
+    return write_sd3_inpaint(dest, TINY_SD3_TRANSFORMER, TINY_SD3_VAE, seed)
 
 
 TINY_BUILDERS: dict[str, Callable[[Path], Path]] = {

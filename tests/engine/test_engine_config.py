@@ -28,6 +28,7 @@ RESOURCES = {
     "num_cpus_per_actor",
     "num_cpus_per_task",
     "weights_cache",
+    "weights_dir",
     "layout",
     "fused_actors",
 }

@@ -14,16 +14,13 @@ import cv2
 import numpy as np
 import pytest
 
-from reflade.engine.backends.neural import (
-    DEFAULT_VOCABULARY,
-    SOURCE,
+from reflade.engine.backends.neural_completion import (
     NeuralCompletionBackend,
-    NeuralSceneBackend,
-    load_sam,
     sampling_side,
     unet_side_multiple,
-    weights_refs,
 )
+from reflade.engine.backends.neural_models import DEFAULT_VOCABULARY, load_sam, weights_refs
+from reflade.engine.backends.neural_scene import SOURCE, NeuralSceneBackend
 from reflade.engine.backends.tiny_weights import LICENSE, TINY_NAMES, register_tiny_weights
 from reflade.engine.config import EngineConfig
 from reflade.engine.types import Completion, Entity
@@ -169,11 +166,35 @@ def test_corrupt_weights_are_refused(registry, tmp_path):
     assert not list(tmp_path.rglob("model.safetensors")), "a corrupt file reached the cache"
     cfg = EngineConfig()
     cfg.sam_weights = "weights/no-such-model"
-    with pytest.raises(RegistryError, match="tiny_weights"):
+    with pytest.raises(RegistryError, match="reflade engine tiny-weights"):
         NeuralSceneBackend(cfg, registry=registry, cache_dir=tmp_path)
 
 
 # ---------------------------------------------------------------- stage 2
+
+
+def test_weights_dir_loads_local_folders_without_a_registry(tmp_path, monkeypatch, scene):
+    """``engine.weights_dir``: the backends load ``DIR/<name>`` for ``weights/<name>@...`` and never build a
+    registry (a GPU machine has no object store); the folder's tiny weights are the registry's (same bytes), so
+    the entities are the same; a folder that lacks a model is named with what it holds."""
+    from reflade.engine.backends.tiny_weights import build_tiny_weights
+    from reflade.platform.registry import Registry as RegistryClass
+
+    def no_registry(*a, **k):
+        raise AssertionError("a registry was built although engine.weights_dir is set")
+
+    monkeypatch.setattr(RegistryClass, "from_config", no_registry)
+    build_tiny_weights(tmp_path, ["tiny-sam", "tiny-owlv2"])
+    cfg = EngineConfig(weights_dir=str(tmp_path), captioner_weights="")
+    local = NeuralSceneBackend(cfg)
+    assert local.weights == ["weights/tiny-sam@local", "weights/tiny-owlv2@local"]
+    found, from_registry = local.detect(IMAGES[0]), scene.detect(IMAGES[0])
+    assert [(e.label, e.box, e.occluded_by) for e in found] == [
+        (e.label, e.box, e.occluded_by) for e in from_registry
+    ]
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(found, from_registry, strict=True))
+    with pytest.raises(ValueError, match=r"has no folder 'tiny-repaint' \(it holds: tiny-owlv2, tiny-sam\)"):
+        NeuralCompletionBackend(cfg)
 
 
 def test_detect_returns_consistent_entities(scene, tiny, detected):
@@ -379,13 +400,13 @@ def test_complete_samples_each_crop_at_its_bucket(completion, monkeypatch):
         masks.append(m)
     entities = [Entity(i, (0, 0, 1, 1), m, "cup", 0.5) for i, m in enumerate(masks)]
     calls = []
-    sample = completion._sample
+    sample = completion.sample
 
     def spy(images, holes, side):
         calls.append((side, [max(h.crop[2] - h.crop[0], h.crop[3] - h.crop[1]) for h in holes]))
         return sample(images, holes, side)
 
-    monkeypatch.setattr(completion, "_sample", spy)
+    monkeypatch.setattr(completion, "sample", spy)
     comps = completion.complete(image, entities)
     # background holes: the masks dilated by 4 px (14, 18 and 48 px) -> crops of 32, 36 and 96 px
     assert calls == [(32, [32]), (48, [36]), (64, [96])]
@@ -407,7 +428,8 @@ def test_backends_run_in_a_ray_actor_pool(ray_cluster, tiny, tmp_path):
         """Stages 2 and 3 in one actor: weights fetched once per actor from the worker's own credentials."""
 
         def __init__(self, prefix: str, cache_dir: str):
-            from reflade.engine.backends.neural import NeuralCompletionBackend, NeuralSceneBackend
+            from reflade.engine.backends.neural_completion import NeuralCompletionBackend
+            from reflade.engine.backends.neural_scene import NeuralSceneBackend
             from reflade.engine.config import EngineConfig
             from reflade.platform.config import load_config
             from reflade.platform.registry import Registry

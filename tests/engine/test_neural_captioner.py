@@ -13,13 +13,9 @@ import uuid
 import numpy as np
 import pytest
 
-from reflade.engine.backends.neural import (
-    DEFAULT_CAPTIONER_WEIGHTS,
-    NeuralCaptioner,
-    NeuralSceneBackend,
-    _caption_crop,
-    weights_refs,
-)
+from reflade.engine.backends.neural_captioner import NeuralCaptioner, caption_crop
+from reflade.engine.backends.neural_models import DEFAULT_CAPTIONER_WEIGHTS, weights_refs
+from reflade.engine.backends.neural_scene import NeuralSceneBackend
 from reflade.engine.backends.tiny_weights import register_tiny_weights
 from reflade.engine.config import EngineConfig
 from reflade.engine.schema import validate_prompt
@@ -114,20 +110,20 @@ def test_caption_entities_sets_every_caption(captioner):
     captioner.caption_entities(images, ents)
     got = [e.caption for es in ents for e in es]
     assert all(isinstance(c, str) for c in got)
-    crops = [_caption_crop(images[0], (5, 5, 30, 40)), _caption_crop(images[0], (40, 10, 70, 50))]
-    crops.append(_caption_crop(images[1], (0, 0, 10, 10)))
+    crops = [caption_crop(images[0], (5, 5, 30, 40)), caption_crop(images[0], (40, 10, 70, 50))]
+    crops.append(caption_crop(images[1], (0, 0, 10, 10)))
     assert got == captioner.caption(crops)
     with pytest.raises(ValueError, match="entity lists"):
         captioner.caption_entities(images, ents[:1])
 
 
-def test_caption_crop_is_the_box_with_a_margin():
+def testcaption_crop_is_the_box_with_a_margin():
     image = np.arange(100 * 200 * 3, dtype=np.uint32).reshape(100, 200, 3).astype(np.uint8)
-    crop = _caption_crop(image, (50, 20, 150, 60))  # 100 x 40 box: 15 x 6 px margins
+    crop = caption_crop(image, (50, 20, 150, 60))  # 100 x 40 box: 15 x 6 px margins
     assert crop.shape == (52, 130, 3)
     assert np.array_equal(crop, image[14:66, 35:165])
-    assert _caption_crop(image, (0, 0, 4, 4)).shape == (6, 6, 3)  # at least 2 px, clipped at the border
-    assert _caption_crop(image, (190, 90, 200, 100)).shape == (12, 12, 3)
+    assert caption_crop(image, (0, 0, 4, 4)).shape == (6, 6, 3)  # at least 2 px, clipped at the border
+    assert caption_crop(image, (190, 90, 200, 100)).shape == (12, 12, 3)
 
 
 def test_scene_backend_captions_its_entities_unless_disabled(blip):

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from reflade.engine.backends import make_completion_backend
-from reflade.engine.backends.neural import NeuralCompletionBackend, weights_refs
+from reflade.engine.backends.neural_completion import NeuralCompletionBackend
+from reflade.engine.backends.neural_models import weights_refs
 from reflade.engine.backends.sd3_inpaint import (
     SD3InpaintCompletionBackend,
     load_sd3_inpaint,
@@ -133,13 +134,13 @@ def test_fills_the_holes_and_nothing_else(completion, tiny):
 def test_batching_by_side_matches_one_at_a_time(completion, monkeypatch):
     singles = [completion.complete(im, ents) for im, ents in zip(IMAGES, ENTITIES, strict=True)]
     calls: list[tuple[int, int]] = []
-    sample = completion._sample
+    sample = completion.sample
 
     def record(images, holes, side):
         calls.append((side, len(holes)))
         return sample(images, holes, side)
 
-    monkeypatch.setattr(completion, "_sample", record)
+    monkeypatch.setattr(completion, "sample", record)
     batched = completion.complete_batch(IMAGES, ENTITIES)
     n_holes = sum(len(e) + 1 for e in ENTITIES)  # a background hole each, an amodal hole for each disc
     assert sum(n for _, n in calls) == n_holes
