@@ -4,6 +4,8 @@ draws (``summarize_result``), and the tables and lines it prints."""
 from __future__ import annotations
 
 import json
+import pickle
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +253,112 @@ def report(result: dict[str, Any], args) -> None:
 
 def _fmt_pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f} %"
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-image outcome and per-stage time sums from the pickled ``Work`` each output row carries."""
+    stage_s: dict[str, float] = defaultdict(float)
+    per_image: dict[str, list] = {}
+    image_stage_s: dict[str, float] = {}
+    quarantined: Counter[str] = Counter()
+    layers_kept = 0
+    for r in rows:
+        work = pickle.loads(r["work"])
+        for stage, secs in work.timings.items():
+            stage_s[stage] += secs
+        image_stage_s[r["source_id"]] = sum(work.timings.values())
+        kept_layers = sum(bool(lay.ok) for lay in work.layers) if r["ok"] else 0
+        layers_kept += kept_layers
+        code = (r["reason"] or "").split(":", 1)[0]
+        per_image[r["source_id"]] = [bool(r["ok"]), r["stage"] or "", code, kept_layers]
+        if not r["ok"]:
+            quarantined[f"{r['stage']}:{code}"] += 1
+    total = sum(stage_s.values())
+    return {
+        "images": len(rows),
+        "images_kept": sum(v[0] for v in per_image.values()),
+        "images_quarantined": sum(not v[0] for v in per_image.values()),
+        "quarantine_reasons": dict(sorted(quarantined.items())),
+        "layers_kept": layers_kept,
+        "stage_time_s": total,
+        "stage_s": {s: stage_s.get(s, 0.0) for s in TIMED_STAGES},
+        "stage_share": {s: (stage_s.get(s, 0.0) / total if total else 0.0) for s in TIMED_STAGES},
+        "per_image": per_image,
+        "image_stage_s": image_stage_s,
+    }
+
+
+def arm_figures(summary: dict[str, Any], wall: float, cores: float, cpu: dict[str, float]) -> dict[str, Any]:
+    """Throughput and overheads of one timed run (see DEFINITIONS)."""
+    n = summary["images"]
+    stage = summary["stage_time_s"]
+    capacity = cpu["machine_cpus"] * cpu["wall_s"]
+    return {
+        "wall_s": wall,
+        "cores": cores,
+        "images_per_s": n / wall if wall else 0.0,
+        "overhead_per_image_ms": 1000 * (wall * cores - stage) / n if n else 0.0,
+        "overhead_pct": 100 * (wall * cores - stage) / stage if stage else 0.0,
+        "own_cpu_per_image_ms": 1000 * cpu["own_cpu_s"] / n if n else 0.0,
+        "idle_pct": 100 * cpu["idle_cpu_s"] / capacity if capacity else 0.0,
+        "foreign_pct": 100 * cpu["foreign_load"],
+        "cpu": cpu,
+    }
+
+
+def compare(plain: dict[str, Any], ray_run: dict[str, Any]) -> list[str]:
+    """Per-image differences between the arms (same code, same inputs: any difference is a bug)."""
+    a, b = ray_run["per_image"], plain["per_image"]
+    diffs = [f"{sid}: only in {'ray' if sid in a else 'plain'}" for sid in sorted(set(a) ^ set(b))]
+    diffs += [
+        f"{sid}: ray {a[sid]} != plain {b[sid]} (ok, stage, reason code, layers kept)"
+        for sid in sorted(set(a) & set(b))
+        if a[sid] != b[sid]
+    ]
+    return diffs
+
+
+def floor_figures(
+    run: dict[str, Any], slept_s: float, cores: float, by_title: dict[str, float]
+) -> dict[str, Any]:
+    """The floor's figures (DEFINITIONS: floor_idle_pct, floor_cpu_pct) from one floor run, the
+    stage time it slept in all and the CPU seconds per process title; the pool's actors are the ``ray::MapWorker``
+    titles (their CPU, start-up and Ray Data's per-batch work, is time the run waits for, inside the idle share)."""
+    if slept_s <= 0:
+        raise ValueError("the floor run slept no stage time: nothing to compare with")
+    actors_cpu = sum(v for k, v in by_title.items() if k.startswith("ray::MapWorker"))
+    others_cpu = sum(v for k, v in by_title.items() if not k.startswith("ray::MapWorker"))
+    idle_pct = 100 * (run["wall_s"] * cores - slept_s) / slept_s
+    cpu_pct = 100 * others_cpu / slept_s
+    return {
+        **run,
+        "slept_s": slept_s,
+        "actors_cpu_s": actors_cpu,
+        "ray_cpu_s": others_cpu,
+        "floor_idle_pct": idle_pct,
+        "floor_cpu_pct": cpu_pct,
+        "cpu_by_process": by_title,
+    }
+
+
+def product_figures(res, back: dict[str, Any]) -> dict[str, Any]:
+    """A product run's outcome in the plain arm's terms (``summarize``), from what it committed (``read_back``)."""
+    stage_s = {st: back["stage_s"].get(st, 0.0) for st in TIMED_STAGES}
+    total = sum(stage_s.values())
+    per_image = back["per_image"]
+    quarantined = Counter(f"{v[1]}:{v[2]}" for v in per_image.values() if not v[0])
+    return {
+        "images": len(per_image),
+        "images_kept": sum(v[0] for v in per_image.values()),
+        "images_quarantined": sum(not v[0] for v in per_image.values()),
+        "quarantine_reasons": dict(sorted(quarantined.items())),
+        "layers_kept": res.layers_kept,
+        "stage_time_s": total,
+        "stage_s": stage_s,
+        "stage_share": {s: (stage_s[s] / total if total else 0.0) for s in TIMED_STAGES},
+        "write_s": back["stage_s"].get("write", 0.0),
+        "shards": back["shards"],
+        "dataset": res.dataset,
+        "per_image": per_image,
+        "image_stage_s": back["image_stage_s"],
+    }
