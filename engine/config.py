@@ -149,6 +149,12 @@ class CompletionConfig:
     completion_dtype: str = output("auto", omit_default=True)
     """Dtype of the SD3 inpainting networks: ``auto`` (bfloat16 on CUDA, float32 on the CPU), ``float32``,
     ``bfloat16`` or ``float16``."""
+    completion_calls_in_flight: int = resource(2)
+    """Ray Data batches one neural completion actor of the staged layout works on at once; their holes share
+    sampler batches (engine/completion_batcher.py). 1: one batch at a time."""
+    completion_batch_wait_s: float = resource(0.05)
+    """With calls in flight: seconds without a new hole after which the completion actor samples its part-filled
+    groups of holes."""
 
 
 @dataclass(kw_only=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 from reflade.engine.config import EngineConfig
 from reflade.engine.errors import EngineError
+from reflade.engine.layer_units import GATHER_CPUS, GatherLayers, LayerMattingStage, split_layers
 from reflade.engine.ray_stages import (
     CompletionStage,
     MarkDuplicates,
@@ -91,7 +92,10 @@ def describe_layout(ecfg: EngineConfig, family: str) -> str:
             + (f" + {ecfg.num_gpus:g} GPU" if gpu else "")
         )
     pool = ecfg.gpu_actors if gpu else ecfg.cpu_actors
-    return f"stages 2-6 staged: scene and completion pools of {pool}, matting pool of {ecfg.cpu_actors}"
+    return (
+        f"stages 2-6 staged: scene and completion pools of {pool}, matting pool of {ecfg.cpu_actors} "
+        "(one entity per call)"
+    )
 
 
 class LayerStages:
@@ -127,6 +131,40 @@ class LayerStages:
         return batch
 
 
+def completion_map_args(ecfg: EngineConfig, family: str, args: tuple) -> dict[str, Any]:
+    """``map_batches`` arguments (but the class) of the staged layout's completion pool, whose constructor takes
+    ``args`` (family, config, storage fields, registry prefix). For the neural family each actor runs
+    ``completion_calls_in_flight`` calls at once, each in its own thread (Ray Data's
+    ``max_concurrent_calls_per_actor`` with ``enable_true_multi_threading``), and its stage batches their holes
+    together (engine/completion_batcher.py); the classical stages run one call at a time.
+
+    Raises:
+        EngineError: ``completion_calls_in_flight`` is below 1.
+    """
+    from ray.data import ActorPoolStrategy
+
+    calls = ecfg.completion_calls_in_flight
+    if calls < 1:
+        raise EngineError(f"engine.completion_calls_in_flight must be 1 or more, not {calls}")
+    gpu = uses_gpu(ecfg, family)
+    pool = ecfg.gpu_actors if gpu else ecfg.cpu_actors
+    calls = calls if family == "neural" else 1
+    compute = (
+        ActorPoolStrategy(size=pool, max_concurrent_calls_per_actor=calls, enable_true_multi_threading=True)
+        if calls > 1
+        else ActorPoolStrategy(size=pool)
+    )
+    return {
+        "fn_constructor_args": args,
+        "fn_constructor_kwargs": {"calls_in_flight": calls},
+        "compute": compute,
+        "num_cpus": ecfg.num_cpus_per_actor,
+        "num_gpus": ecfg.num_gpus if gpu else 0,
+        "batch_format": "pandas",
+        "batch_size": ecfg.batch_size,
+    }
+
+
 def add_layer_stages(
     ds,
     ecfg: EngineConfig,
@@ -140,7 +178,13 @@ def add_layer_stages(
     image records, in the layout ``layout`` (default: ``resolve_layout``). Staged: model stages in actor pools
     (GPU pools for neural backends when ``num_gpus`` > 0), prompts and post-filter as tasks. Fused: one actor
     pool (``fused_pool_size``) running all five stages on each batch, as ``fused_class`` (default
-    ``LayerStages``; a subclass with the same constructor, for instance one that times its calls)."""
+    ``LayerStages``; a subclass with the same constructor, for instance one that times its calls).
+
+    Two scheduling levers are the staged layout's: its completion actors run several calls at once and sample
+    their holes together (:func:`completion_map_args`), and its matting pool takes one entity per call, so that
+    an image's layers are matted in parallel (engine/layer_units.py). The fused layout (and the plain loop) call
+    each stage once per batch in one thread, so they complete one batch at a time and matte an image's entities in
+    sequence."""
     from ray.data import ActorPoolStrategy
 
     bs = ecfg.batch_size
@@ -169,12 +213,22 @@ def add_layer_stages(
     cpu_actor = {"num_cpus": ecfg.num_cpus_per_actor, "batch_format": "pandas", "batch_size": bs}
     pool = ecfg.gpu_actors if gpu else ecfg.cpu_actors
     ds = ds.map_batches(SceneStage, fn_constructor_args=args, compute=ActorPoolStrategy(size=pool), **model)
+    ds = ds.map_batches(CompletionStage, **completion_map_args(ecfg, family, args))
+    # Matting is CPU work: its own pool, so that it overlaps the GPU stages; one entity per call, so that an
+    # image's layers are matted in parallel (engine/layer_units.py).
+    ds = ds.map_batches(split_layers, **task).repartition(target_num_rows_per_block=1)
     ds = ds.map_batches(
-        CompletionStage, fn_constructor_args=args, compute=ActorPoolStrategy(size=pool), **model
+        LayerMattingStage,
+        fn_constructor_args=args,
+        compute=ActorPoolStrategy(size=ecfg.cpu_actors),
+        **dict(cpu_actor, batch_size=1),
     )
-    # Matting is CPU work: its own pool, so that it overlaps the GPU stages.
     ds = ds.map_batches(
-        MattingStage, fn_constructor_args=args, compute=ActorPoolStrategy(size=ecfg.cpu_actors), **cpu_actor
+        GatherLayers,
+        compute=ActorPoolStrategy(size=1),
+        num_cpus=GATHER_CPUS,
+        batch_format="pandas",
+        batch_size=bs,
     )
     ds = ds.map_batches(PromptStage(ecfg), **task)
     return ds.map_batches(PostFilterStage(ecfg), **task)

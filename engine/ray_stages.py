@@ -5,6 +5,8 @@ loop, timing, quarantine and hand-off are the adapter's. The stage logic itself 
 
 from __future__ import annotations
 
+import abc
+import threading
 from typing import Any
 
 import numpy as np
@@ -114,9 +116,9 @@ class ModelStage(RecordStage):
         self.registry = worker_registry(storage_fields, registry_prefix) if family == "neural" else None
         self.backend = self.make_backend()
 
+    @abc.abstractmethod
     def make_backend(self):
         """The stage's backend, built once per actor."""
-        raise NotImplementedError
 
     def batched(self, batch, run, apply):
         """Run the whole batch through one backend call, ``run(works) -> results``, then ``apply(r, work, result)``
@@ -182,9 +184,33 @@ class SceneStage(ModelStage):
 
 
 class CompletionStage(ModelStage):
-    """Stage 3: amodal completion of each entity and the background with it removed."""
+    """Stage 3: amodal completion of each entity and the background with it removed.
+
+    Args:
+        calls_in_flight: how many calls (Ray Data batches) this actor runs at once (the staged layout passes
+            ``engine.completion_calls_in_flight``). Above 1, with a backend that exposes its hole steps (neural),
+            the calls share one :class:`~reflade.engine.completion_batcher.HoleBatcher`: holes of several batches
+            go through the sampler together (engine/completion_batcher.py).
+    """
 
     stage = "completion"
+
+    def __init__(
+        self,
+        family: str,
+        cfg: EngineConfig,
+        storage_fields: dict[str, Any] | None = None,
+        registry_prefix: str | None = None,
+        calls_in_flight: int = 1,
+    ):
+        super().__init__(family, cfg, storage_fields, registry_prefix)
+        self.batcher = None
+        # Calls that cannot share a batcher run one at a time: a backend holds state (the sampler's scheduler).
+        self.one_at_a_time = threading.Lock()
+        if calls_in_flight > 1 and hasattr(self.backend, "holes"):
+            from reflade.engine.completion_batcher import HoleBatcher
+
+            self.batcher = HoleBatcher(self.backend, cfg.completion_batch_wait_s)
 
     def make_backend(self):
         from reflade.engine.backends import make_completion_backend
@@ -192,14 +218,23 @@ class CompletionStage(ModelStage):
         return make_completion_backend(self.family, self.cfg, self.registry)
 
     def process(self, r, work):
-        work.completions = self.backend.complete(work.image, work.entities)
+        if self.batcher is not None:
+            work.completions = self.batcher.complete_batch([work.image], [work.entities])[0]
+        else:
+            work.completions = self.backend.complete(work.image, work.entities)
         count(work, "completion", 2 * len(work.entities), 2 * len(work.completions))
 
     def __call__(self, batch):
         """Backends with ``complete_batch`` (neural) get every image of the batch at once, so that holes of the
-        same sampling side share sampler batches across images; if that call fails, each image runs alone so
-        that only a bad one is quarantined."""
-        complete_batch = getattr(self.backend, "complete_batch", None)
+        same sampling side share sampler batches across images (and, through the batcher, across the calls in
+        flight); if that call fails, each image runs alone so that only a bad one is quarantined. With calls in
+        flight, a call's seconds include the time its holes wait for shared sampler batches."""
+        if self.batcher is None:
+            with self.one_at_a_time:
+                return self._complete(batch, getattr(self.backend, "complete_batch", None))
+        return self._complete(batch, self.batcher.complete_batch)
+
+    def _complete(self, batch, complete_batch):
         if complete_batch is None:
             return super().__call__(batch)
 
@@ -223,20 +258,33 @@ class MattingStage(ModelStage):
         return make_matting_backend(self.family, self.cfg, self.registry)
 
     def process(self, r, work):
+        # In sequence here (the fused layout, the plain loop); the staged layout mattes each entity in its own
+        # call (engine/layer_units.py).
         layers = []
         for ent, comp in zip(work.entities, work.completions, strict=True):
-            fg = LayerOut(ent.entity_id, "foreground", ent.label, visible_mask=ent.mask)
-            try:
-                fg.rgba = self.backend.refine(work.image, comp, ent.mask)
-                fg.scores.update(comp.scores)
-            except Exception as e:
-                fg.reject("matting", error_reason(e))
-            bg_rgba = np.dstack([comp.background, np.full(comp.background.shape[:2], 255, np.uint8)])
-            bg = LayerOut(ent.entity_id, "background", ent.label, rgba=bg_rgba, visible_mask=~ent.mask)
-            layers += [fg, bg]
+            layers += self.matte(work.image, ent, comp)
         work.layers = layers
         count(work, "matting", len(layers), sum(lay.ok for lay in layers))
         work.completions = []  # no longer needed: keep the pickles small
+
+    def matte(self, image: np.ndarray, ent, comp) -> list[LayerOut]:
+        """The two layers of one entity: its foreground (the completion refined by the matting backend; rejected
+        with the error if refining fails) and the background with it removed.
+
+        Args:
+            image: HxWx3 uint8 RGB.
+            ent: the stage-2 entity (``mask`` HxW bool).
+            comp: its stage-3 :class:`~reflade.engine.types.Completion`.
+        """
+        fg = LayerOut(ent.entity_id, "foreground", ent.label, visible_mask=ent.mask)
+        try:
+            fg.rgba = self.backend.refine(image, comp, ent.mask)
+            fg.scores.update(comp.scores)
+        except Exception as e:
+            fg.reject("matting", error_reason(e))
+        bg_rgba = np.dstack([comp.background, np.full(comp.background.shape[:2], 255, np.uint8)])
+        bg = LayerOut(ent.entity_id, "background", ent.label, rgba=bg_rgba, visible_mask=~ent.mask)
+        return [fg, bg]
 
 
 class PromptStage(RecordStage):

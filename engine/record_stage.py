@@ -9,6 +9,7 @@ Counting is each stage's (``count``), because its unit differs (images or layers
 
 from __future__ import annotations
 
+import abc
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -85,7 +86,7 @@ def load_work(work) -> Work:
     return work if isinstance(work, Work) else pickle.loads(work)
 
 
-class RecordStage:
+class RecordStage(abc.ABC):
     """A stage over image records, called by Ray Data on a pandas batch (a task's callable, or an actor).
 
     Subclasses set ``stage`` and implement :meth:`process`; :meth:`__call__` is the loop, written once: for each
@@ -132,11 +133,11 @@ class RecordStage:
         """The record's ``Work`` (default: the one the previous stage handed on)."""
         return load_work(r["work"])
 
+    @abc.abstractmethod
     def process(self, r: dict[str, Any], work: Work) -> None:
         """Run the stage on one record (mutates ``r`` and ``work``); raising quarantines the record."""
-        raise NotImplementedError
 
-    def close(self, r: dict[str, Any], work: Work) -> None:
+    def close(self, r: dict[str, Any], work: Work) -> None:  # noqa: B027 - an optional hook, not abstract
         """After :meth:`process`, whether or not it raised (default: nothing)."""
 
     def hand_on(self, work: Work):

@@ -4,6 +4,7 @@ one image at a time when that call fails, so that only the bad image is quaranti
 from __future__ import annotations
 
 import pickle
+import threading
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,8 @@ class _Recorder:
 def _stage(backend) -> CompletionStage:
     stage = CompletionStage.__new__(CompletionStage)  # no registry or weights: the backend is given
     stage.family, stage.cfg, stage.registry, stage.backend = "neural", None, None, backend
+    # One call at a time (the batcher of calls in flight: tests/engine/test_completion_batcher.py).
+    stage.batcher, stage.one_at_a_time = None, threading.Lock()
     return stage
 
 

@@ -32,6 +32,9 @@ RESOURCES = {
     "layout",
     "fused_actors",
 }
+COMPLETION_RESOURCES = {"completion_calls_in_flight", "completion_batch_wait_s"}
+"""Resources that belong to one stage's part: how its actors run (engine/completion_batcher.py)."""
+RESOURCES |= COMPLETION_RESOURCES
 
 
 def test_every_field_is_classified():
@@ -77,7 +80,9 @@ def test_parts_cover_the_section_once():
     names = [f.name for cls in STAGE_CONFIGS.values() for f in dataclasses.fields(cls)]
     assert len(names) == len(set(names))
     assert set(names) == {f.name for f in dataclasses.fields(EngineConfig)}
-    assert {f.name for f in dataclasses.fields(ResourceConfig)} == RESOURCES
+    assert {f.name for f in dataclasses.fields(ResourceConfig)} == RESOURCES - COMPLETION_RESOURCES
+    completion = STAGE_CONFIGS["completion"]
+    assert {f.name for f in dataclasses.fields(completion) if not changes_output(f)} == COMPLETION_RESOURCES
     cfg = EngineConfig(max_side=512, batch_size=8)
     assert cfg.part("prefilter").max_side == 512 and cfg.part("resources").batch_size == 8
     assert isinstance(cfg, STAGE_CONFIGS["scene"])  # a stage's code may take just its part

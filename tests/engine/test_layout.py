@@ -105,15 +105,32 @@ def _independent_rows(data: bytes, sha: str, cfg: EngineConfig, config_hash: str
     return out
 
 
+def _pipeline_rows(records_out: list[dict], cfg: EngineConfig) -> dict[str, tuple]:
+    """The kept layers of image records that left stage 6, as the shard writer's row builder makes them:
+    {sample_id: (layer PNG, mask PNG, prompts)}."""
+    import pickle
+
+    from reflade.engine.schema import make_sample_id
+    from reflade.engine.staging import ShardWriter, split_for
+
+    config_hash = cfg.fingerprint()
+    writer = ShardWriter({}, "runs/x/", config_hash, {"scene": "classical"}, [], cfg.test_fraction)
+    out = {}
+    for r in records_out:
+        work = pickle.loads(r["work"])
+        for lay in work.layers:
+            if r["ok"] and lay.ok:
+                sid = make_sample_id(r["sha256"], lay.entity_id, lay.kind, config_hash)
+                row = writer._row(r, work, lay, sid, split_for(r["sha256"], cfg.test_fraction))
+                out[row["sample_id"]] = (row["layer"], row["visible_mask"], row["prompts"])
+    return out
+
+
 def test_pipeline_rows_match_a_plain_loop_over_independently_decoded_inputs():
     """The rows the pipeline's stage code makes (record stages, the fused actor's LayerStages, the shard writer's
     row builder) are the rows of a plain loop over the same inputs: identical sample ids, layer and mask bytes and
     prompts."""
     import hashlib
-    import pickle
-
-    from reflade.engine.schema import make_sample_id
-    from reflade.engine.staging import ShardWriter, split_for
 
     cfg = EngineConfig(batch_size=2)
     config_hash = cfg.fingerprint()
@@ -122,15 +139,7 @@ def test_pipeline_rows_match_a_plain_loop_over_independently_decoded_inputs():
         {"source_id": f"s{i}", "sha256": hashlib.sha256(d).hexdigest(), "name": f"scene{i}.png", "data": d}
         for i, d in enumerate(datas)
     ]
-    writer = ShardWriter({}, "runs/x/", config_hash, {"scene": "classical"}, [], cfg.test_fraction)
-    pipeline = {}
-    for r in run_stages_plain(records, cfg, "classical"):
-        work = pickle.loads(r["work"])
-        for lay in work.layers:
-            if r["ok"] and lay.ok:
-                sid = make_sample_id(r["sha256"], lay.entity_id, lay.kind, config_hash)
-                row = writer._row(r, work, lay, sid, split_for(r["sha256"], cfg.test_fraction))
-                pipeline[row["sample_id"]] = (row["layer"], row["visible_mask"], row["prompts"])
+    pipeline = _pipeline_rows(run_stages_plain(records, cfg, "classical"), cfg)
     plain = {}
     for rec in records:
         plain.update(_independent_rows(rec["data"], rec["sha256"], cfg, config_hash))
@@ -174,3 +183,24 @@ def test_layer_stages_hand_on_objects_and_return_pickles():
     by_id = {r["source_id"]: r for r in out}
     assert by_id["scene"]["ok"] and not by_id["flat"]["ok"]
     assert by_id["flat"]["stage"] == "scene" and by_id["flat"]["reason"].startswith("error:"), by_id["flat"]
+
+
+def test_stage_hooks_are_abstract():
+    """A record stage without ``process``, or a model stage without ``make_backend``, cannot be built (the Ray
+    pools build the concrete ones: tests/engine/test_layer_units.py runs the staged layout on Ray)."""
+    from reflade.engine.ray_stages import ModelStage
+    from reflade.engine.record_stage import RecordStage
+
+    class NoProcess(RecordStage):
+        stage = "x"
+
+    class NoBackend(ModelStage):
+        stage = "y"
+
+        def process(self, r, work):
+            pass
+
+    with pytest.raises(TypeError, match="abstract method.*process"):
+        NoProcess()
+    with pytest.raises(TypeError, match="abstract method.*make_backend"):
+        NoBackend("classical", EngineConfig())
