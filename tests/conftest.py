@@ -86,6 +86,28 @@ def registry_env(registry, storage_config, monkeypatch) -> Registry:
 
 
 @pytest.fixture(scope="session")
+def cli_env(seaweed, credentials_file):
+    """Factory: the environment of a ``reflade`` command run as a subprocess against the suite's object store, as a
+    user's shell would have it. ``cli_env(registry, home, **extra)`` -> this process's environment without
+    ``AWS_*``, ``REFLADE_*`` or ``RAY_ADDRESS``, plus the endpoint, the bucket, the 0600 credentials file (never a
+    key), the registry's prefix and ``REFLADE_HOME=home``; ``extra`` adds variables or overrides these."""
+
+    def make(registry: Registry, home: Path, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "REFLADE_", "RAY_ADDRESS"))}
+        env.update(
+            REFLADE_STORAGE_ENDPOINT=seaweed.endpoint,
+            REFLADE_STORAGE_BUCKET=TEST_BUCKET,
+            AWS_SHARED_CREDENTIALS_FILE=str(credentials_file),
+            REFLADE_REGISTRY_PREFIX=registry.prefix.rstrip("/"),
+            REFLADE_HOME=str(home),
+        )
+        env.update(extra)
+        return env
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(seaweed, credentials_file):
     """A local Ray cluster started by this process (never one left by `ray start` or `reflade up`).
 

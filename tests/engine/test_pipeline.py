@@ -23,7 +23,6 @@ from PIL import Image
 from reflade.engine.pipeline import run_engine
 from reflade.engine.schema import decode_mask, load_rows, validate_row
 from reflade.engine.synth import make_scene, scene_to_png_bytes
-from reflade.platform.config import load_config
 from reflade.platform.registry import Registry, RegistryError
 
 pytestmark = pytest.mark.timeout(900)
@@ -74,17 +73,6 @@ def make_input(folder: Path, n_synthetic: int = 6, hostile: bool = True) -> dict
         (folder / "sub" / "tiny.png").write_bytes(_png(np.zeros((1, 1, 3), np.uint8)))
         expect["sub/tiny.png"] = "too_small"
     return expect
-
-
-@pytest.fixture
-def engine_cfg(storage_config, registry):
-    cfg = load_config(None, env={})
-    for f in ("endpoint", "bucket", "region", "access_key_id", "secret_access_key"):
-        setattr(cfg.storage, f, getattr(storage_config, f))
-    cfg.registry.prefix = registry.prefix.rstrip("/")
-    eng = cfg.section("engine")
-    eng.batch_size = 2
-    return cfg
 
 
 def _quarantine(registry: Registry, ref: str) -> list[dict]:
@@ -147,22 +135,11 @@ def _sample_ids(registry, ref) -> set[str]:
     return {r["sample_id"] for r in load_rows(registry, ref)}
 
 
-def test_killed_run_resumes_without_duplicates(
-    engine_cfg, registry, ray_cluster, seaweed, credentials_file, tmp_path
-):
+def test_killed_run_resumes_without_duplicates(engine_cfg, registry, ray_cluster, cli_env, tmp_path):
     make_input(tmp_path / "in", n_synthetic=10, hostile=False)
     clean = run_engine(engine_cfg, str(tmp_path / "in"), "clean", progress=False, log=lambda *_: None)
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "REFLADE_", "RAY_ADDRESS"))}
-    env.update(
-        REFLADE_STORAGE_ENDPOINT=seaweed.endpoint,
-        REFLADE_STORAGE_BUCKET=engine_cfg.storage.bucket,
-        AWS_SHARED_CREDENTIALS_FILE=str(credentials_file),
-        REFLADE_REGISTRY_PREFIX=engine_cfg.registry.prefix,
-        REFLADE_ENGINE_BATCH_SIZE="1",
-        REFLADE_RAY_NUM_CPUS="2",
-        REFLADE_HOME=str(tmp_path / "home"),
-    )
+    env = cli_env(registry, tmp_path / "home", REFLADE_ENGINE_BATCH_SIZE="1", REFLADE_RAY_NUM_CPUS="2")
     cmd = [
         str(Path(sys.executable).parent / "reflade"),
         "engine",

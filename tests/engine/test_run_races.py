@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_pipeline import engine_cfg, make_input  # noqa: F401 - engine_cfg is a fixture used here
+from test_pipeline import make_input
 
 from reflade.engine.pipeline import run_engine
 from reflade.engine.schema import load_rows
@@ -37,42 +37,20 @@ def _samples(registry, ref) -> dict[str, bytes]:
     return {r["sample_id"]: r["layer"] for r in rows}
 
 
-def _driver_env(engine_cfg, seaweed, credentials_file, ray_address: str, home: Path) -> dict[str, str]:  # noqa: F811
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "REFLADE_", "RAY_ADDRESS"))}
-    env.update(
-        REFLADE_STORAGE_ENDPOINT=seaweed.endpoint,
-        REFLADE_STORAGE_BUCKET=engine_cfg.storage.bucket,
-        AWS_SHARED_CREDENTIALS_FILE=str(credentials_file),
-        REFLADE_REGISTRY_PREFIX=engine_cfg.registry.prefix,
-        REFLADE_ENGINE_BATCH_SIZE="1",
-        # Two drivers share the suite's 2 CPUs: one fused actor (0.5 CPU) each leaves room for their tasks.
-        REFLADE_ENGINE_FUSED_ACTORS="1",
-        REFLADE_HOME=str(home),
-        RAY_ADDRESS=ray_address,  # both drivers attach to the same cluster, as jobs on one cluster would
-    )
-    return env
-
-
-def test_two_drivers_on_the_same_dataset_at_once(
-    engine_cfg,  # noqa: F811
-    registry,
-    ray_cluster,
-    seaweed,
-    credentials_file,
-    tmp_path,
-):
+def test_two_drivers_on_the_same_dataset_at_once(engine_cfg, registry, ray_cluster, cli_env, tmp_path):
     make_input(tmp_path / "in", n_synthetic=8, hostile=False)
     eng = engine_cfg.section("engine")
     eng.batch_size, eng.fused_actors = 1, 1
     clean = run_engine(engine_cfg, str(tmp_path / "in"), "race-clean", progress=False, log=lambda *_: None)
     expected = _samples(registry, clean.dataset)
 
-    env = _driver_env(
-        engine_cfg,
-        seaweed,
-        credentials_file,
-        ray_cluster.get_runtime_context().gcs_address,
+    env = cli_env(
+        registry,
         tmp_path / "home",
+        REFLADE_ENGINE_BATCH_SIZE="1",
+        # Two drivers share the suite's 2 CPUs: one fused actor (0.5 CPU) each leaves room for their tasks.
+        REFLADE_ENGINE_FUSED_ACTORS="1",
+        RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address,  # both on one cluster, as jobs would be
     )
     cmd = [
         str(Path(sys.executable).parent / "reflade"),
@@ -140,7 +118,7 @@ def _matting_actors() -> list[dict]:
     return out
 
 
-def test_matting_actor_killed_while_it_holds_a_batch(engine_cfg, registry, ray_cluster, tmp_path):  # noqa: F811
+def test_matting_actor_killed_while_it_holds_a_batch(engine_cfg, registry, ray_cluster, tmp_path):
     import psutil
 
     make_input(tmp_path / "in", n_synthetic=10, hostile=False)
