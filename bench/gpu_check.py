@@ -5,8 +5,8 @@ random weights (no download: the SD3-medium transformer and VAE shapes, a seeded
 encoders giving 333 x 4096 hidden states and a 2048-wide pooled vector), then:
 
 - ``train_<px>[_gc]``: RefLayer's training step, the very function the Ray Train loop calls
-  (:func:`reflade.train.trainer.train_step` over a :class:`~reflade.train.trainer.PhaseLoss`, transformer phase,
-  bf16 autocast, AdamW (fused on CUDA) as :func:`~reflade.train.trainer.make_optimizer` builds it), as a plain
+  (:func:`reflade.train.step.train_step` over a :class:`~reflade.train.step.PhaseLoss`, transformer phase,
+  bf16 autocast, AdamW (fused on CUDA) as :func:`~reflade.train.step.make_optimizer` builds it), as a plain
   loop over latents precomputed once by :func:`~reflade.train.losses.encode_batch` (the cached-latents path);
   ``_gc`` with gradient checkpointing;
 - ``bare_<px>[_gc]``: the same at the same batch for the bare ``SD3Transformer2DModel`` inside the bundle (the
@@ -228,7 +228,8 @@ class Check:
     def run(self) -> None:
         torch = self.torch
         args = self.args
-        from reflade.train.trainer import PhaseLoss, TrainSettings, make_optimizer, train_step
+        from reflade.train.config import TrainSettings
+        from reflade.train.step import PhaseLoss, make_optimizer, train_step
 
         bundle = self.build()
         model = bundle.model

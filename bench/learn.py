@@ -8,9 +8,9 @@ What it runs, all in one process with the product's own code:
    items, one per row and prompt type of ``--prompt-types`` (:func:`reflade.eval.scoring.expand_row`).
 2. The tiny VAE: :func:`reflade.train.vae.train_vae` on the training rows' images and layers
    (``--vae-steps``, default the demo's), its PSNR measured on the held-out rows.
-3. The model: ``build_reflayer("tiny")`` trained by :func:`reflade.train.trainer.train_plain` (the Ray loop's step
-   function) on the rows as :func:`~reflade.train.trainer.preprocess_row` decodes them, encoded once
-   (:func:`~reflade.train.trainer.encode_latents`, what ``--cache-latents`` does), with the demo's recipe
+3. The model: ``build_reflayer("tiny")`` trained by :func:`reflade.train.plain_loop.train_plain` (the Ray loop's step
+   function) on the rows as :func:`~reflade.train.preprocess.preprocess_row` decodes them, encoded once
+   (:func:`~reflade.train.latents.encode_latents`, what ``--cache-latents`` does), with the demo's recipe
    (:data:`reflade.train.demo.DEMO_RECIPE`; ``--set KEY=VALUE`` overrides a field, ``--preset KEY=VALUE`` a tiny
    preset field, to try other recipes).
 4. Every ``--eval-every`` steps (and before the first and after the last) the held-out items go through
@@ -155,7 +155,8 @@ def eval_items(rows: list[dict[str, Any]], prompt_types: list[str]):
 def training_batches(bundle, rows: list[dict[str, Any]], batch_size: int, resolution: int, seed: int):
     """The rows as the trainer sees them (one prompt each, :func:`preprocess_row`), in a seeded order, in batches,
     encoded once by the frozen encoders (the latent cache's columns)."""
-    from reflade.train.trainer import encode_latents, preprocess_row
+    from reflade.train.latents import encode_latents
+    from reflade.train.preprocess import preprocess_row
 
     order = np.random.default_rng(seed).permutation(len(rows))
     samples = [preprocess_row(rows[i], resolution, seed) for i in order]
@@ -215,9 +216,10 @@ def baselines(items) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from reflade.train.config import TrainSettings
     from reflade.train.model import build_reflayer, count_parameters
     from reflade.train.pipeline_reflayer import RefLayerPipeline
-    from reflade.train.trainer import TrainSettings, train_plain
+    from reflade.train.plain_loop import train_plain
     from reflade.train.vae import train_vae, vae_training_tensors
 
     torch.set_num_threads(args.threads)

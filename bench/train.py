@@ -254,8 +254,10 @@ def plain_process(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     from reflade.engine.schema import read_table, table_to_rows
+    from reflade.train.config import TrainSettings
     from reflade.train.model import build_reflayer
-    from reflade.train.trainer import TrainSettings, preprocess_row, train_plain
+    from reflade.train.plain_loop import train_plain
+    from reflade.train.preprocess import preprocess_row
 
     settings = TrainSettings(**spec["settings"])
     bundle = build_reflayer(settings.preset, vae=spec["vae_dir"], seed=settings.seed)
@@ -621,7 +623,7 @@ def run(args) -> int:
     from reflade.platform.registry import Registry
     from reflade.platform.stack import SeaweedServer, find_free_base_port, generate_credentials
     from reflade.platform.storage import write_credentials_file
-    from reflade.train.trainer import TrainSettings
+    from reflade.train.config import TrainSettings
     from reflade.train.vae import build_tiny_vae
 
     _isolate_environment()
@@ -913,11 +915,11 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.batch, args.report_every, args.checkpoint_every = 12, 4, 4, 8
         args.warmup_steps, args.repeat, args.wait_quiet = 4, 1, 0.0
     if args.report_every is None:
-        from reflade.train.trainer import TrainSettings
+        from reflade.train.config import TrainSettings
 
         args.report_every = TrainSettings().report_every
     if args.report_interval is None:
-        from reflade.train.trainer import TrainSettings
+        from reflade.train.config import TrainSettings
 
         args.report_interval = TrainSettings().report_interval_s
     if args.report_interval < 0:

@@ -89,7 +89,7 @@ class TrainSettings:
     epochs, when they total at most this many MiB (0: Ray Data reads the shard again every epoch). Ray Data
     restarts a dataset's execution at every epoch, about 2 s on a 2-core machine: more than a whole epoch of a small
     dataset's steps (the demo: 142 rows, 18 steps of 0.09 s). Replayed epochs keep the first pass's order, as
-    :func:`~reflade.train.trainer.train_plain` cycles its batches."""
+    :func:`~reflade.train.plain_loop.train_plain` cycles its batches."""
     seed: int = 0
     """Seed of the initial weights, the noise, the dropout and the prompt choice."""
 

@@ -9,7 +9,7 @@ from reflade.engine.pipeline import EngineError
 from reflade.engine.schema import SchemaError
 from reflade.platform.cli import run_typer
 from reflade.platform.errors import ReportedError
-from reflade.train.trainer import CheckpointError
+from reflade.train.checkpoint import CheckpointError
 
 
 def _app(exc: BaseException) -> typer.Typer:

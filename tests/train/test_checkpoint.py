@@ -12,13 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from reflade.train.trainer import (
-    CheckpointError,
-    TrainSettings,
-    _load_state,
-    _save_state,
-    make_optimizer,
-)
+from reflade.train.checkpoint import CheckpointError, _load_state, _save_state
+from reflade.train.config import TrainSettings
+from reflade.train.step import make_optimizer
 
 
 def _model() -> nn.Module:

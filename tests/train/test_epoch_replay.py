@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from reflade.train.config import TrainSettings
-from reflade.train.trainer import _batch_bytes, _epochs
+from reflade.train.ray_loop import _batch_bytes, _epochs
 
 
 class Shard:

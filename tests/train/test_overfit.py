@@ -3,9 +3,9 @@
 The tiny preset overfits a handful of synthetic samples and the product's own sampling, through the decomposition
 API (:meth:`RefLayerPipeline.decompose`), reproduces them. Everything is the product's: the tiny VAE trained by
 :func:`reflade.train.vae.train_vae` on the samples' images and layers (a random VAE cannot reproduce colour), the
-rows as :func:`~reflade.train.trainer.preprocess_row` decodes them, encoded once (:func:`encode_latents`, the
-latent cache), trained by :func:`~reflade.train.trainer.train_plain` with :class:`TrainSettings` (both phases: the
-transformer and the alpha decoder), then decomposed from the original images and prompts at their own size.
+rows as :func:`~reflade.train.preprocess.preprocess_row` decodes them, encoded once (:func:`encode_latents`, the
+latent cache), trained by :func:`~reflade.train.plain_loop.train_plain` with :class:`TrainSettings` (both phases:
+the transformer and the alpha decoder), then decomposed from the original images and prompts at their own size.
 
 Samples: 2 scenes of 64 px with 2 objects each; every object gives a foreground and a background row; prompts
 (fine): box, point, mask and text+box, each kind getting each type once (8 samples).
@@ -40,9 +40,12 @@ from reflade.engine.pipeline import synthetic_rows
 from reflade.engine.schema import decode_image
 from reflade.engine.synth import make_scene
 from reflade.eval.metrics import alpha_iou
+from reflade.train.config import TrainSettings
+from reflade.train.latents import encode_latents
 from reflade.train.model import build_reflayer
 from reflade.train.pipeline_reflayer import RefLayerPipeline
-from reflade.train.trainer import TrainSettings, encode_latents, preprocess_row, train_plain
+from reflade.train.plain_loop import train_plain
+from reflade.train.preprocess import preprocess_row
 from reflade.train.vae import train_vae, vae_training_tensors
 
 R = 64

@@ -10,19 +10,13 @@ import torch
 from reflade.engine.config import EngineConfig
 from reflade.engine.pipeline import synthetic_rows
 from reflade.engine.synth import make_scene
+from reflade.train.config import TrainSettings
+from reflade.train.latents import LATENT_COLUMNS, _encode, encode_latents
 from reflade.train.losses import encode_batch, flow_matching_loss, kind_indices
 from reflade.train.model import build_reflayer
+from reflade.train.preprocess import batch_to_tensors, preprocess_row
+from reflade.train.step import PhaseLoss, step_generator
 from reflade.train.text import MiniLMTextEncoder, minilm_folder
-from reflade.train.trainer import (
-    LATENT_COLUMNS,
-    PhaseLoss,
-    TrainSettings,
-    _encode,
-    batch_to_tensors,
-    encode_latents,
-    preprocess_row,
-    step_generator,
-)
 
 R = 64
 

@@ -12,21 +12,15 @@ import typer
 from reflade.engine.config import EngineConfig
 from reflade.engine.pipeline import synthetic_rows
 from reflade.engine.synth import make_scene
+from reflade.train.config import TrainSettings
 from reflade.train.demo import DEMO_RECIPE, recipe_flags
+from reflade.train.latents import LATENT_COLUMNS, encode_latents
 from reflade.train.losses import sample_sigmas
 from reflade.train.model import build_reflayer
+from reflade.train.plain_loop import train_plain
+from reflade.train.preprocess import preprocess_row
+from reflade.train.step import PhaseLoss, _alpha_subset, lr_at, step_generator
 from reflade.train.text import MiniLMTextEncoder, minilm_folder
-from reflade.train.trainer import (
-    LATENT_COLUMNS,
-    PhaseLoss,
-    TrainSettings,
-    _alpha_subset,
-    encode_latents,
-    lr_at,
-    preprocess_row,
-    step_generator,
-    train_plain,
-)
 
 R = 64
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -108,7 +102,7 @@ def test_alpha_loss_reads_a_random_sub_batch(bundle_and_batch):
 
 
 def test_train_plain_evaluates_with_the_ema_weights(bundle_and_batch, monkeypatch):
-    from reflade.train import trainer
+    from reflade.train import plain_loop
 
     bundle, cached = bundle_and_batch
     settings = TrainSettings(steps=5, batch_size=4, lr=1e-2, warmup_steps=0, ema_decay=0.5)
@@ -119,14 +113,14 @@ def test_train_plain_evaluates_with_the_ema_weights(bundle_and_batch, monkeypatc
         return step * 10
 
     trained: dict[int, torch.Tensor] = {}
-    original = trainer.train_step
+    original = plain_loop.train_step
 
     def spy(*args, **kw):  # the trained (not EMA) weights right after each step
         loss = original(*args, **kw)
         trained[args[4]] = bundle.model.compress.weight.detach().clone()
         return loss
 
-    monkeypatch.setattr(trainer, "train_step", spy)
+    monkeypatch.setattr(plain_loop, "train_step", spy)
     out = train_plain(bundle, [cached], settings, evaluate=evaluate, evaluate_every=2)
     assert [s for s, *_ in seen] == [0, 2, 4, 5] and out["evaluations"] == [0, 20, 40, 50]
     assert all(not training for *_, training in seen) and bundle.model.training

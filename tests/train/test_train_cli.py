@@ -18,15 +18,10 @@ from reflade.engine.pipeline import synthetic_rows
 from reflade.engine.schema import decode_image, load_rows, write_shard
 from reflade.engine.synth import make_scene
 from reflade.platform.cli import main as cli_main
-from reflade.train.trainer import (
-    LATENT_COLUMNS,
-    PhaseLoss,
-    TrainSettings,
-    _encode,
-    encode_latents,
-    preprocess_row,
-    step_generator,
-)
+from reflade.train.config import TrainSettings
+from reflade.train.latents import LATENT_COLUMNS, _encode, encode_latents
+from reflade.train.preprocess import preprocess_row
+from reflade.train.step import PhaseLoss, step_generator
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

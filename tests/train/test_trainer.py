@@ -25,12 +25,10 @@ from reflade.engine.pipeline import synthetic_rows
 from reflade.engine.schema import load_rows, write_shard
 from reflade.engine.synth import make_scene
 from reflade.platform.config import load_config
-from reflade.train.trainer import (
-    TrainSettings,
-    preprocess_row,
-    run_training,
-    train_plain,
-)
+from reflade.train.config import TrainSettings
+from reflade.train.plain_loop import train_plain
+from reflade.train.preprocess import preprocess_row
+from reflade.train.trainer import run_training
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
