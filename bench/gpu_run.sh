@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # The device check of both GPU scripts in one call (docs/benchmarks.md, "GPU checks"). Run on the lent GPU machine from the
-# repository root with the wheels in .whl (diffusers, segment-anything, pymatting, importlib-metadata and
-# lazy-importer; see docs/benchmarks.md) carried; writes the JSON and logs under $OUT (default bench/results).
-#   bash bench/gpu_run.sh [check-seconds] [engine-seconds] [engine-serial-seconds] [engine-fp32-seconds]
-# A limit of 0 skips that run. The engine runs over 16 scenes (the count). The third (default 0) reruns
-# the engine's end-to-end case with --no-cpu-overlap (CPU pre/post-processing in line, between GPU stages) and the
-# fourth (default 0) with fp32 weights under bf16 autocast: baselines on the same card.
+# repository root with the wheels in .whl (`bash bench/gpu_engine.sh wheels` fetches them) carried; writes the JSON
+# and logs under $OUT (default bench/results).
+#   bash bench/gpu_run.sh [check-seconds] [engine-seconds]
+# A limit of 0 skips that run. The engine check is bench/gpu_engine.sh (the product's stages at real sizes over 16
+# scenes at 1024 px, the count).
 set -u
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -25,7 +24,5 @@ run() {  # run SECONDS NAME COMMAND...: skipped when SECONDS is 0
   fi
 }
 run "${1:-300}" gpu_check python3 bench/gpu_check.py
-run "${2:-300}" gpu_engine python3 bench/gpu_engine.py
-run "${3:-0}" gpu_engine_serial python3 bench/gpu_engine.py --cases e2e --no-cpu-overlap
-run "${4:-0}" gpu_engine_fp32 python3 bench/gpu_engine.py --cases e2e --weights-dtype fp32
+if [ "${2:-540}" -gt 0 ]; then GPU_ENGINE_TIMEOUT=${2:-540} bash bench/gpu_engine.sh; else echo "skipped: gpu_engine"; fi
 exit 0

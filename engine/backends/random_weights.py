@@ -9,8 +9,8 @@ costs (on a GPU: ``bench/gpu_engine.py``) without importing the real weights. Th
   32, 16 heads, global attention in blocks 7/15/23/31), ``config.json`` + ``model.safetensors``;
 - ``owlv2-base-16-random``: OWLv2-base/16 (``Owlv2Config()``'s defaults: ViT-B/16 at 768 px, a 12-layer text
   model of width 512), with the word-level tokenizer of the tiny detector (the queries' words);
-- ``blip-base-random``: a BLIP captioner of ``Salesforce/blip-image-captioning-base``'s sizes (ViT-B/16 at 384 px,
-  a 12-layer text decoder of width 768, 30,524 tokens), with a word-level tokenizer over synthetic tokens at
+- ``blip-base-random``: a BLIP captioner of ``Salesforce/blip-image-captioning-base``'s sizes (224 M; ViT-B/16 at
+  384 px, a 12-layer text decoder of width 768, 30,524 tokens), with a word-level tokenizer over synthetic tokens at
   BERT's special-token ids (random weights caption junk whatever the vocabulary; the ids match BLIP's);
 - ``sd3-medium-inpaint-random``: a ``StableDiffusion3InpaintPipeline`` folder with SD3-medium's transformer
   (24 layers, 24 heads of 64, patch 2, latent 128) and SD3's VAE (4 levels of 128/256/512/512 channels, 16 latent
@@ -88,7 +88,8 @@ BLIP_BASE: dict = {
     "projection_dim": 512,
     "image_text_hidden_size": 256,
 }
-"""``BlipConfig`` arguments of the base captioner (247 M parameters)."""
+"""``BlipConfig`` arguments of the base captioner (224 M distinct parameters; 247 M as its checkpoint stores them,
+with the tied word embedding twice)."""
 SD3_MEDIUM_TRANSFORMER: dict = {
     "sample_size": 128,
     "patch_size": 2,

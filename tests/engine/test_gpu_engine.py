@@ -1,10 +1,12 @@
-"""bench/gpu_engine.py, where it runs the product's code: the tiny preset end to end on the CPU (the engine's own
-SAM builder, sampling-side rule and matting backend inside it; no ray/boto3 imported), and the full-size SAM ViT-H
-built by the engine's builder on the ``meta`` device, checked against segment_anything's own. The script's own
-bookkeeping (its options, its JSON fields for sides, overlap, dtypes and a missing pymatting) is not tested here."""
+"""bench/gpu_engine.py drives the product: on the CPU, with the tiny random checkpoints read from a local folder
+(``engine.weights_dir``, no registry), its rows are the rows the same stage code makes through Ray Data
+(``run_engine`` with the neural family, weights from the registry): same sample ids, same layer bytes; it loads
+neither ray nor boto3; and the real-size configurations it loads on a GPU are the real models' sizes (built on
+the ``meta`` device)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -12,93 +14,171 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+from reflade.engine.backends.random_weights import (
+    BLIP_BASE,
+    OWLV2_BASE_16,
+    REAL_NAMES,
+    SAM_VIT_H_CONFIG,
+    SD3_MEDIUM_TRANSFORMER,
+    SD3_VAE,
+    engine_weights,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_engine.py"
-STAGES = ("owlv2", "sam_encoder", "sam_decoder", "vae_encode", "sd3_transformer", "vae_decode", "matting")
+SCENES, IMAGE_SIZE, STEPS, BATCH = 2, 256, 2, 2
 
 
 def _load_script():
     spec = importlib.util.spec_from_file_location("gpu_engine_under_test", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclass/pickle lookups need the module registered
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=300,
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_driver_rows_match_the_ray_pipeline(storage_config, registry, ray_cluster, tmp_path):
+    from reflade.engine.backends.tiny_weights import ALL_TINY_NAMES, register_tiny_weights
+    from reflade.engine.pipeline import run_engine
+    from reflade.engine.schema import load_rows
+    from reflade.platform.config import load_config
+
+    # 1. the driver, as the GPU machine runs it (in its own process: what it imports is checked there)
+    out = tmp_path / "driver.json"
+    args = [
+        "--size",
+        "tiny",
+        "--device",
+        "cpu",
+        "--weights-dir",
+        str(tmp_path / "weights"),
+        "--out",
+        str(out),
+    ]
+    args += ["--scenes", str(SCENES), "--image-size", str(IMAGE_SIZE), "--steps", str(STEPS)]
+    args += ["--batch-size", str(BATCH)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in a Ray actor of under one CPU: same float sums
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
-
-
-def test_tiny_preset_on_cpu(tmp_path):
-    out = tmp_path / "tiny.json"
-    proc = _run(["--preset", "tiny", "--device", "cpu", "--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(out.read_text())
-    assert result["complete"] is True and result["errors"] == {}
-    assert (
-        result["forbidden_modules"] == []
-    )  # neither ray nor boto3, in the script nor in its matting workers
-    assert result["device"]["type"] == "cpu" and result["device"]["torch"] == torch.__version__
-    for stage in STAGES:
-        entry = result["stages"][stage]
-        assert entry["s_per_image"] > 0, stage
-        assert entry["s_per_unit"] > 0, stage
-        assert entry["anchor_s_per_unit"] > 0, stage
-        assert "peak_mem_gb" in entry, stage
-    assert result["stages"]["matting"]["available"] is True
-    assert result["stages"]["sam_decoder"]["boxes"] == 16
-    total = result["total"]
-    assert total["s_per_image"] > 0 and total["scenes"] == 3
-    # one matting job per layer (the default --matting-unit): every object of every scene
-    assert total["matting"] == "overlapped" and total["matting_unit"] == "layer"
-    layers = round(result["scenes"]["objects_per_image"] * result["scenes"]["count"])
-    assert layers > 3 and len(total["matting_job_s"]) == layers
-    assert total["holes"] == sum(result["scenes"]["holes"]) > 0
-    assert result["models"]["sd3_transformer"]["params"] < 1_000_000  # tiny really is tiny
-    for stage in STAGES:
-        assert stage in proc.stdout  # the side-by-side table
-    assert "total (e2e)" in proc.stdout
-    # bucketed sides by default; the per-stage completion cases still measure the model's full side
-    assert result["completion"]["mode"] == "bucketed"
-    assert sum(total["completion"]["holes_per_side"].values()) == total["holes"]
-    for stage in ("vae_encode", "vae_decode"):
-        assert result["stages"][stage]["input_px"] == 64
-    assert result["stages"]["sd3_transformer"]["latent"] == [16, 8, 8]
-    assert "completion sides (bucketed" in proc.stdout and "by sampling side" in proc.stdout
+    assert result["forbidden_modules"] == [], "the GPU machine has neither ray nor boto3"
+    assert result["device"]["type"] == "cpu" and result["images"] == SCENES
+    assert result["quarantined"] == {}, "every scene should reach the layer stages (one batch of two)"
+    assert sorted(result["weights"]) == sorted(
+        f"weights/{n}@local" for n in ("tiny-sam", "tiny-owlv2", "tiny-blip", "tiny-sd3-inpaint")
+    ), "loaded from the folder, not a registry"
+    for stage in ("prefilter", "scene", "completion", "matting", "prompts", "postfilter"):
+        assert result["stages"][stage]["s_per_image"] > 0, stage
+    assert result["e2e_s_per_image"] >= result["gpu_stages_s_per_image"] > 0
+    assert result["rows"], "the tiny run should keep layers"
+    assert len(result["rows"]) == result["layers_kept"]
+    assert "end to end" in proc.stdout and "completion" in proc.stdout
 
-
-def test_full_size_parameter_counts_on_meta():
+    # 2. the same stage code through Ray Data, weights by registry reference
+    register_tiny_weights(registry, ALL_TINY_NAMES)
     ge = _load_script()
-    with torch.device("meta"):
-        models = {name: build("full") for name, build in ge.BUILDERS.items()}
-    assert all(p.is_meta for m in models.values() for p in m.parameters())
-    counts = {name: ge.count_params(m) for name, m in models.items()}
-    # SAM ViT-H: 641.1 M in all, 637.0 M of them in the image encoder (the "636 M" usually quoted)
-    assert 630e6 < counts["sam"] < 650e6
-    assert 630e6 < ge.count_params(models["sam"].image_encoder) < 640e6
-    assert 2.0e9 < counts["sd3_transformer"] < 2.06e9  # SD3-medium: 2.03 B
-    assert 150e6 < counts["owlv2"] < 160e6  # OWLv2-base/16: 154 M
-    assert 80e6 < counts["vae"] < 90e6  # SD3's VAE: 83.8 M
-    # the configuration is segment_anything's own ViT-H
-    from segment_anything import build_sam_vit_h
-
-    with torch.device("meta"):
-        reference = build_sam_vit_h(checkpoint=None)
-    assert counts["sam"] == ge.count_params(reference)
-    sd3 = models["sd3_transformer"].config
-    assert (sd3.num_layers, sd3.num_attention_heads, sd3.attention_head_dim, sd3.joint_attention_dim) == (
-        24,
-        24,
-        64,
-        4096,
+    ecfg = ge.engine_config("tiny", tmp_path / "weights", STEPS, BATCH, gpu=False)
+    cfg = load_config(None, env={})
+    for f in ("endpoint", "bucket", "region", "access_key_id", "secret_access_key"):
+        setattr(cfg.storage, f, getattr(storage_config, f))
+    cfg.registry.prefix = registry.prefix.rstrip("/")
+    eng = cfg.section("engine")
+    for field, value in engine_weights("tiny").items():
+        setattr(eng, field, value)
+    eng.completion_steps, eng.batch_size = STEPS, BATCH
+    eng.weights_cache, eng.layout = str(tmp_path / "cache"), "staged"
+    assert eng.fingerprint() == ecfg.fingerprint(), "the two runs must share their sample ids' config hash"
+    (tmp_path / "in").mkdir()
+    for rec in ge.scene_records(SCENES, IMAGE_SIZE):
+        (tmp_path / "in" / rec["name"]).write_bytes(rec["data"])
+    res = run_engine(
+        cfg, str(tmp_path / "in"), "gpu-driver", backends="neural", progress=False, log=lambda *_: None
     )
-    assert models["owlv2"].config.vision_config.image_size == 768
+    rows = {r["sample_id"]: hashlib.sha256(r["layer"]).hexdigest() for r in load_rows(registry, res.dataset)}
+    assert sorted(rows) == sorted(result["rows"])
+    assert rows == result["rows"], "layer bytes differ between the driver and the Ray pipeline"
+
+
+@pytest.mark.parametrize("name", REAL_NAMES)
+def test_real_size_configurations_on_meta(name):
+    """The real-size random checkpoints the GPU check loads have the real models' sizes (counted on ``meta``)."""
+    with torch.device("meta"):
+        if name == "sam-vit-h-random":
+            from segment_anything import build_sam_vit_h
+
+            from reflade.engine.backends.neural_models import build_sam
+
+            model = build_sam(SAM_VIT_H_CONFIG)
+            assert _params(model) == _params(build_sam_vit_h(checkpoint=None))  # segment_anything's own ViT-H
+            assert 630e6 < _params(model.image_encoder) < 640e6  # the "636 M" usually quoted
+        elif name == "owlv2-base-16-random":
+            from transformers import Owlv2Config, Owlv2ForObjectDetection
+
+            model = Owlv2ForObjectDetection(Owlv2Config(**OWLV2_BASE_16))
+            assert 150e6 < _params(model) < 160e6  # OWLv2-base/16: 154 M
+            assert model.config.vision_config.image_size == 768
+        elif name == "blip-base-random":
+            from transformers import BlipConfig, BlipForConditionalGeneration
+
+            model = BlipForConditionalGeneration(BlipConfig(**BLIP_BASE))
+            # blip-image-captioning-base: 247 M in its checkpoint, which stores the tied 30,524 x 768 word
+            # embedding twice (23.4 M); 224 M distinct
+            assert 220e6 < _params(model) < 230e6
+            assert model.config.vision_config.image_size == 384
+        else:
+            from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+            model = SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER)
+            assert 2.0e9 < _params(model) < 2.06e9  # SD3-medium: 2.03 B
+            assert 80e6 < _params(AutoencoderKL(**SD3_VAE)) < 90e6  # SD3's VAE: 83.8 M
+    assert (
+        engine_weights("real")[
+            {
+                "sam-vit-h-random": "sam_weights",
+                "owlv2-base-16-random": "detector_weights",
+                "blip-base-random": "captioner_weights",
+                "sd3-medium-inpaint-random": "sd3_weights",
+            }[name]
+        ]
+        == f"weights/{name}"
+    )
+
+
+def test_real_size_captioner_tokenizer_decodes_through_the_product(tmp_path):
+    """``blip-base-random``'s tokenizer (synthetic words at BLIP's 30,524 ids) saved by ``write_blip`` loads
+    through the product's captioner from ``engine.weights_dir`` and decodes what the model generates (checked
+    with a narrow model of that vocabulary: the real widths change nothing here)."""
+    import numpy as np
+
+    from reflade.engine.backends.neural_captioner import NeuralCaptioner
+    from reflade.engine.backends.random_weights import _blip_tokenizer, write_blip
+    from reflade.engine.config import EngineConfig
+
+    narrow = {
+        "text_config": {**BLIP_BASE["text_config"], "hidden_size": 12, "num_hidden_layers": 1},
+        "vision_config": {"hidden_size": 16, "num_hidden_layers": 1, "image_size": 32, "patch_size": 16},
+        "projection_dim": 12,
+        "image_text_hidden_size": 12,
+    }
+    narrow["text_config"].update(num_attention_heads=2, intermediate_size=24)
+    narrow["vision_config"].update(num_attention_heads=2, intermediate_size=32)
+    write_blip(tmp_path / "blip-base-random", _blip_tokenizer(), narrow)
+    cfg = EngineConfig(
+        weights_dir=str(tmp_path), captioner_weights=engine_weights("real")["captioner_weights"]
+    )
+    captioner = NeuralCaptioner(cfg)
+    assert captioner.weights == ["weights/blip-base-random@local"]
+    assert captioner.blip.model.config.text_config.vocab_size == len(captioner.blip.tokenizer) == 30524
+    crops = [np.random.default_rng(i).integers(0, 256, (40, 30, 3), np.uint8) for i in range(3)]
+    captions = captioner.caption(crops)
+    assert len(captions) == 3 and any(captions), captions
+    assert all(w.startswith("t") and w[1:].isdigit() for c in captions for w in c.split()), captions
