@@ -62,21 +62,6 @@ def forbidden_modules() -> list[str]:
     return sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
 
 
-def prepare_weights(size: str, weights_dir: Path, device: str) -> Path:
-    """The product's random checkpoints of ``size`` in ``weights_dir`` (written once; kept when there)."""
-    if size == "real":
-        from reflade.engine.backends.random_weights import build_real_size_weights
-
-        build_real_size_weights(weights_dir, device=device)
-    else:
-        from reflade.engine.backends.tiny_weights import ALL_TINY_NAMES, build_tiny_weights
-
-        missing = [n for n in ALL_TINY_NAMES if not (weights_dir / n).is_dir()]
-        if missing:
-            build_tiny_weights(weights_dir, missing)
-    return weights_dir
-
-
 def engine_config(size: str, weights_dir: Path, steps: int, batch_size: int, gpu: bool):
     """The engine configuration of the run: the product's defaults, its random checkpoints of ``size`` read
     from ``weights_dir``, SD3-family completion with ``steps`` steps, one GPU per model stage when ``gpu``."""
@@ -198,6 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build or find the weights, load the stages, warm up on the first batch, time the run; the result dict."""
     import torch
 
+    from reflade.engine.backends.random_weights import build_random_weights
     from reflade.engine.layout import LayerStages
 
     gpu = args.device == "cuda"
@@ -216,7 +202,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "numba_threading_layer": os.environ.get("NUMBA_THREADING_LAYER"),
     }
     t0 = time.perf_counter()
-    weights_dir = prepare_weights(args.size, Path(args.weights_dir), "cuda" if gpu else "cpu")
+    weights_dir = Path(args.weights_dir)
+    build_random_weights(weights_dir, args.size, device="cuda" if gpu else "cpu")
     result["weights_s"] = time.perf_counter() - t0
     ecfg = engine_config(args.size, weights_dir, args.steps, args.batch_size, gpu)
     records = scene_records(args.scenes, args.image_size)

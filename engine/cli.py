@@ -89,6 +89,27 @@ def tiny_weights() -> None:
         console.print(f"{name}: {ref}")
 
 
+@engine_app.command("random-weights")
+def random_weights(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write them into (complete ones are kept).")],
+    size: Annotated[str, typer.Option(help="real (about 9 GB) or tiny.")] = "real",
+    device: Annotated[str, typer.Option(help="Where the models are built (cuda: much faster).")] = "cpu",
+) -> None:
+    """Write random-init checkpoints of the neural models into a local folder, without a registry: `real` (SAM
+    ViT-H, OWLv2-base/16, a BLIP-base captioner, SD3-medium inpainting) or `tiny`. For throughput checks on a
+    machine without an object store (engine.weights_dir; bench/gpu_engine.py), not for quality."""
+    from reflade.engine.backends.random_weights import build_random_weights, engine_weights
+
+    try:
+        folders = build_random_weights(out, size, device=device)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--size") from None
+    for name, folder in folders.items():
+        console.print(f"{name}: {folder}")
+    settings = {"weights_dir": str(out), **engine_weights(size)}
+    console.print("engine: " + json.dumps(settings))
+
+
 def job_main(argv: list[str]) -> int:
     """Job kind ``engine``: ``reflade jobs submit engine -- run --input ... --dataset ...``."""
     from reflade.platform.cli import run_typer

@@ -39,6 +39,7 @@ __all__ = [
     "SAM_VIT_H_CONFIG",
     "SD3_MEDIUM_TRANSFORMER",
     "SD3_VAE",
+    "build_random_weights",
     "build_real_size_weights",
     "engine_weights",
     "word_tokenizer",
@@ -416,3 +417,25 @@ def build_real_size_weights(
             log(f"built {name} in {time.perf_counter() - t0:.1f} s")
         out[name] = folder
     return out
+
+
+def build_random_weights(dest: Path, size: str, *, device: str = "cpu") -> dict[str, Path]:
+    """The random checkpoints of ``size`` in ``dest/<name>/``, written where missing: ``real``
+    (:func:`build_real_size_weights`) or ``tiny`` (every :mod:`.tiny_weights` model). Point
+    ``engine.weights_dir`` at ``dest`` and set :func:`engine_weights` to run the neural family on them.
+
+    Returns:
+        {name: folder}.
+
+    Raises:
+        ValueError: an unknown size.
+    """
+    engine_weights(size)  # names the sizes in its error
+    if size == "real":
+        return build_real_size_weights(dest, device=device)
+    from reflade.engine.backends.tiny_weights import ALL_TINY_NAMES, build_tiny_weights
+
+    missing = [n for n in ALL_TINY_NAMES if not (Path(dest) / n).is_dir()]
+    if missing:
+        build_tiny_weights(Path(dest), missing)
+    return {n: Path(dest) / n for n in ALL_TINY_NAMES}

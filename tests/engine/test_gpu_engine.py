@@ -182,3 +182,24 @@ def test_real_size_captioner_tokenizer_decodes_through_the_product(tmp_path):
     captions = captioner.caption(crops)
     assert len(captions) == 3 and any(captions), captions
     assert all(w.startswith("t") and w[1:].isdigit() for c in captions for w in c.split()), captions
+
+
+def test_random_weights_command_writes_a_weights_dir(tmp_path):
+    """``reflade engine random-weights --size tiny --out DIR``: the folders the driver loads, and the settings."""
+    from typer.testing import CliRunner
+
+    from reflade.engine.cli import engine_app
+
+    runner = CliRunner()
+    res = runner.invoke(engine_app, ["random-weights", "--size", "tiny", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "tiny-sam",
+        "tiny-owlv2",
+        "tiny-repaint",
+        "tiny-blip",
+        "tiny-sd3-inpaint",
+    }
+    assert f'"weights_dir": "{tmp_path}"' in res.output and '"completion_model": "sd3-inpaint"' in res.output
+    bad = runner.invoke(engine_app, ["random-weights", "--size", "huge", "--out", str(tmp_path)])
+    assert bad.exit_code != 0 and "unknown weights size 'huge' (known: tiny, real)" in bad.output
