@@ -237,7 +237,7 @@ def photos(
 
     decomposers: dict[str, Any] = {}
     if model_dir is not None:
-        from reflade.train.model import RefLayerBundle
+        from reflade.train.bundle import RefLayerBundle
 
         decomposers[model_dir.name] = RefLayerPipeline(RefLayerBundle.load(model_dir))
     else:

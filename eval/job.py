@@ -113,7 +113,7 @@ def _network_refs(registry, s: EvalConfig) -> tuple[dict[str, str], bool]:
 def _resolve_subject(registry, spec: str) -> str:
     if spec in BASELINES:
         return spec
-    from reflade.train.model import BUNDLE_FILE
+    from reflade.train.bundle import BUNDLE_FILE
 
     v = registry.resolve(spec)
     if v.kind != "model":

@@ -37,7 +37,7 @@ def encode_latents(
     encoders, batch: dict[str, Any], mixed_precision: bool | None = None
 ) -> dict[str, np.ndarray]:
     """A numpy batch as :func:`preprocess_row` makes it -> the cached-latents columns (:data:`LATENT_COLUMNS`),
-    float32 numpy arrays, by the frozen encoders (a bundle or :class:`~reflade.train.model.FrozenEncoders`)."""
+    float32 numpy arrays, by the frozen encoders (a bundle or :class:`~reflade.train.bundle.FrozenEncoders`)."""
     from reflade.train.losses import encode_batch
 
     images, layers, canvases, texts, kinds = batch_to_tensors(batch)

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from reflade.engine.schema import KINDS
+from reflade.train.bundle import RefLayerBundle
 from reflade.train.config import TIMESTEP_SAMPLINGS
-from reflade.train.model import RefLayerBundle
 
 __all__ = [
     "alpha_decoder_loss",

@@ -43,15 +43,15 @@ from reflade.engine.decompose import (
     resize_image,
 )
 from reflade.engine.schema import KINDS
+from reflade.train.bundle import RefLayerBundle
 from reflade.train.canvas import canvas_batch
 from reflade.train.losses import autocast, encode_batch
-from reflade.train.model import RefLayerBundle
 
 __all__ = ["PromptError", "RefLayerPipeline"]
 
 
 class RefLayerPipeline:
-    """Referring layer decomposition with a :class:`~reflade.train.model.RefLayerBundle`; implements
+    """Referring layer decomposition with a :class:`~reflade.train.bundle.RefLayerBundle`; implements
     :class:`reflade.engine.decompose.Decomposer`.
 
     Args:

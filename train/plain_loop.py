@@ -40,7 +40,7 @@ def train_plain(
     """A single-process loop with the same step function as the Ray loop (the benchmark's baseline).
 
     Args:
-        bundle: a :class:`~reflade.train.model.RefLayerBundle` (trained in place).
+        bundle: a :class:`~reflade.train.bundle.RefLayerBundle` (trained in place).
         batches: numpy batches as :func:`preprocess_row` makes them (``image``, ``layer``, ``canvas``, ``text``,
             ``kind``) or cached-latents batches (:data:`LATENT_COLUMNS`), cycled until ``settings.steps``
             optimiser steps are done.

@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from reflade.engine.synth import make_scene
+from reflade.train.bundle import RefLayerBundle
 from reflade.train.canvas import PromptError, canvas_batch, empty_canvas
 from reflade.train.losses import (
     alpha_decoder_loss,
@@ -21,8 +22,9 @@ from reflade.train.losses import (
     flow_matching_loss,
     premultiply_over_grey,
 )
-from reflade.train.model import RefLayer, RefLayerBundle, build_reflayer, count_parameters
+from reflade.train.model import build_reflayer, count_parameters
 from reflade.train.pipeline_reflayer import RefLayerPipeline
+from reflade.train.reflayer import RefLayer
 from reflade.train.text import (
     MINILM_LICENSE,
     MINILM_SOURCE,
@@ -308,7 +310,7 @@ def test_kind_embedding_is_added_to_the_pooled_text(bundle):
 
 
 def test_a_model_without_kinds_refuses_a_background(bundle):
-    from reflade.train.model import RefLayer
+    from reflade.train.reflayer import RefLayer
 
     old = RefLayer(
         transformer_config=dict(bundle.model.config.transformer_config),
