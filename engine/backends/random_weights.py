@@ -26,6 +26,7 @@ values.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,8 @@ _TEXT_COMPONENTS = (
 _BOX_HEAD_GAIN = 0.3
 """Gain of the detector's random last box layer (see :func:`write_owlv2`)."""
 _BOX_SIZE_SHIFT = 1.2
-"""Added to the width/height logits: sigmoid(logit(1/8) + 1.2) = 0.32 of the padded image's side."""
+"""Added to the width/height logits on a grid of 8 x 8 patches: sigmoid(logit(1/8) + 1.2) = 0.32 of the padded
+image's side (on a grid of P patches the shift grows by logit(1/8) - logit(1/P), :func:`_box_size_shift`)."""
 
 
 # ---------------------------------------------------------------- writers (shared with tiny_weights)
@@ -223,7 +225,8 @@ def write_owlv2(
         for layer, gain in ((head.dense0, 1.0), (head.dense1, 1.0), (head.dense2, _BOX_HEAD_GAIN)):
             layer.weight.normal_(0.0, gain * layer.in_features**-0.5)
             layer.bias.zero_()
-        head.dense2.bias.copy_(torch.tensor([0.0, 0.0, _BOX_SIZE_SHIFT, _BOX_SIZE_SHIFT]))
+        shift = _box_size_shift(owl_config.vision_config.image_size // owl_config.vision_config.patch_size)
+        head.dense2.bias.copy_(torch.tensor([0.0, 0.0, shift, shift]))
         for layer in (model.class_head.logit_shift, model.class_head.logit_scale):
             layer.weight.normal_(0.0, _BOX_HEAD_GAIN * layer.in_features**-0.5)
             layer.bias.zero_()
@@ -232,6 +235,14 @@ def write_owlv2(
     size = owl_config.vision_config.image_size
     Owlv2ImageProcessor(size={"height": size, "width": size}).save_pretrained(dest)
     return dest
+
+
+def _box_size_shift(patches: int) -> float:
+    """The width/height logit shift that makes a random OWL's boxes about a third of the image on a grid of
+    ``patches`` x ``patches``: OWL's box prior is 1/``patches`` of the side (logit(1/P) = -log(P - 1)), so the
+    shift is ``_BOX_SIZE_SHIFT`` + log((P - 1) / 7), exactly ``_BOX_SIZE_SHIFT`` on the tiny detector's 8 x 8
+    grid (at 768 px / 16 = 48: 3.1, boxes of 0.32 of the side instead of 0.07)."""
+    return _BOX_SIZE_SHIFT + math.log((patches - 1) / 7)
 
 
 def write_blip(dest: Path, tokenizer, config: dict[str, Any], seed: int = SEED, device: str = "cpu") -> Path:

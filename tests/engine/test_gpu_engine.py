@@ -203,3 +203,27 @@ def test_random_weights_command_writes_a_weights_dir(tmp_path):
     assert f'"weights_dir": "{tmp_path}"' in res.output and '"completion_model": "sd3-inpaint"' in res.output
     bad = runner.invoke(engine_app, ["random-weights", "--size", "huge", "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "unknown weights size 'huge' (known: tiny, real)" in bad.output
+
+
+@pytest.mark.parametrize(
+    "image_size", [128, 768]
+)  # the tiny detector's grid (8 x 8) and OWLv2-base's (48 x 48)
+def test_random_detector_boxes_are_a_third_of_the_image_on_any_grid(tmp_path, image_size):
+    """A random OWL's boxes stay about a third of the image wide whatever its patch grid, so that random SAM
+    masks pass the entity area limits and overlap (at OWLv2-base's grid, OWL's own prior would make them 7%:
+    no entity at all). A narrow model on the real grid: the width does not change the box prior."""
+    from reflade.engine.backends.neural_models import load_owlv2
+    from reflade.engine.backends.random_weights import write_owlv2
+    from reflade.engine.backends.tiny_weights import TINY_OWLV2, detector_tokenizer
+
+    config = {**TINY_OWLV2, "vision_config": {**TINY_OWLV2["vision_config"], "image_size": image_size}}
+    write_owlv2(tmp_path, *detector_tokenizer(), config)
+    model = load_owlv2(tmp_path).model
+    with torch.inference_mode():
+        pixels = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+        feature_map, _ = model.image_embedder(pixel_values=pixels)
+        b, ph, pw, d = feature_map.shape
+        boxes = model.box_predictor(feature_map.reshape(b, ph * pw, d), feature_map)[0]
+    assert ph == image_size // 16
+    sides = boxes[:, 2:].median().item()
+    assert 0.25 < sides < 0.4, sides
