@@ -167,6 +167,27 @@ def test_bfloat16_runs_and_still_fills_only_the_holes(tiny, cache):
         assert np.array_equal(c.background[~hole], image[~hole])
 
 
+def test_a_bfloat16_checkpoint_from_weights_dir(tmp_path):
+    """The real-size random checkpoint's case on a GPU: a folder saved in bfloat16 (``random_weights``), read
+    from ``engine.weights_dir`` and run in bfloat16 (``completion_dtype: auto`` on CUDA), fills only the holes."""
+    from reflade.engine.backends.random_weights import write_sd3_inpaint
+    from reflade.engine.backends.tiny_weights import TINY_SD3_TRANSFORMER, TINY_SD3_VAE
+
+    write_sd3_inpaint(tmp_path / "sd3-half", TINY_SD3_TRANSFORMER, TINY_SD3_VAE, dtype=torch.bfloat16)
+    cfg = dataclasses.replace(
+        SD3, weights_dir=str(tmp_path), sd3_weights="weights/sd3-half", completion_dtype="bfloat16"
+    )
+    half = SD3InpaintCompletionBackend(cfg)
+    assert half.weights == ["weights/sd3-half@local"]
+    assert half.pipe.transformer.dtype == half.pipe.vae.dtype == torch.bfloat16
+    image, entities = IMAGES[2], ENTITIES[2]
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * half.dilate_px + 1,) * 2)
+    for e, c in zip(entities, half.complete(image, entities), strict=True):
+        hole = cv2.dilate(e.mask.astype(np.uint8), kernel).astype(bool)
+        assert np.array_equal(c.background[~hole], image[~hole])
+        assert (c.background[hole] != image[hole]).any()
+
+
 def test_a_checkpoint_with_text_encoders_encodes_the_empty_prompt_once(tmp_path):
     """The layout of a real SD3 folder (CLIP text encoders and tokenizers beside the transformer): the empty prompt
     is encoded at load and the text encoders are freed; the tokenizers here are a byte-level stand-in (offline)."""
