@@ -6,7 +6,7 @@ What it runs, all in one process with the product's own code:
    demo's engine step) become dataset rows (:func:`reflade.engine.pipeline.synthetic_rows`: a foreground and a
    background row per object); ``--eval-scenes`` fresh scenes (another seed, never trained on) become evaluation
    items, one per row and prompt type of ``--prompt-types`` (:func:`reflade.eval.scoring.expand_row`).
-2. The tiny VAE: :func:`reflade.train.vae.train_vae` on the training rows' images and layers
+2. The tiny VAE: :func:`reflade.train.vae_training.train_vae` on the training rows' images and layers
    (``--vae-steps``, default the demo's), its PSNR measured on the held-out rows.
 3. The model: ``build_reflayer("tiny")`` trained by :func:`reflade.train.plain_loop.train_plain` (the Ray loop's step
    function) on the rows as :func:`~reflade.train.preprocess.preprocess_row` decodes them, encoded once
@@ -220,7 +220,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from reflade.train.model import build_reflayer, count_parameters
     from reflade.train.pipeline_reflayer import RefLayerPipeline
     from reflade.train.plain_loop import train_plain
-    from reflade.train.vae import train_vae, vae_training_tensors
+    from reflade.train.vae import vae_training_tensors
+    from reflade.train.vae_training import train_vae
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -275,7 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.vae_from:
         from diffusers import AutoencoderKL
 
-        from reflade.train.vae import psnr
+        from reflade.train.vae_training import psnr
 
         vae = AutoencoderKL.from_pretrained(str(args.vae_from)).eval().requires_grad_(False)
         result["vae"] = {"from": str(args.vae_from), "psnr_holdout": psnr(vae, holdout)}

@@ -273,7 +273,7 @@ def vae(
 
         torch.set_num_threads(threads)
     # Imported here: `reflade` loads every command group at start, and torch + diffusers take seconds.
-    from reflade.train.vae import run_vae_phase
+    from reflade.train.vae_training import run_vae_phase
 
     # Options left out take the library's defaults (reflade.train.vae.DEFAULT_*), kept in one place.
     given = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr}.items() if v is not None}

@@ -2,10 +2,11 @@
 
 The tiny preset overfits a handful of synthetic samples and the product's own sampling, through the decomposition
 API (:meth:`RefLayerPipeline.decompose`), reproduces them. Everything is the product's: the tiny VAE trained by
-:func:`reflade.train.vae.train_vae` on the samples' images and layers (a random VAE cannot reproduce colour), the
-rows as :func:`~reflade.train.preprocess.preprocess_row` decodes them, encoded once (:func:`encode_latents`, the
-latent cache), trained by :func:`~reflade.train.plain_loop.train_plain` with :class:`TrainSettings` (both phases:
-the transformer and the alpha decoder), then decomposed from the original images and prompts at their own size.
+:func:`reflade.train.vae_training.train_vae` on the samples' images and layers (a random VAE cannot reproduce
+colour), the rows as :func:`~reflade.train.preprocess.preprocess_row` decodes them, encoded once
+(:func:`encode_latents`, the latent cache), trained by :func:`~reflade.train.plain_loop.train_plain` with
+:class:`TrainSettings` (both phases: the transformer and the alpha decoder), then decomposed from the original
+images and prompts at their own size.
 
 Samples: 2 scenes of 64 px with 2 objects each; every object gives a foreground and a background row; prompts
 (fine): box, point, mask and text+box, each kind getting each type once (8 samples).
@@ -46,7 +47,8 @@ from reflade.train.model import build_reflayer
 from reflade.train.pipeline_reflayer import RefLayerPipeline
 from reflade.train.plain_loop import train_plain
 from reflade.train.preprocess import preprocess_row
-from reflade.train.vae import train_vae, vae_training_tensors
+from reflade.train.vae import vae_training_tensors
+from reflade.train.vae_training import train_vae
 
 R = 64
 SCENES = (11, 12)

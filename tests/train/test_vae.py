@@ -20,16 +20,11 @@ from reflade.train.vae import (
     LATENT_CHANNELS,
     build_tiny_vae,
     image_to_vae_input,
-    latent_stats,
     layer_over_grey,
     layer_to_vae_input,
-    load_vae,
-    psnr,
-    register_vae,
-    run_vae_phase,
-    train_vae,
     vae_training_tensors,
 )
+from reflade.train.vae_training import latent_stats, load_vae, psnr, register_vae, run_vae_phase, train_vae
 
 PSNR_STEPS = 150
 """Steps of the PSNR test (batch 8, 64 px: 1200 samples, about 45 s on 2 idle cores)."""
