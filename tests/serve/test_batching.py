@@ -61,7 +61,9 @@ def test_the_item_the_ingress_builds_and_the_replica_dtype():
     image = np.zeros((8, 8, 3), np.uint8)
     req = DecomposeRequest(image=image, prompts=[{"box": [0, 0, 4, 4]}], kind="background", seed=7)
     item = request_item(req, req.prompts[0], model="model/m@2", default_steps=20)
-    assert item["steps"] == 20 and item["guidance"] == 1.0 and item["seed"] == 7 and item["kind"] == "background"
+    assert (
+        item["steps"] == 20 and item["guidance"] == 1.0 and item["seed"] == 7 and item["kind"] == "background"
+    )
     req.steps, req.guidance = 3, 2.5
     item = request_item(req, req.prompts[0], model="classical", default_steps=20)
     assert (item["steps"], item["guidance"], item["model"]) == (3, 2.5, "classical")

@@ -37,7 +37,9 @@ def test_a_shard_that_fits_is_read_once_and_replayed_in_the_same_order():
     shard = Shard(rows=19)
     settings = TrainSettings(batch_size=4, replay_mib=1.0)
     stats: dict[str, int] = {}
-    got = list(itertools.islice(_epochs(shard, settings, rank=0, stats=stats), 5 * 3))  # 3 epochs of 5 batches
+    got = list(
+        itertools.islice(_epochs(shard, settings, rank=0, stats=stats), 5 * 3)
+    )  # 3 epochs of 5 batches
     assert shard.reads == 1 and stats["shard_reads"] == 1
     first = _ids(got[:5])
     assert first == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18]]
