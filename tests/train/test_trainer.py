@@ -292,7 +292,10 @@ def test_checkpoint_resume_and_killed_worker(world, storage_config, registry):
             outcome["version"] = run_training(
                 cfg,
                 world["dataset"],
-                _settings(steps=n, checkpoint_every=k, lr=1e-3),
+                # Epochs streamed every time (no replay from memory): each of this 2-batch split's epochs restarts
+                # Ray Data's read (about a second), which paces the steps so that the kill below lands between
+                # checkpoint k and the next one; replayed, 8 steps take well under Ray Train's 2 s poll.
+                _settings(steps=n, checkpoint_every=k, lr=1e-3, replay_mib=0),
                 vae_ref=world["vae"],
                 cache_dir=world["cache"],
                 run_name=run,
@@ -354,6 +357,7 @@ def test_checkpoint_resume_and_killed_worker(world, storage_config, registry):
     assert [x["step"] for x in last] == list(range(k + 1, n + 1))
     # The first attempt was killed after checkpoint k became durable, before the next one was due.
     assert [x["step"] for x in first] == list(range(1, len(first) + 1)) and k <= len(first) < 2 * k
+    assert first[-1]["shard_reads"] > 1  # streamed epochs, as set above
     assert (
         v1.metrics["steps"] == n and v1.result.metrics["step"] == n and v1.result.metrics["resumed_from"] == k
     )
