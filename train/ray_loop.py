@@ -16,7 +16,7 @@ import json
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -127,7 +127,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     last_ray_report_t = t0
 
     reads = {"shard_reads": 0}
-    it = _epochs(shard, settings, rank, reads)
+    # Every rank replays or none does: a rank that streamed its next epoch alone would wait for the others at
+    # the split's next epoch.
+    agree = (lambda fits: min(_gather_floats(float(fits), device)) > 0) if world > 1 else None
+    it = _epochs(shard, settings, rank, reads, agree)
     step_times: list[float] = []
     last_report_call_s = None
     while step < settings.steps:
@@ -227,14 +230,20 @@ def _batch_bytes(batch: dict[str, Any]) -> int:
 
 
 def _epochs(
-    shard, settings: TrainSettings, rank: int, stats: dict[str, int] | None = None
+    shard,
+    settings: TrainSettings,
+    rank: int,
+    stats: dict[str, int] | None = None,
+    agree: Callable[[bool], bool] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The worker's batches, epoch after epoch, without end.
 
     The first epoch streams the shard; its batches are kept while they total at most ``settings.replay_mib``,
     and if the whole epoch fits, later epochs replay them from memory instead of restarting Ray Data's read
     (which costs more than a small dataset's whole epoch of steps). Otherwise every epoch streams again.
-    ``stats["shard_reads"]`` counts the streamed passes."""
+    ``stats["shard_reads"]`` counts the streamed passes. ``agree(fits) -> bool``, with several ranks: a collective
+    at the end of each streamed epoch, true only when every rank's epoch fit (Ray Data's streaming split starts an
+    epoch only when every rank asks for it, so the ranks must all replay or all stream)."""
     limit = int(settings.replay_mib * 2**20)
     stats = {} if stats is None else stats
     while True:
@@ -252,7 +261,10 @@ def _epochs(
             yield b
         if n == 0:
             raise RuntimeError(f"rank {rank}: the train split gave no rows")
-        if held is not None:
+        fits = held is not None
+        if agree is not None:
+            fits = agree(fits)
+        if fits and held is not None:
             print(
                 f"[reflade train] rank {rank}: replaying the first epoch's {n} batches ({size / 2**20:.1f} MiB) "
                 "from memory from now on",

@@ -69,3 +69,22 @@ def test_batch_bytes_counts_object_columns_by_their_items():
 def test_replay_mib_is_validated():
     with pytest.raises(ValueError, match="replay_mib must be >= 0"):
         TrainSettings(replay_mib=-1)
+
+
+@pytest.mark.parametrize("others_fit", [True, False])
+def test_ranks_replay_only_when_every_rank_fits(others_fit):
+    """With several ranks, ``agree`` (a collective in the worker) decides: one rank whose epoch did not fit makes every
+    rank stream again, since Ray Data's streaming split starts an epoch only when all ranks ask for it."""
+    shard = Shard(rows=8)
+    asked: list[bool] = []
+
+    def agree(fits: bool) -> bool:
+        asked.append(fits)
+        return fits and others_fit
+
+    got = list(itertools.islice(_epochs(shard, TrainSettings(batch_size=4), rank=1, agree=agree), 2 * 3))
+    assert _ids(got) == [[0, 1, 2, 3], [4, 5, 6, 7]] * 3
+    if others_fit:
+        assert shard.reads == 1 and asked == [True]
+    else:
+        assert shard.reads == 3 and asked == [True, True]  # asked again at the end of each streamed epoch
