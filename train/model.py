@@ -27,6 +27,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from torch import nn
 
+from reflade.engine.backends.random_weights import SD3_VAE
 from reflade.engine.schema import KINDS
 from reflade.train.bundle import _LOW_CPU_MEM, FrozenEncoders, RefLayerBundle, _fetch, _load_vae, _registry
 from reflade.train.reflayer import RefLayer
@@ -110,22 +111,6 @@ PRESETS: dict[str, RefLayerPreset] = {
     ),
 }
 
-# SD3-medium's VAE (diffusers format), for random-weight builds without a checkpoint.
-_SD3_VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 16,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 1.5305,
-    "shift_factor": 0.0609,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
 _SD3_TEXT = {"hidden_dim": 4096, "pooled_dim": 2048, "clip_len": 77}
 
 
@@ -279,7 +264,7 @@ def _frozen_parts(
         raise ValueError("sd3-medium takes its VAE and text encoders from weights=, not vae= / text=")
     if weights is None:
         with _seeded(seed + 1):
-            vae_model = AutoencoderKL.from_config(_SD3_VAE_CONFIG)
+            vae_model = AutoencoderKL.from_config(SD3_VAE)
         text_encoder = RandomTextEncoder(
             _SD3_TEXT["hidden_dim"], _SD3_TEXT["pooled_dim"], _SD3_TEXT["clip_len"] + p.t5_max_length
         )

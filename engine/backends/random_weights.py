@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from reflade.engine.backends.sd3_inpaint import TEXT_COMPONENTS
+
 __all__ = [
     "BLIP_BASE",
     "OWLV2_BASE_16",
@@ -122,14 +124,6 @@ SD3_VAE: dict = {
     "use_post_quant_conv": False,
 }
 """``AutoencoderKL`` arguments of SD3's VAE (84 M parameters, factor 8, 16 latent channels)."""
-_TEXT_COMPONENTS = (
-    "text_encoder",
-    "tokenizer",
-    "text_encoder_2",
-    "tokenizer_2",
-    "text_encoder_3",
-    "tokenizer_3",
-)
 _BOX_HEAD_GAIN = 0.3
 """Gain of the detector's random last box layer (see :func:`write_owlv2`)."""
 _BOX_SIZE_SHIFT = 1.2
@@ -305,7 +299,7 @@ def write_sd3_inpaint(
         transformer=net.to("cpu", dtype),
         scheduler=scheduler,
         vae=autoencoder.to("cpu", dtype),
-        **dict.fromkeys(_TEXT_COMPONENTS),
+        **dict.fromkeys(TEXT_COMPONENTS),
     )
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # "text_encoder=None cannot be saved": absent on purpose

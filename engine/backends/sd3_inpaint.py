@@ -54,7 +54,7 @@ __all__ = [
 DEFAULT_SD3_WEIGHTS = "weights/tiny-sd3-inpaint@latest"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Values of ``engine.completion_dtype`` besides ``auto``."""
-_TEXT_COMPONENTS = (
+TEXT_COMPONENTS = (
     "text_encoder",
     "tokenizer",
     "text_encoder_2",
@@ -62,6 +62,7 @@ _TEXT_COMPONENTS = (
     "text_encoder_3",
     "tokenizer_3",
 )
+"""The SD3 pipeline's text encoders and tokenizers (a checkpoint may leave them out)."""
 _NULL_TOKENS = 77
 """Length of the zero prompt embeddings of a checkpoint without text encoders (CLIP's context length)."""
 
@@ -108,7 +109,7 @@ def load_sd3_inpaint(
     # Text components the folder lacks (null in model_index.json, or no subfolder) are passed as None.
     absent = {
         name: None
-        for name in _TEXT_COMPONENTS
+        for name in TEXT_COMPONENTS
         if not (isinstance(index.get(name), list) and index[name][0] and (folder / name).is_dir())
     }
     pipe = StableDiffusion3InpaintPipeline.from_pretrained(
@@ -127,7 +128,7 @@ def load_sd3_inpaint(
             embeds, _, pooled, _ = pipe.encode_prompt(
                 prompt="", prompt_2="", prompt_3="", device=device, do_classifier_free_guidance=False
             )
-        pipe.register_modules(**dict.fromkeys(_TEXT_COMPONENTS))  # used once: free their memory
+        pipe.register_modules(**dict.fromkeys(TEXT_COMPONENTS))  # used once: free their memory
     else:
         embeds = torch.zeros((1, _NULL_TOKENS, tcfg.joint_attention_dim), device=device, dtype=dtype)
         pooled = torch.zeros((1, tcfg.pooled_projection_dim), device=device, dtype=dtype)
